@@ -1,0 +1,47 @@
+# One entry point for developers and CI. Every target bootstraps what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+UV_VERSION := 0.13.8
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := $(PYTHON)
+RUN := $(UV) run --frozen --extra dev
+
+.PHONY: help install run test lint typecheck format bench clean
+
+help:  #? list targets
+	@grep -E '^[a-z-]+:.*#\?' $(MAKEFILE_LIST) | sed -E 's/:.*#\?/\t/'
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet "uv==$(UV_VERSION)"
+
+.venv/.installed: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --extra dev
+	touch $@
+
+install: .venv/.installed  #? create .venv with the project and its dev extras (pinned by uv.lock)
+
+run: install  #? run the main job on its embedded default workload
+	$(RUN) credit-router run
+
+test: install  #? run the whole test suite
+	$(RUN) pytest -q
+
+lint: install  #? ruff lint and format check
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+format: install  #? apply ruff format and safe fixes
+	$(RUN) ruff format .
+	$(RUN) ruff check --fix .
+
+typecheck: install  #? mypy --strict on the packages
+	$(RUN) mypy
+
+bench: install  #? benchmarks, printed as JSON lines
+	$(RUN) credit-router bench core --json
+
+clean:  #? remove the environment and caches
+	rm -rf .venv $(TOOLS) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,418 @@
+"""Every message of credit-router's three conversations, as msgspec Structs.
+
+Two ZeroMQ endpoints carry three conversations:
+
+* producer ⇄ router (``ProducerToRouter`` / ``RouterToProducer``): a producer submits credits
+  and receives exactly one ``Outcome`` per credit;
+* router ⇄ worker (``RouterToWorker`` / ``WorkerToRouter``): the router dispatches credits to
+  worker agents, which answer with completions, first-token events and child releases.
+
+Rules for this module (see ``protocol/__init__.py`` for the evolution rules):
+
+* every message is a ``Msg``: frozen, keyword-only, encoded as a msgpack *array* whose first
+  element is the tag and whose other elements are the fields in the order written here;
+* unknown trailing elements are ignored on decode, so an old peer reads a newer peer's
+  messages; a missing trailing element takes its default, so a new peer reads an old one's;
+* durations are float seconds and named ``*_s``; no field is ``Any``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+__all__ = [
+    "Ack",
+    "BranchMode",
+    "Cancel",
+    "CancelCredits",
+    "ChildRelease",
+    "Completion",
+    "CompletionBatch",
+    "Credit",
+    "Dispatch",
+    "DispatchBatch",
+    "Drain",
+    "Draining",
+    "EndSession",
+    "ErrorReport",
+    "FirstToken",
+    "Goodbye",
+    "Heartbeat",
+    "Hello",
+    "InFlightReport",
+    "Msg",
+    "Outcome",
+    "OutcomeBatch",
+    "ProducerFirstToken",
+    "ProducerHello",
+    "ProducerToRouter",
+    "ProducerWelcome",
+    "Refusal",
+    "ReleaseReservation",
+    "RouterToProducer",
+    "RouterToWorker",
+    "Status",
+    "Submit",
+    "SubmitBatch",
+    "Welcome",
+    "WorkerToRouter",
+]
+
+
+class BranchMode(str, enum.Enum):
+    """How a child session relates to its parent (``routing.md`` §1)."""
+
+    FORK = "fork"
+    """Starts from a copy of the parent's history: must run on the parent's worker."""
+    SPAWN = "spawn"
+    """A sub-agent with empty context: a fresh session that merely knows its parent."""
+
+
+class Status(str, enum.Enum):
+    """The terminal status of a credit. Every credit ends with exactly one."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+    REJECTED = "rejected"
+
+
+class Msg(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag_field="op"):
+    """Base of every wire message (tagged, array-encoded, immutable)."""
+
+
+class Credit(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
+    """The right to send exactly one request: one turn of one session.
+
+    Not a message by itself: it travels inside ``Submit``/``Dispatch`` and their batches.
+    ``gc=False`` because a credit holds no reference cycles and decoding is ~10% faster.
+    """
+
+    id: int
+    """Unique for the lifetime of the producer's connection; the key is (producer, id)."""
+    x_correlation_id: str
+    """The session instance id: the sticky key and the ``X-Correlation-ID`` header."""
+    turn_index: int = 0
+    """0-based index of this turn within its session."""
+    num_turns: int = 1
+    """Total number of turns the session will run; ``turn_index == num_turns - 1`` is final."""
+    conversation_id: str = ""
+    """The dataset template the session was made from (many sessions may share it)."""
+    phase: str = "profiling"
+    """Free-form phase label (``warmup``, ``profiling``…), passed through."""
+    parent_correlation_id: str | None = None
+    """The immediate parent's ``x_correlation_id`` for DAG children; ``None`` for roots."""
+    root_correlation_id: str | None = None
+    """The tree's root session; ``None`` when equal to ``x_correlation_id``."""
+    branch_mode: BranchMode | None = None
+    """``fork`` or ``spawn`` for children; ``None`` for roots and pre-session children."""
+    fork_count: int = 0
+    """How many FORK children this turn declares (one reservation each)."""
+    agent_depth: int = 0
+    """Depth in the agent tree: 0 for a root."""
+    subagent_type: str | None = None
+    """Free-form sub-agent class (e.g. ``"Explore"``); SPAWN children only."""
+    allow_migration: bool = False
+    """If the session's worker is lost, may the next turn run elsewhere (history is rebuildable)?"""
+    cancel_after_s: float | None = None
+    """Simulated client disconnect: the worker aborts the request this long after it starts."""
+    payload: bytes = b""
+    """Opaque to the router: what the worker needs to build the request."""
+
+
+# --------------------------------------------------------------------------- producer → router
+
+
+class ProducerHello(Msg, frozen=True, kw_only=True, tag="phello"):
+    """First message of a producer connection."""
+
+    producer: str
+    """The producer's name; credit keys are (producer, credit id)."""
+    protocol_version: int
+    incarnation: str = ""
+    """Random per process start, so a restarted producer is told apart from a reconnect."""
+
+
+class Submit(Msg, frozen=True, kw_only=True, tag="submit"):
+    """Submit one credit."""
+
+    credit: Credit
+
+
+class SubmitBatch(Msg, frozen=True, kw_only=True, tag="submitb"):
+    """Submit several credits in one frame (the efficient form)."""
+
+    credits: list[Credit]
+
+
+class CancelCredits(Msg, frozen=True, kw_only=True, tag="pcancel"):
+    """Cancel credits of this producer: queued ones end at the router, dispatched ones at the worker."""
+
+    credit_ids: list[int]
+
+
+class EndSession(Msg, frozen=True, kw_only=True, tag="endsess"):
+    """The producer ends a session early (it will send no more turns of it).
+
+    Also sent router → worker so the worker can drop the session's history.
+    """
+
+    x_correlation_id: str
+    reason: str = ""
+
+
+class ReleaseReservation(Msg, frozen=True, kw_only=True, tag="release"):
+    """Give back FORK reservations that a declaring turn made for children never started."""
+
+    x_correlation_id: str
+    """The session whose turn declared the children (resolved through the alias table)."""
+    count: int = 1
+
+
+# ------------------------------------------------------------------------- shared (both ways)
+
+
+class Heartbeat(Msg, frozen=True, kw_only=True, tag="hb"):
+    """Liveness beat, sent both ways on every endpoint. Any message counts as a beat too."""
+
+    sent_at_s: float = 0.0
+    """Sender's monotonic clock, for RTT diagnostics only (clocks are not comparable)."""
+
+
+class Refusal(Msg, frozen=True, kw_only=True, tag="refusal"):
+    """The router refuses a hello (version mismatch, bad identity). The peer should not retry as-is."""
+
+    reason: str
+    router_version: int
+    peer_version: int
+
+
+class ErrorReport(Msg, frozen=True, kw_only=True, tag="error"):
+    """The router could not process a message from this peer. Informational; the peer may go on."""
+
+    code: str
+    """Stable machine-readable reason, e.g. ``invalid_message``, ``unknown_producer``."""
+    message: str
+
+
+# ---------------------------------------------------------------------------- router → producer
+
+
+class ProducerWelcome(Msg, frozen=True, kw_only=True, tag="pwelcome"):
+    """Accepts a producer."""
+
+    router_incarnation: str
+    protocol_version: int
+    heartbeat_interval_s: float
+    max_batch: int
+    """Longest batch the router accepts in one frame."""
+
+
+class Outcome(Msg, frozen=True, kw_only=True, tag="outcome"):
+    """The one terminal result of a credit."""
+
+    credit_id: int
+    status: Status
+    reason: str = ""
+    """Why, for every status but ``completed`` (e.g. ``worker_lost``, ``queue_full``)."""
+    worker: str = ""
+    """The worker that ran (or last held) the credit; empty if it never left the router."""
+    submit_to_dispatch_s: float | None = None
+    """Time the credit waited in the router (coordinated omission made visible)."""
+    dispatch_to_outcome_s: float | None = None
+    """Router-observed time from dispatch to the worker's completion."""
+    ttft_s: float | None = None
+    """Worker-measured time to first token."""
+    subagent_type: str | None = None
+    """Passed through unchanged from the credit."""
+    result: bytes = b""
+    """Opaque worker result (e.g. encoded request metrics), passed through."""
+
+
+class OutcomeBatch(Msg, frozen=True, kw_only=True, tag="outcomeb"):
+    """Several outcomes in one frame."""
+
+    outcomes: list[Outcome]
+
+
+class ProducerFirstToken(Msg, frozen=True, kw_only=True, tag="pft"):
+    """A worker saw the first token of this credit's response."""
+
+    credit_id: int
+    ttft_s: float
+
+
+# ------------------------------------------------------------------------------ worker → router
+
+
+class Hello(Msg, frozen=True, kw_only=True, tag="hello"):
+    """First message of a worker connection."""
+
+    name: str
+    """Stable worker name (one per agent)."""
+    incarnation: str
+    """Random per process start: the same name with a new incarnation is a new worker."""
+    protocol_version: int
+    capacity: int
+    """How many credits it executes concurrently."""
+    labels: dict[str, str] = {}
+    """Free-form (host, GPU, model…), shown in status and logs."""
+    in_flight: dict[str, list[int]] = {}
+    """On a reconnect: the credits it still holds, by producer."""
+
+
+class Completion(Msg, frozen=True, kw_only=True, tag="done"):
+    """A credit has finished on the worker (with any status)."""
+
+    seq: int
+    """Worker-local sequence number; the router acknowledges by sequence (``Ack``)."""
+    producer: str
+    credit_id: int
+    status: Status
+    reason: str = ""
+    ttft_s: float | None = None
+    duration_s: float | None = None
+    """Worker-measured execution time."""
+    session_ended: bool = False
+    """The worker dropped the session (final turn, error, or cancelled)."""
+    result: bytes = b""
+
+
+class CompletionBatch(Msg, frozen=True, kw_only=True, tag="doneb"):
+    """Several completions in one frame."""
+
+    completions: list[Completion]
+
+
+class FirstToken(Msg, frozen=True, kw_only=True, tag="ft"):
+    """First streamed token of a credit's response."""
+
+    producer: str
+    credit_id: int
+    ttft_s: float
+
+
+class ChildRelease(Msg, frozen=True, kw_only=True, tag="childrel"):
+    """A FORK child session has ended on this worker: release its reservation (idempotent)."""
+
+    x_correlation_id: str
+    """The child session's id."""
+
+
+class InFlightReport(Msg, frozen=True, kw_only=True, tag="inflight"):
+    """The worker's true set of credits it holds, by producer (orphan detection)."""
+
+    credits: dict[str, list[int]]
+
+
+class Draining(Msg, frozen=True, kw_only=True, tag="draining"):
+    """The worker is draining: no new sessions, turns of its live sessions still welcome."""
+
+    deadline_s: float
+    """How long it will wait for its live sessions before leaving."""
+
+
+class Goodbye(Msg, frozen=True, kw_only=True, tag="bye"):
+    """The worker leaves cleanly; it holds no credits (or reports them lost)."""
+
+    reason: str = ""
+
+
+# ------------------------------------------------------------------------------ router → worker
+
+
+class Welcome(Msg, frozen=True, kw_only=True, tag="welcome"):
+    """Accepts a worker."""
+
+    router_incarnation: str
+    protocol_version: int
+    heartbeat_interval_s: float
+    inflight_report_interval_s: float
+
+
+class Dispatch(Msg, frozen=True, kw_only=True, tag="credit"):
+    """One credit to execute."""
+
+    producer: str
+    credit: Credit
+
+
+class DispatchBatch(Msg, frozen=True, kw_only=True, tag="credits"):
+    """Several credits of one producer in one frame (the efficient form)."""
+
+    producer: str
+    credits: list[Credit]
+
+
+class Cancel(Msg, frozen=True, kw_only=True, tag="cancel"):
+    """Cancel dispatched credits; the worker answers each with a completion."""
+
+    producer: str
+    credit_ids: list[int]
+
+
+class Ack(Msg, frozen=True, kw_only=True, tag="ack"):
+    """Completions up to and including ``seq`` are recorded; the worker may forget them."""
+
+    seq: int
+
+
+class Drain(Msg, frozen=True, kw_only=True, tag="drain"):
+    """An operator asks the worker to drain (no new sessions) and leave when idle."""
+
+    deadline_s: float
+
+
+# --------------------------------------------------------------------------------------- unions
+
+ProducerToRouter = (
+    ProducerHello
+    | Submit
+    | SubmitBatch
+    | CancelCredits
+    | EndSession
+    | ReleaseReservation
+    | Heartbeat
+)
+"""Everything a producer may send."""
+
+RouterToProducer = (
+    ProducerWelcome
+    | Refusal
+    | Outcome
+    | OutcomeBatch
+    | ProducerFirstToken
+    | ErrorReport
+    | Heartbeat
+)
+"""Everything the router sends a producer."""
+
+WorkerToRouter = (
+    Hello
+    | Heartbeat
+    | Completion
+    | CompletionBatch
+    | FirstToken
+    | ChildRelease
+    | InFlightReport
+    | Draining
+    | Goodbye
+)
+"""Everything a worker may send."""
+
+RouterToWorker = (
+    Welcome
+    | Refusal
+    | Dispatch
+    | DispatchBatch
+    | Cancel
+    | EndSession
+    | Ack
+    | Drain
+    | Heartbeat
+    | ErrorReport
+)
+"""Everything the router sends a worker."""
