@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 
-class BranchMode(str, enum.Enum):
+class BranchMode(enum.StrEnum):
     """How a child session relates to its parent (``routing.md`` §1)."""
 
     FORK = "fork"
@@ -70,7 +70,7 @@ class BranchMode(str, enum.Enum):
     """A sub-agent with empty context: a fresh session that merely knows its parent."""
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """The terminal status of a credit. Every credit ends with exactly one."""
 
     COMPLETED = "completed"
@@ -149,7 +149,7 @@ class SubmitBatch(Msg, frozen=True, kw_only=True, tag="submitb"):
 
 
 class CancelCredits(Msg, frozen=True, kw_only=True, tag="pcancel"):
-    """Cancel credits of this producer: queued ones end at the router, dispatched ones at the worker."""
+    """Cancel credits: queued ones end at the router, dispatched ones at their worker."""
 
     credit_ids: list[int]
 
@@ -183,7 +183,7 @@ class Heartbeat(Msg, frozen=True, kw_only=True, tag="hb"):
 
 
 class Refusal(Msg, frozen=True, kw_only=True, tag="refusal"):
-    """The router refuses a hello (version mismatch, bad identity). The peer should not retry as-is."""
+    """The router refuses a hello (version mismatch, bad identity); do not retry as-is."""
 
     reason: str
     router_version: int
