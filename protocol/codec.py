@@ -38,10 +38,10 @@ encode = _encoder.encode
 encode_into = _encoder.encode_into
 """Encode into a reused ``bytearray`` (avoids an allocation per frame)."""
 
-_p2r: Final = msgspec.msgpack.Decoder(ProducerToRouter)
-_r2p: Final = msgspec.msgpack.Decoder(RouterToProducer)
-_w2r: Final = msgspec.msgpack.Decoder(WorkerToRouter)
-_r2w: Final = msgspec.msgpack.Decoder(RouterToWorker)
+_p2r: Final[msgspec.msgpack.Decoder[ProducerToRouter]] = msgspec.msgpack.Decoder(ProducerToRouter)
+_r2p: Final[msgspec.msgpack.Decoder[RouterToProducer]] = msgspec.msgpack.Decoder(RouterToProducer)
+_w2r: Final[msgspec.msgpack.Decoder[WorkerToRouter]] = msgspec.msgpack.Decoder(WorkerToRouter)
+_r2w: Final[msgspec.msgpack.Decoder[RouterToWorker]] = msgspec.msgpack.Decoder(RouterToWorker)
 
 
 def decode_producer_to_router(frame: bytes) -> ProducerToRouter:
