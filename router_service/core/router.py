@@ -1,0 +1,861 @@
+"""RouterCore: the credit ledger, routing decisions and worker life cycle, as a pure state machine.
+
+No ``await``, no sockets, no clock reads: every method takes ``now`` (seconds, monotonic) and
+records what must happen in an ``Effects`` value that the service takes with ``take_effects()``
+and performs. The contract is ``routing.md``; the section numbers below refer to it.
+
+Theory of operation
+-------------------
+A submitted credit gets a ``Ticket`` in its producer's ledger (``ledgers[producer][credit_id]``),
+where it stays until its one outcome is emitted: that pop *is* the exactly-once guarantee, so a
+duplicate or late completion finds no ticket, is counted and dropped, and touches no load (§5).
+
+Routing (§2): a FORK child resolves its parent through the table (own entry or alias); every other
+credit uses its own ``x_correlation_id``. A sticky hit goes to the pinned worker, or waits in that
+worker's queue if it is full or suspect; a new session goes to the least-loaded worker that accepts
+new sessions (``LoadIndex``), or waits in the global queue if every such worker is full. Entry
+book-keeping (§3) happens at *dispatch*, so a queued credit changes nothing until it leaves.
+
+A completion frees a slot: the worker first serves its own queue (turns of its sessions), then the
+global queue. A lost worker ends its in-flight credits ``lost: worker_lost`` (never re-sent: they
+may have run), leaves tombstones for its sessions, and its queued credits are routed again, which
+migrates or rejects them by ``allow_migration`` (§6).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Final
+
+from protocol.messages import (
+    BranchMode,
+    Cancel,
+    Completion,
+    Credit,
+    Drain,
+    EndSession,
+    ErrorReport,
+    Outcome,
+    ProducerFirstToken,
+    Refusal,
+    RouterToProducer,
+    RouterToWorker,
+    Status,
+    Welcome,
+)
+from router_service.core.table import Entry, SessionTable
+from router_service.core.workers import LoadIndex, Ticket, Worker, WorkerState
+
+__all__ = ["CoreStats", "Effects", "RouterCore"]
+
+_FORK: Final = BranchMode.FORK
+_SPAWN: Final = BranchMode.SPAWN
+_COMPLETED: Final = Status.COMPLETED
+
+# Reasons: stable strings, documented in docs/PROTOCOL.md.
+PARENT_UNAVAILABLE: Final = "parent_session_unavailable"
+SESSION_LOST: Final = "session_lost"
+SESSION_EXPIRED: Final = "session_expired"
+SESSION_EVICTED: Final = "session_evicted"
+WORKER_LOST: Final = "worker_lost"
+WORKER_LEFT: Final = "worker_left"
+ORPHANED: Final = "orphaned"
+QUEUE_FULL: Final = "queue_full"
+INVALID_CREDIT: Final = "invalid_credit"
+CANCELLED: Final = "cancelled"
+SHUTDOWN: Final = "router_shutdown"
+
+#: Tombstone reason left by an eviction -> the rejection reason of the session's next credit.
+_EVICTION_REASONS: Final = {
+    "worker_lost": SESSION_LOST,
+    "worker_left": SESSION_LOST,
+    "idle": SESSION_EXPIRED,
+    "capacity": SESSION_EVICTED,
+}
+
+
+class CoreStats:
+    """Counters the core keeps; ``metrics.py`` turns them into Prometheus series."""
+
+    def __init__(self) -> None:
+        self.submitted = 0
+        self.dispatched = 0
+        self.outcomes: dict[str, int] = {s.value: 0 for s in Status}
+        self.sticky_hits = 0
+        self.sticky_misses = 0
+        """Credits that started or re-started a session on a least-loaded worker."""
+        self.migrations = 0
+        self.rehomes = 0
+        """Soft-affinity moves (each one a cache-cold turn)."""
+        self.evictions: dict[str, int] = dict.fromkeys(_EVICTION_REASONS, 0)
+        self.duplicate_credits = 0
+        self.duplicate_completions = 0
+        """Completions for credits that already have an outcome (retransmits, late reports)."""
+        self.misdirected_completions = 0
+        """Completions from a worker that does not hold the credit."""
+        self.unknown_child_releases = 0
+        self.undeclared_forks = 0
+        """FORK children that started without a reservation from a declaring turn."""
+        self.loop_stalls = 0
+        self.workers_lost = 0
+        self.refusals = 0
+
+    def snapshot(self) -> dict[str, object]:
+        """A copy of every counter, for status pages and tests."""
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self).items()}
+
+
+class Effects:
+    """What the service must do after a batch of core calls. Plain data; no behaviour."""
+
+    __slots__ = ("disconnect", "dispatch", "first_tokens", "outcomes", "to_producer", "to_worker")
+
+    def __init__(self) -> None:
+        self.dispatch: list[tuple[str, str, list[Credit]]] = []
+        """``(worker, producer, credits)``: coalesced per worker and producer."""
+        self.outcomes: dict[str, list[Outcome]] = {}
+        """Outcomes by producer."""
+        self.first_tokens: dict[str, list[ProducerFirstToken]] = {}
+        self.to_worker: list[tuple[str, RouterToWorker]] = []
+        self.to_producer: list[tuple[str, RouterToProducer]] = []
+        self.disconnect: list[str] = []
+        """Workers the transport should forget (lost or left)."""
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.dispatch
+            or self.outcomes
+            or self.first_tokens
+            or self.to_worker
+            or self.to_producer
+            or self.disconnect
+        )
+
+
+class RouterCore:
+    """The routing state machine (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        protocol_version: int,
+        router_incarnation: str = "",
+        max_sessions: int = 1_000_000,
+        session_idle_ttl_s: float = 600.0,
+        queue_limit: int = 100_000,
+        worker_queue_limit: int = 10_000,
+        heartbeat_interval_s: float = 1.0,
+        suspect_after_missed: int = 3,
+        lost_after_s: float = 10.0,
+        inflight_report_interval_s: float = 5.0,
+        soft_affinity_gap: float | None = None,
+        spawn_affinity_slack: float | None = None,
+        now: float = 0.0,
+    ) -> None:
+        """Create an empty router.
+
+        Args:
+            protocol_version: the version this router speaks; hellos of another are refused.
+            router_incarnation: random per process start, told to peers in welcomes.
+            max_sessions: cap on live sticky entries; at the cap the least recently used goes.
+            session_idle_ttl_s: an entry unused for this long is evicted.
+            queue_limit: credits that may wait for any worker (new sessions) at once.
+            worker_queue_limit: credits that may wait for one particular worker at once.
+            heartbeat_interval_s: the beat both sides send; silence is measured in these.
+            suspect_after_missed: silent intervals after which a worker gets nothing new.
+            lost_after_s: silence after which a worker is lost (the grace period).
+            inflight_report_interval_s: how often workers report their in-flight set.
+            soft_affinity_gap: if set, a session that allows migration is re-homed when its
+                worker's load ratio exceeds the least-loaded worker's by more than this.
+            spawn_affinity_slack: if set, a SPAWN child's first turn goes to its parent's
+                worker when that worker's load ratio is within this of the least-loaded one.
+            now: the clock at creation.
+        """
+        if max_sessions < 1 or queue_limit < 0 or worker_queue_limit < 0:
+            raise ValueError("max_sessions must be >= 1 and queue limits >= 0")
+        self.protocol_version = protocol_version
+        self.router_incarnation = router_incarnation
+        self.table = SessionTable(max_sessions)
+        self.session_idle_ttl_s = session_idle_ttl_s
+        self.queue_limit = queue_limit
+        self.worker_queue_limit = worker_queue_limit
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.suspect_after_s = heartbeat_interval_s * suspect_after_missed
+        self.lost_after_s = max(lost_after_s, self.suspect_after_s)
+        self.inflight_report_interval_s = inflight_report_interval_s
+        self.soft_affinity_gap = soft_affinity_gap
+        self.spawn_affinity_slack = spawn_affinity_slack
+        self.stats = CoreStats()
+        self.workers: dict[str, Worker] = {}
+        self.index = LoadIndex()
+        self.queue: deque[Ticket] = deque()
+        """Credits of new sessions waiting for any worker."""
+        self.ledgers: dict[str, dict[int, Ticket]] = {}
+        self._effects = Effects()
+        self._dirty: list[Worker] = []
+        self._seq = 0
+        self._joins = 0
+        self._last_tick = now
+
+    # ------------------------------------------------------------------ effects
+
+    def take_effects(self) -> Effects:
+        """Everything to send since the last call; the core starts a fresh ``Effects``."""
+        effects = self._effects
+        for worker in self._dirty:
+            for producer, credits in worker.pending.items():
+                effects.dispatch.append((worker.name, producer, credits))
+            worker.pending = {}
+        self._dirty = []
+        self._effects = Effects()
+        return effects
+
+    # ---------------------------------------------------------------- producers
+
+    def submit(self, producer: str, credits: Iterable[Credit], now: float) -> None:
+        """Accept credits of ``producer``; each will get exactly one outcome."""
+        ledger = self.ledgers.get(producer)
+        if ledger is None:
+            ledger = self.ledgers[producer] = {}
+        stats = self.stats
+        for credit in credits:
+            cid = credit.id
+            if cid in ledger:
+                stats.duplicate_credits += 1
+                self._effects.to_producer.append(
+                    (
+                        producer,
+                        ErrorReport(
+                            code="duplicate_credit",
+                            message=f"credit {cid} is "
+                            "already in progress; the resubmission was ignored",
+                        ),
+                    )
+                )
+                continue
+            ticket = Ticket(producer, credit, now)
+            ledger[cid] = ticket
+            stats.submitted += 1
+            problem = _validate(credit)
+            if problem is not None:
+                self._end(ticket, Status.REJECTED, f"{INVALID_CREDIT}: {problem}")
+                continue
+            self._route(ticket, now)
+
+    def cancel(self, producer: str, credit_ids: Iterable[int], now: float) -> None:
+        """Cancel credits: queued ones end here, dispatched ones are cancelled at their worker."""
+        ledger = self.ledgers.get(producer)
+        if ledger is None:
+            return
+        forward: dict[str, list[int]] = {}
+        for cid in credit_ids:
+            ticket = ledger.get(cid)
+            if ticket is None:
+                continue
+            if ticket.dispatched_at < 0:
+                waiting = ticket.worker.queue if ticket.worker is not None else self.queue
+                waiting.remove(ticket)
+                self._end(ticket, Status.CANCELLED, CANCELLED)
+            else:
+                assert ticket.worker is not None
+                forward.setdefault(ticket.worker.name, []).append(cid)
+        for worker, ids in forward.items():
+            self._effects.to_worker.append((worker, Cancel(producer=producer, credit_ids=ids)))
+
+    def end_session(self, producer: str, session: str, now: float, reason: str = "") -> None:
+        """The producer will send no more turns of ``session`` (§3: "or the producer ends it")."""
+        table = self.table
+        table.tombstones.pop(session, None)
+        entry = table.entries.get(session)
+        if entry is not None:
+            if not entry.parent_final_seen:
+                entry.parent_final_seen = True
+                entry.ref_count -= 1
+        else:
+            entry = table.aliases.get(session)
+            if entry is None:
+                return
+            table.drop_alias(session, entry)
+        self._effects.to_worker.append(
+            (entry.worker.name, EndSession(x_correlation_id=session, reason=reason or "ended"))
+        )
+        self._maybe_evict(entry)
+
+    def release_reservation(self, session: str, count: int, now: float) -> None:
+        """Give back FORK reservations that ``session``'s turns declared and will not use."""
+        entry = self.table.resolve(session)
+        if entry is None or count <= 0:
+            return
+        n = min(count, entry.reserved)
+        entry.reserved -= n
+        entry.ref_count -= n
+        self._maybe_evict(entry)
+
+    def producer_gone(self, producer: str, now: float) -> None:
+        """``producer`` disconnected for good: cancel what it still has queued or in flight."""
+        ledger = self.ledgers.get(producer)
+        if ledger:
+            self.cancel(producer, list(ledger), now)
+
+    # ------------------------------------------------------------------ workers
+
+    def worker_hello(
+        self,
+        name: str,
+        *,
+        incarnation: str,
+        protocol_version: int,
+        capacity: int,
+        labels: dict[str, str],
+        in_flight: dict[str, list[int]],
+        now: float,
+    ) -> bool:
+        """A worker says hello. Returns whether it was admitted (else a ``Refusal`` is queued)."""
+        effects = self._effects
+        if protocol_version != self.protocol_version:
+            self.stats.refusals += 1
+            effects.to_worker.append(
+                (
+                    name,
+                    Refusal(
+                        reason=f"protocol version mismatch: router speaks {self.protocol_version}, "
+                        f"worker speaks {protocol_version}",
+                        router_version=self.protocol_version,
+                        peer_version=protocol_version,
+                    ),
+                )
+            )
+            return False
+        if capacity < 1:
+            self.stats.refusals += 1
+            effects.to_worker.append(
+                (
+                    name,
+                    Refusal(
+                        reason=f"invalid capacity {capacity}: must be >= 1",
+                        router_version=self.protocol_version,
+                        peer_version=protocol_version,
+                    ),
+                )
+            )
+            return False
+        welcome = Welcome(
+            router_incarnation=self.router_incarnation,
+            protocol_version=self.protocol_version,
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            inflight_report_interval_s=self.inflight_report_interval_s,
+        )
+        known = self.workers.get(name)
+        if known is not None and known.incarnation == incarnation:
+            # The same process reconnecting within the grace period keeps everything (§6).
+            known.last_seen = now
+            known.labels = labels
+            if known.capacity != capacity:
+                known.capacity = capacity
+            if known.state is WorkerState.SUSPECT:
+                known.state = WorkerState.ACTIVE
+            effects.to_worker.append((name, welcome))
+            self.worker_report(name, in_flight, now)
+            self._reindex(known)
+            self._refill(known, now)
+            return True
+        if known is not None:
+            # A new incarnation of the same name is a new worker; the old one is lost.
+            self._lose(known, WORKER_LOST, now)
+        worker = Worker(name, incarnation, capacity, labels, self._joins, now)
+        self._joins += 1
+        active = [w.sent for w in self.workers.values()]
+        # A late joiner starts at the fleet mean so it is not flooded by the tie-break.
+        worker.sent = sum(active) // len(active) if active else 0
+        self.workers[name] = worker
+        self.index.add(worker)
+        effects.to_worker.append((name, welcome))
+        self._refill(worker, now)
+        return True
+
+    def worker_seen(self, name: str, now: float) -> None:
+        """Any message from ``name`` arrived: it is alive (§6: any message counts)."""
+        worker = self.workers.get(name)
+        if worker is None:
+            return
+        worker.last_seen = now
+        if worker.state is WorkerState.SUSPECT:
+            worker.state = WorkerState.ACTIVE
+            self._reindex(worker)
+            self._refill(worker, now)
+
+    def complete(self, name: str, completions: Iterable[Completion], now: float) -> None:
+        """Completions from worker ``name``: each ends its credit unless it already ended."""
+        worker = self.workers.get(name)
+        stats = self.stats
+        if worker is None:
+            for _ in completions:
+                stats.duplicate_completions += 1
+            return
+        ledgers = self.ledgers
+        outcomes = self._effects.outcomes
+        counts = stats.outcomes
+        tickets = worker.tickets
+        for done in completions:
+            producer = done.producer
+            ledger = ledgers.get(producer)
+            ticket = ledger.get(done.credit_id) if ledger is not None else None
+            if ticket is None:
+                stats.duplicate_completions += 1
+                continue
+            if ticket.worker is not worker or ticket.dispatched_at < 0:
+                stats.misdirected_completions += 1
+                continue
+            del ledger[done.credit_id]  # type: ignore[union-attr]
+            tickets.discard(ticket)
+            status = done.status
+            counts[status] += 1
+            outcome = Outcome(
+                credit_id=done.credit_id,
+                status=status,
+                reason=done.reason,
+                worker=name,
+                submit_to_dispatch_s=ticket.dispatched_at - ticket.submitted_at,
+                dispatch_to_outcome_s=now - ticket.dispatched_at,
+                ttft_s=done.ttft_s,
+                subagent_type=ticket.credit.subagent_type,
+                result=done.result,
+            )
+            bucket = outcomes.get(producer)
+            if bucket is None:
+                outcomes[producer] = [outcome]
+            else:
+                bucket.append(outcome)
+        self._reindex(worker)
+        self._refill(worker, now)
+
+    def first_token(self, name: str, producer: str, credit_id: int, ttft_s: float) -> None:
+        """Forward a first-token event to the producer if its credit is still in flight there."""
+        ledger = self.ledgers.get(producer)
+        ticket = ledger.get(credit_id) if ledger is not None else None
+        if ticket is None or ticket.worker is None or ticket.worker.name != name:
+            return
+        self._effects.first_tokens.setdefault(producer, []).append(
+            ProducerFirstToken(credit_id=credit_id, ttft_s=ttft_s)
+        )
+
+    def child_release(self, name: str, child: str, now: float) -> None:
+        """A FORK child session ended on worker ``name``: drop its count (idempotent)."""
+        entry = self.table.aliases.get(child)
+        if entry is None:
+            self.stats.unknown_child_releases += 1
+            return
+        self.table.drop_alias(child, entry)
+        self._maybe_evict(entry)
+
+    def worker_report(self, name: str, credits: dict[str, list[int]], now: float) -> None:
+        """In-flight report: a credit missing from two reports in a row ends ``lost: orphaned``.
+
+        Only credits dispatched before the previous report arrived are judged, so one still in
+        transit toward the worker is never counted missing.
+        """
+        worker = self.workers.get(name)
+        if worker is None:
+            return
+        held = {p: set(ids) for p, ids in credits.items()}
+        judged_before = worker.last_report_at
+        worker.last_report_at = now
+        orphans = []
+        for ticket in worker.tickets:
+            if ticket.dispatched_at > judged_before:
+                continue
+            ids = held.get(ticket.producer)
+            if ids is not None and ticket.credit.id in ids:
+                ticket.missed = False
+            elif ticket.missed:
+                orphans.append(ticket)
+            else:
+                ticket.missed = True
+        for ticket in orphans:
+            worker.tickets.discard(ticket)
+            self._end(ticket, Status.LOST, ORPHANED)
+        if orphans:
+            self._reindex(worker)
+            self._refill(worker, now)
+
+    def worker_draining(self, name: str, deadline_s: float, now: float) -> None:
+        """``name`` drains: no new sessions; it is lost if still here after the deadline."""
+        worker = self.workers.get(name)
+        if worker is None or worker.state is WorkerState.GONE:
+            return
+        worker.state = WorkerState.DRAINING
+        worker.drain_deadline = now + deadline_s
+        self.index.discard(worker)
+
+    def drain_worker(self, name: str, deadline_s: float, now: float) -> bool:
+        """An operator asks ``name`` to drain. Returns whether such a worker exists."""
+        if name not in self.workers:
+            return False
+        self.worker_draining(name, deadline_s, now)
+        self._effects.to_worker.append((name, Drain(deadline_s=deadline_s)))
+        return True
+
+    def worker_left(self, name: str, now: float) -> None:
+        """``name`` said goodbye. Anything it still held is lost (it should hold nothing)."""
+        worker = self.workers.get(name)
+        if worker is not None:
+            self._lose(worker, WORKER_LEFT, now)
+
+    def worker_unreachable(self, name: str, now: float) -> None:
+        """The transport cannot reach ``name`` any more (e.g. ``EHOSTUNREACH``): it is lost."""
+        worker = self.workers.get(name)
+        if worker is not None:
+            self._lose(worker, WORKER_LOST, now)
+
+    # --------------------------------------------------------------------- time
+
+    def tick(self, now: float) -> None:
+        """Periodic duties: liveness (§6), idle TTL (§3), drain deadlines."""
+        gap = now - self._last_tick
+        self._last_tick = now
+        if gap > self.suspect_after_s:
+            # Our own loop was late: silence we measured is ours, not the workers'. Forgive.
+            self.stats.loop_stalls += 1
+            for worker in self.workers.values():
+                worker.last_seen = max(worker.last_seen, now - self.heartbeat_interval_s)
+        for worker in list(self.workers.values()):
+            silent = now - worker.last_seen
+            if silent > self.lost_after_s or (
+                worker.state is WorkerState.DRAINING
+                and now > worker.drain_deadline + self.lost_after_s
+            ):
+                self._lose(worker, WORKER_LOST, now)
+            elif silent > self.suspect_after_s and worker.state is WorkerState.ACTIVE:
+                worker.state = WorkerState.SUSPECT
+                self.index.discard(worker)
+        self._expire_sessions(now)
+
+    # ---------------------------------------------------------------- internals
+
+    def _route(self, ticket: Ticket, now: float) -> None:
+        credit = ticket.credit
+        table = self.table
+        if credit.branch_mode is _FORK:
+            parent = credit.parent_correlation_id
+            entry = table.resolve(parent)  # type: ignore[arg-type]
+            if entry is None:
+                reason = PARENT_UNAVAILABLE
+                if credit.x_correlation_id in table.tombstones:
+                    reason = _EVICTION_REASONS[table.tombstones[credit.x_correlation_id]]
+                self._end(ticket, Status.REJECTED, reason)
+                return
+            self.stats.sticky_hits += 1
+            self._to_worker(ticket, entry.worker, now)
+            return
+        key = credit.x_correlation_id
+        entry = table.entries.get(key)
+        if entry is not None:
+            worker = entry.worker
+            gap = self.soft_affinity_gap
+            if (
+                gap is not None
+                and credit.allow_migration
+                and not entry.aliases
+                and not entry.reserved
+            ):
+                worker = self._maybe_rehome(entry, gap)
+            self.stats.sticky_hits += 1
+            self._to_worker(ticket, worker, now)
+            return
+        tomb = table.tombstones.get(key)
+        if tomb is not None:
+            if not credit.allow_migration:
+                self._end(ticket, Status.REJECTED, _EVICTION_REASONS[tomb])
+                return
+            del table.tombstones[key]
+            self.stats.migrations += 1
+        self.stats.sticky_misses += 1
+        if self.spawn_affinity_slack is not None and credit.branch_mode is _SPAWN:
+            target = self._spawn_target(credit)
+            if target is not None:
+                self._dispatch(ticket, target, now)
+                return
+        self._to_any(ticket, now)
+
+    def _to_worker(self, ticket: Ticket, worker: Worker, now: float) -> None:
+        """Dispatch to ``worker`` now, or queue for it (full, suspect, or others waiting)."""
+        if (
+            len(worker.tickets) < worker.capacity
+            and not worker.queue
+            and worker.state is not WorkerState.SUSPECT
+        ):
+            self._dispatch(ticket, worker, now)
+        elif len(worker.queue) < self.worker_queue_limit:
+            ticket.worker = worker
+            worker.queue.append(ticket)
+        else:
+            self._end(ticket, Status.REJECTED, QUEUE_FULL)
+
+    def _to_any(self, ticket: Ticket, now: float) -> None:
+        """Dispatch a new session to the least-loaded worker, or queue it for any worker."""
+        worker = self.index.peek() if not self.queue else None
+        if worker is not None and len(worker.tickets) < worker.capacity:
+            self._dispatch(ticket, worker, now)
+        elif len(self.queue) < self.queue_limit:
+            self.queue.append(ticket)
+        else:
+            self._end(ticket, Status.REJECTED, QUEUE_FULL)
+
+    def _dispatch(self, ticket: Ticket, worker: Worker, now: float) -> None:
+        """Hand ``ticket`` to ``worker``: entry book-keeping of §3, then load accounting."""
+        credit = ticket.credit
+        if credit.branch_mode is _FORK:
+            self._book_fork(credit, worker, now)
+        elif credit.turn_index + 1 < credit.num_turns or credit.fork_count:
+            self._book_session(credit, worker, now)
+        else:
+            # A final turn without forks: evict the entry if there is one (no entry, no cost,
+            # for the dominant single-turn case).
+            entry = self.table.entries.get(credit.x_correlation_id)
+            if entry is not None and not entry.parent_final_seen:
+                entry.parent_final_seen = True
+                entry.ref_count -= 1
+                if entry.ref_count == 0:
+                    self.table.remove(entry, None)
+                else:
+                    self.table.touch(entry, now)
+        ticket.worker = worker
+        ticket.dispatched_at = now
+        worker.tickets.add(ticket)
+        worker.sent += 1
+        self._seq += 1
+        worker.seq = self._seq
+        self.stats.dispatched += 1
+        pending = worker.pending
+        if not pending:
+            self._dirty.append(worker)
+            pending[ticket.producer] = [credit]
+        else:
+            bucket = pending.get(ticket.producer)
+            if bucket is None:
+                pending[ticket.producer] = [credit]
+            else:
+                bucket.append(credit)
+
+    def _book_fork(self, credit: Credit, worker: Worker, now: float) -> None:
+        """A FORK child turn: claim the child's reservation on first sight, add its own."""
+        table = self.table
+        entry = table.resolve(credit.parent_correlation_id)  # type: ignore[arg-type]
+        assert entry is not None, "routed FORK credits have a parent entry"
+        assert entry.worker is worker, "FORK credits go to the parent's worker"
+        child = credit.x_correlation_id
+        if child not in entry.aliases:
+            if entry.reserved:
+                # The declaring turn reserved this child's count: move it to the alias.
+                entry.reserved -= 1
+                entry.ref_count -= 1
+            else:
+                self.stats.undeclared_forks += 1
+            table.add_alias(child, entry)
+        if credit.fork_count:
+            entry.reserved += credit.fork_count
+            entry.ref_count += credit.fork_count
+        table.touch(entry, now)
+
+    def _book_session(self, credit: Credit, worker: Worker, now: float) -> None:
+        """An own-keyed turn that needs an entry: create or refresh it, then apply §3."""
+        table = self.table
+        key = credit.x_correlation_id
+        entry = table.entries.get(key)
+        if entry is None:
+            if len(table.entries) >= table.max_sessions:
+                self._evict_oldest(now)
+            entry = table.create(key, worker, now)
+        else:
+            table.touch(entry, now)
+        forks = credit.fork_count
+        if forks:
+            # Reserve first, so a forking final turn never passes through zero.
+            entry.reserved += forks
+            entry.ref_count += forks
+        if credit.turn_index + 1 >= credit.num_turns and not entry.parent_final_seen:
+            entry.parent_final_seen = True
+            entry.ref_count -= 1
+            if entry.ref_count == 0:
+                table.remove(entry, None)
+
+    def _refill(self, worker: Worker, now: float) -> None:
+        """A slot may have opened on ``worker``: serve its queue, then the global queue."""
+        if worker.state is WorkerState.SUSPECT or worker.state is WorkerState.GONE:
+            return
+        waiting = worker.queue
+        tickets = worker.tickets
+        while waiting and len(tickets) < worker.capacity:
+            ticket = waiting.popleft()
+            if (
+                ticket.credit.branch_mode is _FORK
+                and self.table.resolve(
+                    ticket.credit.parent_correlation_id  # type: ignore[arg-type]
+                )
+                is None
+            ):
+                # The parent's entry went away while the child waited.
+                self._end(ticket, Status.REJECTED, PARENT_UNAVAILABLE)
+                continue
+            self._dispatch(ticket, worker, now)
+        queue = self.queue
+        index = self.index
+        while queue:
+            best = index.peek()
+            if best is None or len(best.tickets) >= best.capacity:
+                break
+            self._dispatch(queue.popleft(), best, now)
+
+    def _reindex(self, worker: Worker) -> None:
+        """``worker``'s key may have shrunk: refresh it in the index if it takes new sessions."""
+        if worker.state is WorkerState.ACTIVE:
+            self.index.add(worker)
+
+    def _maybe_rehome(self, entry: Entry, gap: float) -> Worker:
+        worker = entry.worker
+        best = self.index.peek()
+        if (
+            best is None
+            or best is worker
+            or len(worker.tickets) / worker.capacity - len(best.tickets) / best.capacity <= gap
+        ):
+            return worker
+        del worker.sessions[entry.key]
+        best.sessions[entry.key] = entry
+        entry.worker = best
+        self.stats.rehomes += 1
+        self._effects.to_worker.append(
+            (worker.name, EndSession(x_correlation_id=entry.key, reason="rehomed"))
+        )
+        self._reindex(worker)
+        return best
+
+    def _spawn_target(self, credit: Credit) -> Worker | None:
+        parent = credit.parent_correlation_id
+        entry = self.table.resolve(parent) if parent is not None else None
+        if entry is None:
+            return None
+        home = entry.worker
+        best = self.index.peek()
+        if home.state is not WorkerState.ACTIVE or len(home.tickets) >= home.capacity:
+            return None
+        slack = self.spawn_affinity_slack or 0.0
+        if best is not None and len(home.tickets) / home.capacity > (
+            len(best.tickets) / best.capacity + slack
+        ):
+            return None
+        return home
+
+    def _maybe_evict(self, entry: Entry) -> None:
+        if entry.ref_count == 0 and entry.key in self.table.entries:
+            worker = entry.worker
+            self.table.remove(entry, None)
+            self._reindex(worker)
+
+    def _evict(self, entry: Entry, reason: str) -> None:
+        worker = entry.worker
+        self.stats.evictions[reason] += 1
+        self._effects.to_worker.append(
+            (worker.name, EndSession(x_correlation_id=entry.key, reason=reason))
+        )
+        self.table.remove(entry, reason)
+        self._reindex(worker)
+
+    def _evict_oldest(self, now: float) -> None:
+        oldest = self.table.oldest()
+        if oldest is not None:
+            self._evict(oldest, "capacity")
+
+    def _expire_sessions(self, now: float) -> None:
+        horizon = now - self.session_idle_ttl_s
+        table = self.table
+        while True:
+            oldest = table.oldest()
+            if oldest is None or oldest.last_used > horizon:
+                return
+            self._evict(oldest, "idle")
+
+    def _lose(self, worker: Worker, reason: str, now: float) -> None:
+        """``worker`` is gone: account for its credits, sessions and queue (§6)."""
+        worker.state = WorkerState.GONE
+        self.index.discard(worker)
+        del self.workers[worker.name]
+        self.stats.workers_lost += 1
+        self._effects.disconnect.append(worker.name)
+        # Credits chosen for it but not yet sent leave with the rest of its in-flight set.
+        worker.pending = {}
+        for ticket in list(worker.tickets):
+            self._end(ticket, Status.LOST, reason)
+        worker.tickets.clear()
+        for entry in list(worker.sessions.values()):
+            self.stats.evictions[reason] += 1
+            self.table.remove(entry, reason)
+        waiting = list(worker.queue)
+        worker.queue.clear()
+        for ticket in waiting:
+            ticket.worker = None
+            self._route(ticket, now)
+
+    def _end(self, ticket: Ticket, status: Status, reason: str) -> None:
+        """Emit the one outcome of ``ticket`` and forget it."""
+        credit = ticket.credit
+        producer = ticket.producer
+        del self.ledgers[producer][credit.id]
+        worker = ticket.worker
+        dispatched = ticket.dispatched_at >= 0
+        if dispatched and worker is not None:
+            worker.tickets.discard(ticket)
+        elif credit.branch_mode is _FORK and credit.turn_index == 0:
+            # A FORK child that never started gives its reservation back.
+            entry = self.table.resolve(credit.parent_correlation_id)  # type: ignore[arg-type]
+            if entry is not None and credit.x_correlation_id not in entry.aliases:
+                self.release_reservation(credit.parent_correlation_id, 1, 0.0)  # type: ignore[arg-type]
+        self.stats.outcomes[status] += 1
+        outcome = Outcome(
+            credit_id=credit.id,
+            status=status,
+            reason=reason,
+            worker=worker.name if worker is not None and dispatched else "",
+            submit_to_dispatch_s=(ticket.dispatched_at - ticket.submitted_at)
+            if dispatched
+            else None,
+            subagent_type=credit.subagent_type,
+        )
+        self._effects.outcomes.setdefault(producer, []).append(outcome)
+
+    def shutdown(self, now: float) -> None:
+        """End every credit still queued (``rejected: router_shutdown``) or in flight (lost)."""
+        for ticket in list(self.queue):
+            self._end(ticket, Status.REJECTED, SHUTDOWN)
+        self.queue.clear()
+        for worker in list(self.workers.values()):
+            for ticket in list(worker.queue):
+                self._end(ticket, Status.REJECTED, SHUTDOWN)
+            worker.queue.clear()
+            for ticket in list(worker.tickets):
+                self._end(ticket, Status.LOST, SHUTDOWN)
+
+    def __repr__(self) -> str:
+        in_flight = sum(len(w.tickets) for w in self.workers.values())
+        return (
+            f"<RouterCore workers={len(self.workers)} in_flight={in_flight} "
+            f"queued={len(self.queue)} sessions={len(self.table.entries)} "
+            f"aliases={len(self.table.aliases)}>"
+        )
+
+
+def _validate(credit: Credit) -> str | None:
+    """Why ``credit`` cannot be routed, or ``None``. Cheap checks first: this is the hot path."""
+    if not credit.x_correlation_id:
+        return "x_correlation_id is empty"
+    if credit.num_turns < 1 or not 0 <= credit.turn_index < credit.num_turns:
+        return f"turn_index {credit.turn_index} is outside num_turns {credit.num_turns}"
+    if credit.fork_count < 0:
+        return f"fork_count {credit.fork_count} is negative"
+    if credit.branch_mode is _FORK:
+        if credit.subagent_type is not None:
+            return "subagent_type is only allowed on SPAWN children, not on FORK"
+        if not credit.parent_correlation_id:
+            return "a FORK child needs parent_correlation_id"
+    return None
