@@ -54,14 +54,14 @@ def check_invariants(
         assert entry.ref_count >= 0, f"I3: negative {entry!r}"
         assert not (entry.ref_count == 0 and entry.parent_final_seen), f"I3: dead {entry!r}"
         own = 0 if entry.parent_final_seen else 1
-        expected = own + entry.reserved + len(entry.aliases)
+        expected = own + entry.reserved + len(entry.aliases or ())
         assert entry.ref_count == expected, f"I3: {entry!r} should count {expected}"
         assert entry.reserved >= 0, f"I3: {entry!r} reserved < 0"
     # 4. Every alias points to a live entry; an entry's aliases are exactly those pointing to it.
     for child, entry in table.aliases.items():
         assert table.entries.get(entry.key) is entry, f"I4: alias {child} -> dead {entry!r}"
-        assert child in entry.aliases, f"I4: alias {child} not listed by {entry!r}"
-    listed = sum(len(e.aliases) for e in table.entries.values())
+        assert child in (entry.aliases or ()), f"I4: alias {child} not listed by {entry!r}"
+    listed = sum(len(e.aliases or ()) for e in table.entries.values())
     assert listed == len(table.aliases), f"I4: {listed} listed aliases != {len(table.aliases)}"
     # 5. A worker's live-session count equals the entries pinned to it.
     for name, worker in workers.items():

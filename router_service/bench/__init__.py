@@ -1,0 +1,1 @@
+"""Benchmarks, reported as JSON lines (``credit-router bench ... --json``)."""
