@@ -53,14 +53,24 @@ def check_invariants(
         assert entry.key == key, f"I3: {entry!r} filed under {key}"
         assert entry.ref_count >= 0, f"I3: negative {entry!r}"
         assert not (entry.ref_count == 0 and entry.parent_final_seen), f"I3: dead {entry!r}"
+        nodes = [table.aliases[k] for k in entry.aliases or ()]
         own = 0 if entry.parent_final_seen else 1
-        expected = own + entry.reserved + len(entry.aliases or ())
+        expected = own + entry.reserved + sum(a.reserved + a.live for a in nodes)
         assert entry.ref_count == expected, f"I3: {entry!r} should count {expected}"
         assert entry.reserved >= 0, f"I3: {entry!r} reserved < 0"
-    # 4. Every alias points to a live entry; an entry's aliases are exactly those pointing to it.
-    for child, entry in table.aliases.items():
+    # 4. Every alias points to a live entry; an entry's aliases are exactly its FORK descendants
+    #    that can still route: live, holding reservations, or with aliases below them.
+    for child, alias in table.aliases.items():
+        entry = alias.entry
         assert table.entries.get(entry.key) is entry, f"I4: alias {child} -> dead {entry!r}"
         assert child in (entry.aliases or ()), f"I4: alias {child} not listed by {entry!r}"
+        assert alias.live or alias.reserved or alias.kids, f"I4: {child} {alias!r} is dead"
+        assert alias.reserved >= 0, f"I4: {child} {alias!r} reserved < 0"
+        assert alias.parent == entry.key or table.aliases.get(alias.parent) is not None, (
+            f"I4: {child}'s parent {alias.parent} cannot route"
+        )
+        kids = sum(1 for a in table.aliases.values() if a.parent == child)
+        assert alias.kids == kids, f"I4: {child} counts {alias.kids} kids, has {kids}"
     listed = sum(len(e.aliases or ()) for e in table.entries.values())
     assert listed == len(table.aliases), f"I4: {listed} listed aliases != {len(table.aliases)}"
     # 5. A worker's live-session count equals the entries pinned to it.

@@ -281,10 +281,9 @@ class RouterCore:
                 entry.parent_final_seen = True
                 entry.ref_count -= 1
         else:
-            entry = table.aliases.get(session)
+            entry = table.end_child(session)
             if entry is None:
                 return
-            table.drop_alias(session, entry)
         self._effects.to_worker.append(
             (entry.worker.name, EndSession(x_correlation_id=session, reason=reason or "ended"))
         )
@@ -295,9 +294,7 @@ class RouterCore:
         entry = self.table.resolve(session)
         if entry is None or count <= 0:
             return
-        n = min(count, entry.reserved)
-        entry.reserved -= n
-        entry.ref_count -= n
+        self.table.unreserve(entry, session, count)
         self._maybe_evict(entry)
 
     def producer_gone(self, producer: str, now: float) -> None:
@@ -450,11 +447,10 @@ class RouterCore:
 
     def child_release(self, name: str, child: str, now: float) -> None:
         """A FORK child session ended on worker ``name``: drop its count (idempotent)."""
-        entry = self.table.aliases.get(child)
+        entry = self.table.end_child(child)
         if entry is None:
             self.stats.unknown_child_releases += 1
             return
-        self.table.drop_alias(child, entry)
         self._maybe_evict(entry)
 
     def worker_report(self, name: str, credits: dict[str, list[int]], now: float) -> None:
@@ -647,21 +643,15 @@ class RouterCore:
     def _book_fork(self, credit: Credit, worker: Worker, now: float) -> None:
         """A FORK child turn: claim the child's reservation on first sight, add its own."""
         table = self.table
-        entry = table.resolve(credit.parent_correlation_id)  # type: ignore[arg-type]
+        parent: str = credit.parent_correlation_id  # type: ignore[assignment]
+        entry = table.resolve(parent)
         assert entry is not None, "routed FORK credits have a parent entry"
         assert entry.worker is worker, "FORK credits go to the parent's worker"
         child = credit.x_correlation_id
-        if entry.aliases is None or child not in entry.aliases:
-            if entry.reserved:
-                # The declaring turn reserved this child's count: move it to the alias.
-                entry.reserved -= 1
-                entry.ref_count -= 1
-            else:
-                self.stats.undeclared_forks += 1
-            table.add_alias(child, entry)
+        if child not in table.aliases and not table.start_child(entry, parent, child):
+            self.stats.undeclared_forks += 1
         if credit.fork_count:
-            entry.reserved += credit.fork_count
-            entry.ref_count += credit.fork_count
+            table.reserve(entry, child, credit.fork_count)
         table.touch(entry, now)
 
     def _book_session(self, credit: Credit, worker: Worker, now: float) -> None:
@@ -675,11 +665,9 @@ class RouterCore:
             entry = table.create(key, worker, now)
         else:
             table.touch(entry, now)
-        forks = credit.fork_count
-        if forks:
+        if credit.fork_count:
             # Reserve first, so a forking final turn never passes through zero.
-            entry.reserved += forks
-            entry.ref_count += forks
+            table.reserve(entry, key, credit.fork_count)
         if credit.turn_index + 1 >= credit.num_turns and not entry.parent_final_seen:
             entry.parent_final_seen = True
             entry.ref_count -= 1
@@ -814,9 +802,11 @@ class RouterCore:
             worker.tickets.discard(ticket)
         elif credit.branch_mode is _FORK and credit.turn_index == 0:
             # A FORK child that never started gives its reservation back.
-            entry = self.table.resolve(credit.parent_correlation_id)  # type: ignore[arg-type]
-            if entry is not None and credit.x_correlation_id not in (entry.aliases or ()):
-                self.release_reservation(credit.parent_correlation_id, 1, 0.0)  # type: ignore[arg-type]
+            parent: str = credit.parent_correlation_id  # type: ignore[assignment]
+            entry = self.table.resolve(parent)
+            if entry is not None and credit.x_correlation_id not in self.table.aliases:
+                self.table.unreserve(entry, parent, 1)
+                self._maybe_evict(entry)
         self.stats.outcomes[status] += 1
         outcome = Outcome(
             credit_id=credit.id,

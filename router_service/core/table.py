@@ -1,20 +1,26 @@
-"""The sticky-session table: entries, FORK aliases and tombstones of lost sessions.
+"""The sticky-session table: entries, FORK alias nodes and tombstones of lost sessions.
 
 No I/O in this module, no clock reads: time is passed in as ``now``.
 
-An entry pins a routing key to a worker. Its ``ref_count`` is always
-``(0 if parent_final_seen else 1) + reserved + len(aliases)``: the own session while its final
-turn has not been dispatched, one count per FORK child declared but not started (``reserved``),
-and one per FORK descendant that has started and not ended (``aliases``). The entry is evicted
-when that sum reaches zero, so a nested FORK (a child whose turn declares grandchildren) keeps the
-shared entry alive by construction (``routing.md`` §3).
+An entry pins a routing key (a root or SPAWN session) to a worker. The FORK tree hanging off it
+is a set of *nodes*: the entry itself and one ``Alias`` per FORK descendant, each knowing its
+parent node. A node holds reservations (FORK children its turns declared and that have not
+started), and an alias is *live* while its session can still send turns. The entry's
+``ref_count`` is always::
 
-``entries`` is kept in least-recently-used order (a plain dict: Python keeps insertion order and a
+    (0 if parent_final_seen else 1) + reservations of all its nodes + live aliases
+
+and the entry is evicted when it reaches zero (``routing.md`` §3). An alias stays resolvable for
+as long as its session is live, holds reservations, or has aliases below it: a grandchild's turns
+route through its parent's id, so AIPerf's nested-FORK hazard (the last child releases before its
+own children start, and they lose the entry) cannot happen here.
+
+``entries`` is kept in least-recently-used order (a plain dict keeps insertion order, and a
 refresh re-inserts the key at the end), so both safety nets — idle TTL and the ``max_sessions``
 cap — evict from the front in O(evicted).
 
-A tombstone remembers why a session's entry went away (worker lost, idle, capacity) so its next
-credit can migrate or be rejected with that reason. Tombstones are bounded the same way.
+A tombstone remembers why a session's entry went away (worker lost, idle, capacity) so that its
+next credit migrates or is rejected with that reason. Tombstones are bounded the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from router_service.core.workers import Worker
 
-__all__ = ["Entry", "SessionTable"]
+__all__ = ["Alias", "Entry", "SessionTable"]
 
 
 class Entry:
@@ -46,10 +52,10 @@ class Entry:
         self.ref_count = 1
         self.parent_final_seen = False
         self.reserved = 0
-        """FORK children declared and not yet started (or released)."""
+        """FORK children this entry's own turns declared and that have not started."""
         self.aliases: set[str] | None = None
-        """Live FORK descendants that resolve to this entry (``None`` until the first: an empty
-        set would cost 216 bytes on every session, most of which never fork)."""
+        """Its FORK descendants' ids (``None`` until the first: an empty set would cost 216
+        bytes on every session, and most sessions never fork)."""
         self.last_used = now
 
     def __repr__(self) -> str:
@@ -60,14 +66,37 @@ class Entry:
         )
 
 
+class Alias:
+    """A FORK descendant of an entry: how its id (and its children's turns) find the entry."""
+
+    __slots__ = ("entry", "kids", "live", "parent", "reserved")
+
+    def __init__(self, entry: Entry, parent: str) -> None:
+        self.entry = entry
+        self.parent = parent
+        """The parent node's id: the entry's key or another alias."""
+        self.live = True
+        """Its session may still send turns."""
+        self.reserved = 0
+        """FORK children its turns declared and that have not started."""
+        self.kids = 0
+        """Aliases whose parent is this one."""
+
+    def __repr__(self) -> str:
+        return (
+            f"<Alias of {self.entry.key} parent={self.parent} live={self.live} "
+            f"reserved={self.reserved} kids={self.kids}>"
+        )
+
+
 class SessionTable:
-    """Entries by own key, aliases of FORK descendants, and tombstones, with their bounds."""
+    """Entries by own key, FORK alias nodes, and tombstones, with their bounds."""
 
     __slots__ = ("aliases", "entries", "max_sessions", "tombstones")
 
     def __init__(self, max_sessions: int) -> None:
         self.entries: dict[str, Entry] = {}
-        self.aliases: dict[str, Entry] = {}
+        self.aliases: dict[str, Alias] = {}
         self.tombstones: dict[str, str] = {}
         """Key of a session whose entry went away -> the reason (oldest first)."""
         self.max_sessions = max_sessions
@@ -76,7 +105,9 @@ class SessionTable:
         """The entry ``key`` routes to: its own, or the one it is a FORK alias of."""
         entry = self.entries.get(key)
         if entry is None:
-            entry = self.aliases.get(key)
+            alias = self.aliases.get(key)
+            if alias is not None:
+                return alias.entry
         return entry
 
     def create(self, key: str, worker: Worker, now: float) -> Entry:
@@ -95,21 +126,71 @@ class SessionTable:
         del entries[key]
         entries[key] = entry
 
-    def add_alias(self, child: str, entry: Entry) -> None:
-        """A FORK child has started on ``entry``: it now counts toward the entry's life."""
+    def reserve(self, entry: Entry, node: str, count: int) -> None:
+        """Node ``node`` (the entry key or an alias) declares ``count`` FORK children."""
+        alias = self.aliases.get(node) if node != entry.key else None
+        if alias is not None:
+            alias.reserved += count
+        else:
+            entry.reserved += count
+        entry.ref_count += count
+
+    def unreserve(self, entry: Entry, node: str, count: int) -> int:
+        """Give back up to ``count`` of ``node``'s reservations; returns how many were held."""
+        alias = self.aliases.get(node) if node != entry.key else None
+        if alias is not None:
+            n = min(count, alias.reserved)
+            alias.reserved -= n
+            entry.ref_count -= n
+            self._prune(node, alias)
+        else:
+            n = min(count, entry.reserved)
+            entry.reserved -= n
+            entry.ref_count -= n
+        return n
+
+    def start_child(self, entry: Entry, parent: str, child: str) -> bool:
+        """FORK ``child`` of node ``parent`` starts: it takes one of the parent's reservations.
+
+        Returns False if the parent had none left (an undeclared child, counted by the caller;
+        it is admitted all the same, with a count of its own).
+        """
+        alias = Alias(entry, parent)
+        self.aliases[child] = alias
         if entry.aliases is None:
             entry.aliases = {child}
         else:
             entry.aliases.add(child)
         entry.ref_count += 1
-        self.aliases[child] = entry
+        above = self.aliases.get(parent)
+        if above is not None:
+            above.kids += 1  # before the claim below, so the parent is not pruned meanwhile
+        declared = self.unreserve(entry, parent, 1) == 1
+        return declared
 
-    def drop_alias(self, child: str, entry: Entry) -> None:
-        """A FORK child session has ended (idempotent: only the first call counts)."""
-        if entry.aliases is not None and child in entry.aliases:
-            entry.aliases.discard(child)
-            entry.ref_count -= 1
-            del self.aliases[child]
+    def end_child(self, child: str) -> Entry | None:
+        """FORK ``child``'s session ended (idempotent). Returns its entry if it was live."""
+        alias = self.aliases.get(child)
+        if alias is None or not alias.live:
+            return None
+        alias.live = False
+        alias.entry.ref_count -= 1
+        self._prune(child, alias)
+        return alias.entry
+
+    def _prune(self, key: str, alias: Alias) -> None:
+        """Drop ``alias`` and then its ancestors while nothing can route through them any more."""
+        aliases = self.aliases
+        while not alias.live and not alias.reserved and not alias.kids:
+            del aliases[key]
+            assert alias.entry.aliases is not None
+            alias.entry.aliases.discard(key)
+            key = alias.parent
+            above = aliases.get(key)
+            if above is None:
+                return
+            above.kids -= 1
+            alias = above
 
     def remove(self, entry: Entry, reason: str | None) -> None:
         """Drop ``entry`` and its aliases; with a ``reason``, leave tombstones for its sessions."""
@@ -117,14 +198,16 @@ class SessionTable:
         del entry.worker.sessions[entry.key]
         children = entry.aliases or ()
         aliases = self.aliases
+        live = []
         for child in children:
-            del aliases[child]
+            if aliases.pop(child).live:
+                live.append(child)
         if reason is not None:
             tombstones = self.tombstones
             # Only sessions that may still send turns need a tombstone.
             if not entry.parent_final_seen:
                 tombstones[entry.key] = reason
-            for child in children:
+            for child in live:
                 tombstones[child] = reason
             while len(tombstones) > self.max_sessions:
                 del tombstones[next(iter(tombstones))]
@@ -136,3 +219,6 @@ class SessionTable:
         for entry in self.entries.values():
             return entry
         return None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries or key in self.aliases
