@@ -74,21 +74,26 @@ class Status(enum.StrEnum):
     """The terminal status of a credit. Every credit ends with exactly one."""
 
     COMPLETED = "completed"
+    """The request ran to its end on a worker."""
     FAILED = "failed"
+    """The worker tried and failed; ``reason`` says why, in the worker's words."""
     CANCELLED = "cancelled"
+    """Cancelled on request (``CancelCredits``/``Cancel``), before or during execution."""
     LOST = "lost"
+    """The router lost track of it (``worker_lost``, ``orphaned``): it may or may not have run."""
     REJECTED = "rejected"
+    """The router refused it without running it (``queue_full``, ``session_lost``…)."""
 
 
 class Msg(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag_field="op"):
     """Base of every wire message (tagged, array-encoded, immutable)."""
 
 
+# gc=False: a credit holds no reference cycles, and decoding is ~10% faster without tracking.
 class Credit(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
     """The right to send exactly one request: one turn of one session.
 
-    Not a message by itself: it travels inside ``Submit``/``Dispatch`` and their batches.
-    ``gc=False`` because a credit holds no reference cycles and decoding is ~10% faster.
+    Not a message by itself (no tag): it travels inside ``Submit``/``Dispatch`` and their batches.
     """
 
     id: int
@@ -132,6 +137,7 @@ class ProducerHello(Msg, frozen=True, kw_only=True, tag="phello"):
     producer: str
     """The producer's name; credit keys are (producer, credit id)."""
     protocol_version: int
+    """The sender's ``PROTOCOL_VERSION``; the router refuses any other."""
     incarnation: str = ""
     """Random per process start, so a restarted producer is told apart from a reconnect."""
 
@@ -140,18 +146,21 @@ class Submit(Msg, frozen=True, kw_only=True, tag="submit"):
     """Submit one credit."""
 
     credit: Credit
+    """The credit; its ``id`` must be new on this connection."""
 
 
 class SubmitBatch(Msg, frozen=True, kw_only=True, tag="submitb"):
     """Submit several credits in one frame (the efficient form)."""
 
     credits: list[Credit]
+    """At most ``ProducerWelcome.max_batch`` credits, in submission order."""
 
 
 class CancelCredits(Msg, frozen=True, kw_only=True, tag="pcancel"):
     """Cancel credits: queued ones end at the router, dispatched ones at their worker."""
 
     credit_ids: list[int]
+    """Ids of this producer's credits; unknown or finished ones are ignored."""
 
 
 class EndSession(Msg, frozen=True, kw_only=True, tag="endsess"):
@@ -161,7 +170,9 @@ class EndSession(Msg, frozen=True, kw_only=True, tag="endsess"):
     """
 
     x_correlation_id: str
+    """The session to end."""
     reason: str = ""
+    """Free-form, for logs."""
 
 
 class ReleaseReservation(Msg, frozen=True, kw_only=True, tag="release"):
@@ -170,6 +181,7 @@ class ReleaseReservation(Msg, frozen=True, kw_only=True, tag="release"):
     x_correlation_id: str
     """The session whose turn declared the children (resolved through the alias table)."""
     count: int = 1
+    """How many reservations to give back."""
 
 
 # ------------------------------------------------------------------------- shared (both ways)
@@ -186,8 +198,11 @@ class Refusal(Msg, frozen=True, kw_only=True, tag="refusal"):
     """The router refuses a hello (version mismatch, bad identity); do not retry as-is."""
 
     reason: str
+    """Why, in words (a version mismatch names both versions here too)."""
     router_version: int
+    """The router's ``PROTOCOL_VERSION``."""
     peer_version: int
+    """The ``protocol_version`` the hello carried."""
 
 
 class ErrorReport(Msg, frozen=True, kw_only=True, tag="error"):
@@ -196,6 +211,7 @@ class ErrorReport(Msg, frozen=True, kw_only=True, tag="error"):
     code: str
     """Stable machine-readable reason, e.g. ``invalid_message``, ``unknown_producer``."""
     message: str
+    """Human-readable detail (for a decode error: the field path and the problem)."""
 
 
 # ---------------------------------------------------------------------------- router → producer
@@ -205,8 +221,11 @@ class ProducerWelcome(Msg, frozen=True, kw_only=True, tag="pwelcome"):
     """Accepts a producer."""
 
     router_incarnation: str
+    """Random per router start: a different value after a reconnect means the router restarted."""
     protocol_version: int
+    """The router's ``PROTOCOL_VERSION``."""
     heartbeat_interval_s: float
+    """Send something (a ``Heartbeat`` if nothing else) at least this often."""
     max_batch: int
     """Longest batch the router accepts in one frame."""
 
@@ -215,7 +234,9 @@ class Outcome(Msg, frozen=True, kw_only=True, tag="outcome"):
     """The one terminal result of a credit."""
 
     credit_id: int
+    """The ``Credit.id`` this outcome ends."""
     status: Status
+    """How it ended."""
     reason: str = ""
     """Why, for every status but ``completed`` (e.g. ``worker_lost``, ``queue_full``)."""
     worker: str = ""
@@ -236,13 +257,16 @@ class OutcomeBatch(Msg, frozen=True, kw_only=True, tag="outcomeb"):
     """Several outcomes in one frame."""
 
     outcomes: list[Outcome]
+    """Each one an ``Outcome``, tag included."""
 
 
 class ProducerFirstToken(Msg, frozen=True, kw_only=True, tag="pft"):
     """A worker saw the first token of this credit's response."""
 
     credit_id: int
+    """The ``Credit.id``."""
     ttft_s: float
+    """Worker-measured time from request start to the first token."""
 
 
 # ------------------------------------------------------------------------------ worker → router
@@ -256,6 +280,7 @@ class Hello(Msg, frozen=True, kw_only=True, tag="hello"):
     incarnation: str
     """Random per process start: the same name with a new incarnation is a new worker."""
     protocol_version: int
+    """The sender's ``PROTOCOL_VERSION``; the router refuses any other."""
     capacity: int
     """How many credits it executes concurrently."""
     labels: dict[str, str] = {}
@@ -270,29 +295,39 @@ class Completion(Msg, frozen=True, kw_only=True, tag="done"):
     seq: int
     """Worker-local sequence number; the router acknowledges by sequence (``Ack``)."""
     producer: str
+    """The ``producer`` of the ``Dispatch`` that carried the credit, echoed unchanged."""
     credit_id: int
+    """The ``Credit.id``."""
     status: Status
+    """``completed``, ``failed`` or ``cancelled`` (the router alone says ``lost``/``rejected``)."""
     reason: str = ""
+    """Why, for ``failed`` (free-form) and ``cancelled`` (``cancelled``); empty otherwise."""
     ttft_s: float | None = None
+    """Worker-measured time to first token, if a token came."""
     duration_s: float | None = None
     """Worker-measured execution time."""
     session_ended: bool = False
     """The worker dropped the session (final turn, error, or cancelled)."""
     result: bytes = b""
+    """Opaque result for the producer (e.g. encoded request metrics), passed through."""
 
 
 class CompletionBatch(Msg, frozen=True, kw_only=True, tag="doneb"):
     """Several completions in one frame."""
 
     completions: list[Completion]
+    """Each one a ``Completion``, tag included, in ``seq`` order."""
 
 
 class FirstToken(Msg, frozen=True, kw_only=True, tag="ft"):
     """First streamed token of a credit's response."""
 
     producer: str
+    """The ``producer`` of the ``Dispatch``, echoed unchanged."""
     credit_id: int
+    """The ``Credit.id``."""
     ttft_s: float
+    """Worker-measured time from request start to the first token."""
 
 
 class ChildRelease(Msg, frozen=True, kw_only=True, tag="childrel"):
@@ -306,6 +341,7 @@ class InFlightReport(Msg, frozen=True, kw_only=True, tag="inflight"):
     """The worker's true set of credits it holds, by producer (orphan detection)."""
 
     credits: dict[str, list[int]]
+    """Credit ids by ``producer``: every credit it was sent and has not yet completed."""
 
 
 class Draining(Msg, frozen=True, kw_only=True, tag="draining"):
@@ -319,6 +355,7 @@ class Goodbye(Msg, frozen=True, kw_only=True, tag="bye"):
     """The worker leaves cleanly; it holds no credits (or reports them lost)."""
 
     reason: str = ""
+    """Free-form, for logs."""
 
 
 # ------------------------------------------------------------------------------ router → worker
@@ -328,42 +365,54 @@ class Welcome(Msg, frozen=True, kw_only=True, tag="welcome"):
     """Accepts a worker."""
 
     router_incarnation: str
+    """Random per router start: a different value after a reconnect means the router restarted."""
     protocol_version: int
+    """The router's ``PROTOCOL_VERSION``."""
     heartbeat_interval_s: float
+    """Send something (a ``Heartbeat`` if nothing else) at least this often."""
     inflight_report_interval_s: float
+    """Send an ``InFlightReport`` this often."""
 
 
 class Dispatch(Msg, frozen=True, kw_only=True, tag="credit"):
     """One credit to execute."""
 
     producer: str
+    """The producer the credit belongs to; echo it in every message about the credit."""
     credit: Credit
+    """The credit to execute."""
 
 
 class DispatchBatch(Msg, frozen=True, kw_only=True, tag="credits"):
     """Several credits of one producer in one frame (the efficient form)."""
 
     producer: str
+    """The producer all these credits belong to."""
     credits: list[Credit]
+    """The credits to execute, in dispatch order."""
 
 
 class Cancel(Msg, frozen=True, kw_only=True, tag="cancel"):
     """Cancel dispatched credits; the worker answers each with a completion."""
 
     producer: str
+    """The producer the credits belong to."""
     credit_ids: list[int]
+    """Credits to abort; ids the worker no longer holds are ignored."""
 
 
 class Ack(Msg, frozen=True, kw_only=True, tag="ack"):
     """Completions up to and including ``seq`` are recorded; the worker may forget them."""
 
     seq: int
+    """The highest ``Completion.seq`` recorded (acknowledgements are cumulative)."""
 
 
 class Drain(Msg, frozen=True, kw_only=True, tag="drain"):
     """An operator asks the worker to drain (no new sessions) and leave when idle."""
 
     deadline_s: float
+    """Leave after at most this long, even if sessions are still live."""
 
 
 # --------------------------------------------------------------------------------------- unions

@@ -1,0 +1,1 @@
+"""Frozen copies of earlier protocol versions' message definitions, one module each."""
