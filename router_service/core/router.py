@@ -272,18 +272,23 @@ class RouterCore:
             self._effects.to_worker.append((worker, Cancel(producer=producer, credit_ids=ids)))
 
     def end_session(self, producer: str, session: str, now: float, reason: str = "") -> None:
-        """The producer will send no more turns of ``session`` (§3: "or the producer ends it")."""
+        """The producer gives up ``session`` (§3: "or the producer ends it").
+
+        It will send no more turns of it and start no more FORK children from it, so the
+        session's unclaimed reservations are released too; children already started go on.
+        """
         table = self.table
         table.tombstones.pop(session, None)
-        entry = table.entries.get(session)
-        if entry is not None:
+        entry = table.resolve(session)
+        if entry is None:
+            return
+        table.unreserve(entry, session, entry.ref_count)
+        if entry.key == session:
             if not entry.parent_final_seen:
                 entry.parent_final_seen = True
                 entry.ref_count -= 1
         else:
-            entry = table.end_child(session)
-            if entry is None:
-                return
+            table.end_child(session)
         self._effects.to_worker.append(
             (entry.worker.name, EndSession(x_correlation_id=session, reason=reason or "ended"))
         )
@@ -366,8 +371,9 @@ class RouterCore:
             self._refill(known, now)
             return True
         if known is not None:
-            # A new incarnation of the same name is a new worker; the old one is lost.
-            self._lose(known, WORKER_LOST, now)
+            # A new incarnation of the same name is a new worker; the old one is lost. The
+            # routing identity now belongs to the new one, so the transport keeps it.
+            self._lose(known, WORKER_LOST, now, disconnect=False)
         worker = Worker(name, incarnation, capacity, labels, self._joins, now)
         self._joins += 1
         active = [w.sent for w in self.workers.values()]
@@ -416,6 +422,8 @@ class RouterCore:
             tickets.discard(ticket)
             status = done.status
             counts[status] += 1
+            if status is not _COMPLETED and ticket.credit.fork_count:
+                self._drop_declared(ticket.credit)
             outcome = Outcome(
                 credit_id=done.credit_id,
                 status=status,
@@ -770,13 +778,14 @@ class RouterCore:
                 return
             self._evict(oldest, "idle")
 
-    def _lose(self, worker: Worker, reason: str, now: float) -> None:
+    def _lose(self, worker: Worker, reason: str, now: float, *, disconnect: bool = True) -> None:
         """``worker`` is gone: account for its credits, sessions and queue (§6)."""
         worker.state = WorkerState.GONE
         self.index.discard(worker)
         del self.workers[worker.name]
         self.stats.workers_lost += 1
-        self._effects.disconnect.append(worker.name)
+        if disconnect:
+            self._effects.disconnect.append(worker.name)
         # Credits chosen for it but not yet sent leave with the rest of its in-flight set.
         worker.pending = {}
         for ticket in list(worker.tickets):
@@ -800,6 +809,8 @@ class RouterCore:
         dispatched = ticket.dispatched_at >= 0
         if dispatched and worker is not None:
             worker.tickets.discard(ticket)
+            if credit.fork_count:
+                self._drop_declared(credit)
         elif credit.branch_mode is _FORK and credit.turn_index == 0:
             # A FORK child that never started gives its reservation back.
             parent: str = credit.parent_correlation_id  # type: ignore[assignment]
@@ -819,6 +830,14 @@ class RouterCore:
             subagent_type=credit.subagent_type,
         )
         self._effects.outcomes.setdefault(producer, []).append(outcome)
+
+    def _drop_declared(self, credit: Credit) -> None:
+        """A declaring turn did not complete: the children it declared will never start."""
+        node = credit.x_correlation_id
+        entry = self.table.resolve(node)
+        if entry is not None:
+            self.table.unreserve(entry, node, credit.fork_count)
+            self._maybe_evict(entry)
 
     def shutdown(self, now: float) -> None:
         """End every credit still queued (``rejected: router_shutdown``) or in flight (lost)."""
