@@ -475,7 +475,7 @@ class RouterCore:
         worker.last_report_at = now
         orphans = []
         for ticket in worker.tickets:
-            if ticket.dispatched_at > judged_before:
+            if ticket.dispatched_at >= judged_before:
                 continue
             ids = held.get(ticket.producer)
             if ids is not None and ticket.credit.id in ids:
@@ -590,9 +590,9 @@ class RouterCore:
                 return
         # A new session: the least-loaded worker, unless others already wait (FIFO).
         queue = self.queue
-        worker = self.index.peek() if not queue else None
-        if worker is not None and len(worker.tickets) < worker.capacity:
-            self._dispatch(ticket, worker, now)
+        best = self.index.peek() if not queue else None
+        if best is not None and len(best.tickets) < best.capacity:
+            self._dispatch(ticket, best, now)
         elif len(queue) < self.queue_limit:
             queue.append(ticket)
         else:
