@@ -50,6 +50,7 @@ __all__ = [
     "ProducerToRouter",
     "ProducerWelcome",
     "Refusal",
+    "Recovered",
     "ReleaseReservation",
     "RouterToProducer",
     "RouterToWorker",
@@ -319,6 +320,19 @@ class CompletionBatch(Msg, frozen=True, kw_only=True, tag="doneb"):
     """Each one a ``Completion``, tag included, in ``seq`` order."""
 
 
+class Recovered(Msg, frozen=True, kw_only=True, tag="recovered"):
+    """Completions of credits dispatched by an earlier router incarnation (it restarted).
+
+    The new router has no record of these credits; it forwards each as an outcome to its
+    producer (if connected) and acknowledges them. Sent once after a ``Welcome`` whose
+    ``router_incarnation`` differs from the one that dispatched the credits.
+    """
+
+    router_incarnation: str
+    """The incarnation that dispatched these credits."""
+    completions: list[Completion]
+
+
 class FirstToken(Msg, frozen=True, kw_only=True, tag="ft"):
     """First streamed token of a credit's response."""
 
@@ -444,6 +458,7 @@ WorkerToRouter = (
     | Heartbeat
     | Completion
     | CompletionBatch
+    | Recovered
     | FirstToken
     | ChildRelease
     | InFlightReport

@@ -194,6 +194,15 @@ EXAMPLES: list[tuple[m.Msg, tuple[str, ...]]] = [
         ),
         ("worker->router",),
     ),
+    (
+        m.Recovered(
+            router_incarnation="r-5d1c",
+            completions=[
+                m.Completion(seq=20, producer="bench-a", credit_id=1044, status=m.Status.COMPLETED)
+            ],
+        ),
+        ("worker->router",),
+    ),
     (m.FirstToken(producer="bench-a", credit_id=1042, ttft_s=0.25), ("worker->router",)),
     (m.ChildRelease(x_correlation_id="sess-7f3a"), ("worker->router",)),
     (m.InFlightReport(credits={"bench-a": [1042, 1043]}), ("worker->router",)),

@@ -42,6 +42,7 @@ from protocol import (
     ProducerFirstToken,
     ProducerHello,
     ProducerWelcome,
+    Recovered,
     Refusal,
     ReleaseReservation,
     Status,
@@ -206,6 +207,13 @@ GOLDEN: list[tuple[Msg, str]] = [
             "a0cb3fd0000000000000c0c2c4009aa4646f6e6503a562656e636802a963616e"
             "63656c6c6564a963616e63656c6c6564c0c0c2c400"
         ),
+    ),
+    (
+        Recovered(
+            router_incarnation="r1",
+            completions=[Completion(seq=1, producer="bench", credit_id=7, status=Status.COMPLETED)],
+        ),
+        "93a97265636f7665726564a27231919aa4646f6e6501a562656e636807a9636f6d706c65746564a0c0c0c2c400",
     ),
     (
         FirstToken(producer="bench", credit_id=1, ttft_s=0.25),

@@ -144,6 +144,11 @@ class CompletionBatch(Msg, frozen=True, kw_only=True, tag="doneb"):
     completions: list[Completion]
 
 
+class Recovered(Msg, frozen=True, kw_only=True, tag="recovered"):
+    router_incarnation: str
+    completions: list[Completion]
+
+
 class FirstToken(Msg, frozen=True, kw_only=True, tag="ft"):
     producer: str
     credit_id: int
@@ -219,6 +224,7 @@ WorkerToRouter = (
     | Heartbeat
     | Completion
     | CompletionBatch
+    | Recovered
     | FirstToken
     | ChildRelease
     | InFlightReport
