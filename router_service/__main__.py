@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
+import signal
 import sys
+import tempfile
 
 __all__ = ["main"]
 
@@ -22,6 +26,66 @@ def _bench(args: argparse.Namespace) -> int:
         else:
             print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     return 0
+
+
+DEFAULT_WORKER_ENDPOINT = "tcp://127.0.0.1:5557"
+DEFAULT_PRODUCER_ENDPOINT = f"ipc://{tempfile.gettempdir()}/credit-router.ipc"
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from protocol import PROTOCOL_VERSION
+    from router_service.core.router import RouterCore
+    from router_service.service import RouterService, new_incarnation
+    from router_service.transport import TransportError
+
+    _configure_logging(args.log_level)
+    core = RouterCore(
+        protocol_version=PROTOCOL_VERSION,
+        router_incarnation=new_incarnation(),
+        max_sessions=args.max_sessions,
+        session_idle_ttl_s=args.session_idle_ttl_s,
+        queue_limit=args.queue_limit,
+        worker_queue_limit=args.worker_queue_limit,
+        heartbeat_interval_s=args.heartbeat_interval_s,
+        lost_after_s=args.lost_after_s,
+        inflight_report_interval_s=args.inflight_report_interval_s,
+    )
+    service = RouterService(
+        core,
+        worker_endpoint=args.workers,
+        producer_endpoint=args.producers,
+        heartbeat_interval_s=args.heartbeat_interval_s,
+        drain_deadline_s=args.drain_deadline_s,
+    )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, service.request_exit)
+        loop.add_signal_handler(signal.SIGINT, service.request_exit)
+        await service.serve()
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    except TransportError as exc:
+        print(f"credit-router: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _worker(argv: list[str]) -> int:
+    from worker_agent.__main__ import main as worker_main
+
+    return worker_main(argv)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -42,6 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=3, help="runs per scenario (best and median)")
     bench.set_defaults(func=_bench)
 
+    serve = sub.add_parser("serve", help="run the router daemon")
+    serve.add_argument("--workers", default=DEFAULT_WORKER_ENDPOINT, help="worker endpoint")
+    serve.add_argument("--producers", default=DEFAULT_PRODUCER_ENDPOINT, help="producer endpoint")
+    serve.add_argument("--heartbeat-interval-s", type=float, default=1.0)
+    serve.add_argument("--lost-after-s", type=float, default=10.0)
+    serve.add_argument("--inflight-report-interval-s", type=float, default=5.0)
+    serve.add_argument("--drain-deadline-s", type=float, default=30.0)
+    serve.add_argument("--max-sessions", type=int, default=1_000_000)
+    serve.add_argument("--session-idle-ttl-s", type=float, default=600.0)
+    serve.add_argument("--queue-limit", type=int, default=100_000)
+    serve.add_argument("--worker-queue-limit", type=int, default=10_000)
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_serve)
+
+    sub.add_parser("worker", help="run a worker agent (see: credit-router worker --help)")
+
     run = sub.add_parser("run", help="route a built-in agentic workload and print a summary")
     run.add_argument("--seed", type=int, default=7)
     run.add_argument("--sessions", type=int, default=2_000, help="root agent sessions")
@@ -52,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``credit-router`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        return _worker(argv[1:])
     args = build_parser().parse_args(argv)
     code: int = args.func(args)
     return code

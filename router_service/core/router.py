@@ -65,6 +65,7 @@ QUEUE_FULL: Final = "queue_full"
 INVALID_CREDIT: Final = "invalid_credit"
 CANCELLED: Final = "cancelled"
 SHUTDOWN: Final = "router_shutdown"
+DRAINING: Final = "router_draining"
 
 #: Tombstone reason left by an eviction -> the rejection reason of the session's next credit.
 _EVICTION_REASONS: Final = {
@@ -97,6 +98,8 @@ class CoreStats:
         self.unknown_child_releases = 0
         self.undeclared_forks = 0
         """FORK children that started without a reservation from a declaring turn."""
+        self.recovered = 0
+        """Outcomes forwarded for credits an earlier router incarnation dispatched."""
         self.loop_stalls = 0
         self.workers_lost = 0
         self.refusals = 0
@@ -197,6 +200,8 @@ class RouterCore:
         self._seq = 0
         self._joins = 0
         self._last_tick = now
+        self.accepting = True
+        """False while the router drains: new credits are rejected ``router_draining``."""
 
     # ------------------------------------------------------------------ effects
 
@@ -237,6 +242,9 @@ class RouterCore:
             ticket = Ticket(producer, credit, now)
             ledger[cid] = ticket
             stats.submitted += 1
+            if not self.accepting:
+                self._end(ticket, Status.REJECTED, DRAINING)
+                continue
             # The common, valid root credit skips the full validation call.
             if (
                 credit.branch_mode is not None
@@ -442,6 +450,40 @@ class RouterCore:
                 bucket.append(outcome)
         self._reindex(worker)
         self._refill(worker, now)
+
+    def recovered(self, name: str, completions: Iterable[Completion], now: float) -> None:
+        """Completions of credits an earlier router incarnation dispatched (§5 across restarts).
+
+        This router has no ticket for them: each is forwarded to its producer as an outcome
+        (the producer de-duplicates by its own outstanding set). If a ticket does exist on
+        this worker, it is an ordinary completion.
+        """
+        stats = self.stats
+        outcomes = self._effects.outcomes
+        worker = self.workers.get(name)
+        ordinary = []
+        for done in completions:
+            ledger = self.ledgers.get(done.producer)
+            ticket = ledger.get(done.credit_id) if ledger is not None else None
+            if ticket is not None:
+                if ticket.worker is worker and worker is not None:
+                    ordinary.append(done)
+                else:
+                    stats.misdirected_completions += 1
+                continue
+            stats.recovered += 1
+            outcomes.setdefault(done.producer, []).append(
+                Outcome(
+                    credit_id=done.credit_id,
+                    status=done.status,
+                    reason=done.reason,
+                    worker=name,
+                    ttft_s=done.ttft_s,
+                    result=done.result,
+                )
+            )
+        if ordinary:
+            self.complete(name, ordinary, now)
 
     def first_token(self, name: str, producer: str, credit_id: int, ttft_s: float) -> None:
         """Forward a first-token event to the producer if its credit is still in flight there."""

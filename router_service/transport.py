@@ -1,0 +1,272 @@
+"""Every ZeroMQ decision of the router and the producer client, each with its reason.
+
+The rest of the code sees ``send(identity, frame) -> bool`` and a callback that receives the
+frames of one wake-up as a list; sockets never leave this module, and ``zmq.ZMQError`` never
+reaches the service or the core (STYLE R9).
+
+How the sockets are driven (``../shared/reference/zmq-throughput-limits.md``): not with
+``zmq.asyncio`` awaits (a per-message await costs ~50 µs here), but with ``loop.add_reader`` on
+the socket's ``FD`` and a non-blocking drain in the callback, with fixed-shape ``recv`` calls and
+plain-int flags (pyzmq's multipart sugar and IntFlag arithmetic cost ~4.5 µs a message). The FD
+is edge-triggered, so the callback always drains to ``EAGAIN`` (or reschedules itself when it
+stops early for fairness), drains once right after registration, and re-checks ``POLLIN``
+after sending, since a send can consume the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Final
+
+import zmq
+
+__all__ = ["DealerSocket", "RouterSocket", "TransportError"]
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------- constants
+NOBLOCK: Final = int(zmq.NOBLOCK)
+"""Plain int: IntFlag arithmetic on the hot path costs ~0.6 µs per use on Python 3.11."""
+SNDMORE_NOBLOCK: Final = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
+POLLIN: Final = int(zmq.POLLIN)
+EVENTS: Final = int(zmq.EVENTS)
+RCVMORE: Final = int(zmq.RCVMORE)
+
+ROUTER_MANDATORY: Final = 1
+"""A send to an identity that is not connected raises EHOSTUNREACH instead of vanishing
+(libzmq's default is a silent drop: AIPerf's defect [F]). The service ends that worker's
+credits as lost at once."""
+ROUTER_HANDOVER: Final = 1
+"""A restarted worker (same name) takes over its routing identity at once instead of being
+refused until the old TCP connection dies. Identity is authenticated separately (CURVE)."""
+SNDHWM: Final = 100_000
+"""Frames queued per peer. Credits are packed one frame per worker per loop turn and a worker's
+in-flight count is bounded by its capacity, so reaching this means the peer stopped reading:
+with ROUTER_MANDATORY the send raises EAGAIN and the peer is treated as unreachable (zguide
+ch. 8: a full queue is fatal for that peer, never for the router). Never 0 (unbounded)."""
+RCVHWM: Final = 100_000
+"""Inbound frames queued per peer before libzmq stops reading its TCP socket (back-pressure)."""
+LINGER_MS: Final = 1_000
+"""Bounded wait for queued frames on close: outcomes get out at shutdown, a dead peer cannot
+hang it."""
+MAXMSGSIZE: Final = 16 * 1024 * 1024
+"""A frame larger than this disconnects the peer (a credit is ~150 bytes; batches are bounded)."""
+HEARTBEAT_IVL_MS: Final = 1_000
+HEARTBEAT_TIMEOUT_MS: Final = 5_000
+HEARTBEAT_TTL_MS: Final = 5_000
+"""ZMTP PING/PONG detects dead hosts and half-open TCP in seconds. It cannot see a frozen
+process (libzmq's I/O thread still answers), so application heartbeats stay the authority."""
+TCP_KEEPALIVE_IDLE_S: Final = 60
+RECONNECT_IVL_MS: Final = 100
+RECONNECT_IVL_MAX_MS: Final = 5_000
+"""Connecting sockets back off exponentially up to this."""
+MAX_DRAIN: Final = 2_048
+"""Frames handled per wake-up before yielding to the loop, so timers (heartbeats, liveness)
+are never starved by a busy socket."""
+
+
+class TransportError(Exception):
+    """A socket could not be set up (bind/connect failed)."""
+
+
+Frames = list[tuple[bytes, bytes]]
+"""``(identity, payload)`` pairs received in one wake-up."""
+
+
+def _common_options(sock: zmq.Socket[bytes]) -> None:
+    sock.setsockopt(zmq.LINGER, LINGER_MS)
+    sock.setsockopt(zmq.SNDHWM, SNDHWM)
+    sock.setsockopt(zmq.RCVHWM, RCVHWM)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAXMSGSIZE)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
+
+
+class _Driven:
+    """Reader-callback plumbing shared by both socket kinds."""
+
+    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+        self._sock = sock
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+        self._scheduled = False
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start delivering frames on ``loop``."""
+        self._loop = loop
+        loop.add_reader(self._fd, self._on_readable)
+        # Edge-triggered: frames that arrived before registration raise no edge.
+        loop.call_soon(self._on_readable)
+
+    def _on_readable(self) -> None:
+        self._scheduled = False
+        more = self._drain()
+        if more:
+            self._reschedule()
+
+    def _drain(self) -> bool:
+        raise NotImplementedError
+
+    def _reschedule(self) -> None:
+        if not self._scheduled and self._loop is not None:
+            self._scheduled = True
+            self._loop.call_soon(self._on_readable)
+
+    def recheck(self) -> None:
+        """After sending: a send may consume the read edge, so look for pending input."""
+        try:
+            events: int = self._sock.getsockopt(EVENTS)  # type: ignore[assignment]
+            if events & POLLIN:
+                self._reschedule()
+        except zmq.ZMQError:
+            pass
+
+    def close(self) -> None:
+        """Stop reading and close the socket (bounded linger)."""
+        if self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._loop = None
+        self._sock.close()
+
+
+class RouterSocket(_Driven):
+    """A bound ROUTER socket: receives ``(identity, payload)``, sends to an identity.
+
+    Args:
+        ctx: the process's one ZeroMQ context.
+        endpoint: where to bind (``tcp://HOST:PORT``, ``tcp://HOST:0`` for any port, ``ipc://…``).
+        on_frames: called with the frames of each wake-up (and nothing else on the loop runs
+            in between, so the callee sees a consistent batch).
+        on_malformed: called with the identity of a peer that sent a message of the wrong
+            shape (not exactly one payload frame); the message is dropped.
+    """
+
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        endpoint: str,
+        on_frames: Callable[[Frames], None],
+        on_malformed: Callable[[bytes], None],
+    ) -> None:
+        sock = ctx.socket(zmq.ROUTER)
+        _common_options(sock)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, ROUTER_MANDATORY)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, ROUTER_HANDOVER)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise TransportError(f"cannot bind {endpoint}: {exc}") from exc
+        self.endpoint: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        """The bound address (with the real port when ``:0`` was asked)."""
+        super().__init__(sock)
+        self._on_frames = on_frames
+        self._on_malformed = on_malformed
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def _drain(self) -> bool:
+        recv = self._sock.recv
+        get = self._sock.getsockopt
+        frames: Frames = []
+        nbytes = 0
+        more = True
+        try:
+            for _ in range(MAX_DRAIN):
+                identity = recv(NOBLOCK)
+                payload = recv(NOBLOCK)
+                nbytes += len(payload)
+                if get(RCVMORE):
+                    # A DEALER sends exactly one frame; anything else is dropped whole.
+                    while get(RCVMORE):
+                        recv(NOBLOCK)
+                    self._on_malformed(identity)
+                    continue
+                frames.append((identity, payload))
+        except zmq.Again:
+            more = False
+        except zmq.ZMQError as exc:  # pragma: no cover - closed under us
+            logger.warning("recv failed on %s: %s", self.endpoint, exc)
+            more = False
+        self.bytes_in += nbytes
+        if frames:
+            self._on_frames(frames)
+        return more
+
+    def send(self, identity: bytes, frame: bytes) -> bool:
+        """Send ``frame`` to ``identity``. False if the peer is gone or not reading."""
+        sock = self._sock
+        try:
+            sock.send(identity, SNDMORE_NOBLOCK)
+            sock.send(frame, NOBLOCK)
+        except zmq.ZMQError as exc:
+            # EHOSTUNREACH: not connected (ROUTER_MANDATORY). EAGAIN: its queue is full.
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("send to %r failed: %s", identity, exc)
+            return False
+        self.bytes_out += len(frame)
+        return True
+
+
+class DealerSocket(_Driven):
+    """A connecting DEALER socket with a chosen routing identity (producer client side).
+
+    Args:
+        ctx: the process's one ZeroMQ context.
+        endpoint: the router's address.
+        identity: the routing id the router will see.
+        on_frames: called with the payloads of each wake-up.
+    """
+
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        endpoint: str,
+        identity: bytes,
+        on_frames: Callable[[list[bytes]], None],
+    ) -> None:
+        sock = ctx.socket(zmq.DEALER)
+        _common_options(sock)
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        # Do not queue frames toward a router that is not there: a hello sent into the void
+        # would be delivered late and stale; the client retries instead.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise TransportError(f"cannot connect to {endpoint}: {exc}") from exc
+        super().__init__(sock)
+        self.endpoint = endpoint
+        self._on_payloads = on_frames
+
+    def _drain(self) -> bool:
+        recv = self._sock.recv
+        payloads: list[bytes] = []
+        more = True
+        try:
+            for _ in range(MAX_DRAIN):
+                payloads.append(recv(NOBLOCK))
+        except zmq.Again:
+            more = False
+        except zmq.ZMQError as exc:  # pragma: no cover - closed under us
+            logger.warning("recv failed on %s: %s", self.endpoint, exc)
+            more = False
+        if payloads:
+            self._on_payloads(payloads)
+        return more
+
+    def send(self, frame: bytes) -> bool:
+        """Send one frame to the router. False if no connection can take it now."""
+        try:
+            self._sock.send(frame, NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
