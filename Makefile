@@ -42,6 +42,7 @@ typecheck: install  #? mypy --strict on the packages
 
 bench: install  #? benchmarks, printed as JSON lines
 	$(RUN) credit-router bench core --json
+	$(RUN) credit-router bench e2e --json
 
 clean:  #? remove the environment and caches
 	rm -rf .venv $(TOOLS) .pytest_cache .mypy_cache .ruff_cache .hypothesis

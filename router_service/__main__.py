@@ -14,12 +14,15 @@ __all__ = ["main"]
 
 
 def _bench(args: argparse.Namespace) -> int:
+    rows: list[dict[str, object]]
     if args.what == "core":
         from router_service.bench import core
 
         rows = core.run(credits=args.credits, repeat=args.repeat)
-    else:  # pragma: no cover - argparse restricts the choices
-        raise AssertionError(args.what)
+    else:
+        from router_service.bench import e2e
+
+        rows = e2e.run(workers=args.workers, window=args.window, duration_s=args.duration_s)
     for row in rows:
         if args.json:
             print(json.dumps(row), flush=True)
@@ -100,10 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="run a benchmark and print its figures")
-    bench.add_argument("what", choices=["core"], help="which benchmark")
+    bench.add_argument("what", choices=["core", "e2e"], help="which benchmark")
     bench.add_argument("--json", action="store_true", help="one JSON object per scenario")
     bench.add_argument("--credits", type=int, default=400_000, help="credits per scenario run")
     bench.add_argument("--repeat", type=int, default=3, help="runs per scenario (best and median)")
+    bench.add_argument("--workers", type=int, default=2, help="e2e: worker processes")
+    bench.add_argument("--window", type=int, default=2048, help="e2e: credits in flight")
+    bench.add_argument("--duration-s", type=float, default=3.0, help="e2e: measured seconds")
     bench.set_defaults(func=_bench)
 
     serve = sub.add_parser("serve", help="run the router daemon")

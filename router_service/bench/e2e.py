@@ -1,0 +1,288 @@
+"""``credit-router bench e2e``: real processes over TCP loopback, against a raw baseline.
+
+One run measures, on the same machine, minutes apart:
+
+* **raw**: ``bench/raw.py`` — a plain pyzmq ROUTER forwarding producer batches to echo DEALER
+  workers with the same batching and msgspec codec, no routing;
+* **router**: ``credit-router serve`` with ``credit-router worker --executor sim
+  --sim-zero-latency`` processes.
+
+For each: closed-loop credits/s round trip (a producer keeps ``window`` credits in flight and
+submits one per outcome), the router process's CPU per credit, and at half load (an open loop
+at half the router's closed-loop rate) the p50/p99 submit→outcome latency. Ratios are what to
+read (``zmq-throughput-limits.md``: absolute numbers drift tens of percent on this VM).
+
+The scale run connects ``scale_agents`` worker agents (several per process) that only beat,
+and reports the router's idle CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import zmq
+
+from protocol import PROTOCOL_VERSION
+from protocol.codec import decode_router_to_producer, encode
+from protocol.messages import (
+    Credit,
+    Outcome,
+    OutcomeBatch,
+    ProducerHello,
+    ProducerWelcome,
+    SubmitBatch,
+)
+
+__all__ = ["run"]
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all threads (libzmq's I/O thread included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+@contextlib.contextmanager
+def _processes(commands: list[list[str]]) -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for cmd in commands
+    ]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(timeout=10)
+
+
+class _Producer:
+    """A bare producer speaking the real protocol, so both systems see the same client."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, f"bench/{uuid.uuid4().hex[:8]}".encode())
+        self.sock.connect(endpoint)
+        self.next_id = 0
+        self.max_batch = 1024
+        hello = encode(ProducerHello(producer="bench", protocol_version=PROTOCOL_VERSION))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            self.sock.send(hello)
+            if self.sock.poll(200):
+                msg = decode_router_to_producer(self.sock.recv())
+                if isinstance(msg, ProducerWelcome):
+                    self.max_batch = msg.max_batch
+                    return
+        raise TimeoutError(f"no router at {endpoint}")
+
+    def submit(self, n: int, sent_at: dict[int, float] | None = None) -> None:
+        start = self.next_id
+        self.next_id += n
+        now = time.perf_counter()
+        for lo in range(start, start + n, self.max_batch):
+            hi = min(lo + self.max_batch, start + n)
+            credits = [Credit(id=i, x_correlation_id=f"s{i}") for i in range(lo, hi)]
+            if sent_at is not None:
+                for i in range(lo, hi):
+                    sent_at[i] = now
+            self.sock.send(encode(SubmitBatch(credits=credits)))
+
+    def outcomes(self, timeout_ms: int) -> list[Outcome]:
+        if not self.sock.poll(timeout_ms):
+            raise TimeoutError("no outcome in time")
+        msg = decode_router_to_producer(self.sock.recv())
+        if isinstance(msg, OutcomeBatch):
+            return msg.outcomes
+        if isinstance(msg, Outcome):
+            return [msg]
+        return []
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+def _closed_loop(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    pid: int,
+    window: int,
+    warmup_s: float,
+    duration_s: float,
+) -> dict[str, float]:
+    producer = _Producer(ctx, endpoint)
+    producer.submit(window)
+    start = time.perf_counter()
+    measuring_since = 0.0
+    count = 0
+    cpu0 = 0.0
+    while True:
+        outcomes = producer.outcomes(10_000)
+        now = time.perf_counter()
+        if not measuring_since and now - start >= warmup_s:
+            measuring_since, count, cpu0 = now, 0, _cpu_s(pid)
+        elif measuring_since:
+            count += len(outcomes)
+            if now - measuring_since >= duration_s:
+                break
+        producer.submit(len(outcomes))
+    elapsed = now - measuring_since
+    cpu = _cpu_s(pid) - cpu0
+    producer.close()
+    return {
+        "credits_per_s": count / elapsed,
+        "router_cpu_us_per_credit": cpu / max(count, 1) * 1e6,
+        "router_cores": cpu / elapsed,
+    }
+
+
+def _open_loop(
+    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, rate: float, duration_s: float
+) -> dict[str, float]:
+    """Offer ``rate`` credits/s in 1 ms slices; latency is submit -> outcome per credit."""
+    producer = _Producer(ctx, endpoint)
+    sent_at: dict[int, float] = {}
+    latencies: list[float] = []
+    per_slice = max(1, round(rate / 1000))
+    start = time.perf_counter()
+    next_slice = start
+    while True:
+        now = time.perf_counter()
+        if now >= next_slice:
+            if now - start >= duration_s:
+                break
+            producer.submit(per_slice, sent_at)
+            next_slice += per_slice / rate
+        while producer.sock.poll(0):
+            done = time.perf_counter()
+            for o in producer.outcomes(0):
+                latencies.append(done - sent_at.pop(o.credit_id))
+    deadline = time.perf_counter() + 5
+    while sent_at and time.perf_counter() < deadline:
+        done = time.perf_counter()
+        for o in producer.outcomes(5_000):
+            latencies.append(done - sent_at.pop(o.credit_id))
+    producer.close()
+    latencies.sort()
+    # Skip the first half second (connection set-up, caches).
+    return {
+        "offered_per_s": rate,
+        "p50_us": latencies[len(latencies) // 2] * 1e6,
+        "p99_us": latencies[int(len(latencies) * 0.99)] * 1e6,
+    }
+
+
+def _raw_commands(producers: str, workers: str, k: int) -> list[list[str]]:
+    raw = [sys.executable, "-m", "router_service.bench.raw"]
+    cmds = [
+        [
+            *raw,
+            "router",
+            "--producers",
+            producers,
+            "--workers",
+            workers,
+            "--workers-expected",
+            str(k),
+        ]
+    ]
+    cmds += [[*raw, "worker", "--router", workers, "--name", f"raw-{i}"] for i in range(k)]
+    return cmds
+
+
+def _router_commands(producers: str, workers: str, k: int, capacity: int) -> list[list[str]]:
+    cli = [sys.executable, "-m", "router_service"]
+    cmds = [
+        [*cli, "serve", "--producers", producers, "--workers", workers, "--log-level", "warning"]
+    ]
+    cmds += [
+        [
+            *cli,
+            "worker",
+            "--router",
+            workers,
+            "--name",
+            f"bench-{i}",
+            "--capacity",
+            str(capacity),
+            "--executor",
+            "sim",
+            "--sim-zero-latency",
+            "--no-first-token-events",
+            "--log-level",
+            "warning",
+        ]
+        for i in range(k)
+    ]
+    return cmds
+
+
+def _measure(
+    name: str,
+    commands: list[list[str]],
+    producers: str,
+    window: int,
+    duration_s: float,
+    half_rate: float | None,
+) -> dict[str, Any]:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        with _processes(commands) as procs:
+            time.sleep(1.0)
+            row: dict[str, Any] = {"system": name}
+            row.update(_closed_loop(ctx, producers, procs[0].pid, window, 1.0, duration_s))
+            rate = half_rate if half_rate is not None else row["credits_per_s"] / 2
+            row.update(_open_loop(ctx, producers, rate, duration_s))
+            return row
+    finally:
+        ctx.destroy(linger=0)
+
+
+def run(*, workers: int = 2, window: int = 2048, duration_s: float = 3.0) -> list[dict[str, Any]]:
+    """Measure raw and router in one run; the last row holds the ratios against the targets."""
+
+    def endpoints() -> tuple[str, str]:
+        return f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
+
+    p, w = endpoints()
+    router = _measure(
+        "router", _router_commands(p, w, workers, window), p, window, duration_s, None
+    )
+    p, w = endpoints()
+    raw = _measure(
+        "raw", _raw_commands(p, w, workers), p, window, duration_s, router["offered_per_s"]
+    )
+    summary = {
+        "system": "ratio",
+        "throughput_vs_raw": router["credits_per_s"] / raw["credits_per_s"],
+        "target_throughput_vs_raw": 0.6,
+        "target_credits_per_s": 250_000,
+        "p99_half_load_vs_raw": router["p99_us"] / raw["p99_us"],
+        "target_p99_half_load_vs_raw": 1.5,
+    }
+    rows = [raw, router, summary]
+    for row in rows:
+        for k, v in row.items():
+            if isinstance(v, float):
+                row[k] = round(v, 3)
+        row["bench"] = "e2e"
+    return rows
