@@ -15,6 +15,7 @@ sending it is cut off.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import time
 import uuid
@@ -54,6 +55,7 @@ from protocol.messages import (
 )
 from router_service.core.router import Effects, RouterCore
 from router_service.transport import Frames, RouterSocket
+from router_service.web import StatusServer
 
 __all__ = ["RouterService"]
 
@@ -104,6 +106,8 @@ class RouterService:
         heartbeat_interval_s: the beat sent to every peer.
         drain_deadline_s: on shutdown, how long in-flight credits may still finish.
         producer_timeout_s: a producer silent this long is gone: its credits are cancelled.
+        http_host: where the HTTP endpoints listen (loopback by default).
+        http_port: their port; ``None`` serves no HTTP, 0 picks a free port.
         context: a ZeroMQ context to use (one per process; created if omitted).
     """
 
@@ -116,6 +120,8 @@ class RouterService:
         heartbeat_interval_s: float = 1.0,
         drain_deadline_s: float = 30.0,
         producer_timeout_s: float = 60.0,
+        http_host: str = "127.0.0.1",
+        http_port: int | None = None,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         self.core = core
@@ -141,12 +147,21 @@ class RouterService:
         self.loop_lag_s = 0.0
         """Lateness of the last tick: how far behind its schedule the event loop ran."""
         self._last_beat = 0.0
+        self.auth_failures = 0
+        """Failed CURVE handshakes seen by the socket monitor."""
+        self.version = _version()
+        self.started_at = time.monotonic()
+        self.http: StatusServer | None = (
+            StatusServer(self, http_host, http_port) if http_port is not None else None
+        )
 
     # ----------------------------------------------------------------- life cycle
 
     async def serve(self) -> None:
         """Run until asked to exit, then drain and close."""
         self.startup()
+        if self.http is not None:
+            await self.http.start()
         try:
             await self.main_loop()
         finally:
@@ -230,7 +245,25 @@ class RouterService:
                 sock.close()
         if self._own_context:
             self._ctx.term()
+        if self.http is not None:
+            await self.http.stop()
         logger.info("router stopped")
+
+    def is_ready(self) -> bool:
+        """Bound and accepting credits (``/readyz``)."""
+        return self.ready.is_set() and not self.draining
+
+    def now(self) -> float:
+        """The service's clock (the loop's monotonic time)."""
+        return self._loop.time() if self._loop is not None else time.monotonic()
+
+    def traffic(self) -> dict[str, tuple[int, int]]:
+        """Payload bytes ``(in, out)`` per endpoint kind."""
+        out = {}
+        for kind, sock in (("workers", self._workers_sock), ("producers", self._producers_sock)):
+            if sock is not None:
+                out[kind] = (sock.bytes_in, sock.bytes_out)
+        return out
 
     def _credits_open(self) -> bool:
         return any(self.core.ledgers.values())
@@ -570,6 +603,13 @@ class RouterService:
                 self.core.worker_unreachable(name, now)
             elif not worker and identity in self.producers:
                 self.core.producer_gone(self.producers.pop(identity).key, now)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("credit-router")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not installed
+        return "0+unknown"
 
 
 def new_incarnation() -> str:

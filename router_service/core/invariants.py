@@ -71,6 +71,10 @@ def check_invariants(
         )
         kids = sum(1 for a in table.aliases.values() if a.parent == child)
         assert alias.kids == kids, f"I4: {child} counts {alias.kids} kids, has {kids}"
+    holds = sum(e.reserved for e in table.entries.values()) + sum(
+        a.reserved + a.live for a in table.aliases.values()
+    )
+    assert table.fork_holds == holds, f"I3: fork_holds {table.fork_holds} != {holds}"
     listed = sum(len(e.aliases or ()) for e in table.entries.values())
     assert listed == len(table.aliases), f"I4: {listed} listed aliases != {len(table.aliases)}"
     # 5. A worker's live-session count equals the entries pinned to it.

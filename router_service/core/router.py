@@ -44,6 +44,7 @@ from protocol.messages import (
     Status,
     Welcome,
 )
+from router_service.core.histogram import Histogram
 from router_service.core.table import Entry, SessionTable
 from router_service.core.workers import LoadIndex, Ticket, Worker, WorkerState
 
@@ -103,10 +104,20 @@ class CoreStats:
         self.loop_stalls = 0
         self.workers_lost = 0
         self.refusals = 0
+        self.suspicions = 0
+        """Times a worker went silent for ``suspect_after_missed`` beats."""
+        self.submit_to_dispatch_s = Histogram()
+        """How long credits waited in the router (coordinated omission made visible)."""
+        self.dispatch_to_outcome_s = Histogram()
+        """How long a worker held a credit until its completion arrived."""
 
     def snapshot(self) -> dict[str, object]:
         """A copy of every counter, for status pages and tests."""
-        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self).items()}
+        return {
+            k: (dict(v) if isinstance(v, dict) else v)
+            for k, v in vars(self).items()
+            if not isinstance(v, Histogram)
+        }
 
 
 class Effects:
@@ -154,6 +165,7 @@ class RouterCore:
         inflight_report_interval_s: float = 5.0,
         soft_affinity_gap: float | None = None,
         spawn_affinity_slack: float | None = None,
+        observe_latency: bool = True,
         now: float = 0.0,
     ) -> None:
         """Create an empty router.
@@ -173,6 +185,7 @@ class RouterCore:
                 worker's load ratio exceeds the least-loaded worker's by more than this.
             spawn_affinity_slack: if set, a SPAWN child's first turn goes to its parent's
                 worker when that worker's load ratio is within this of the least-loaded one.
+            observe_latency: keep the delay histograms (off only to measure what they cost).
             now: the clock at creation.
         """
         if max_sessions < 1 or queue_limit < 0 or worker_queue_limit < 0:
@@ -190,6 +203,7 @@ class RouterCore:
         self.soft_affinity_gap = soft_affinity_gap
         self.spawn_affinity_slack = spawn_affinity_slack
         self.stats = CoreStats()
+        self.observe_latency = observe_latency
         self.workers: dict[str, Worker] = {}
         self.index = LoadIndex()
         self.queue: deque[Ticket] = deque()
@@ -416,6 +430,8 @@ class RouterCore:
         outcomes = self._effects.outcomes
         counts = stats.outcomes
         tickets = worker.tickets
+        waited = stats.submit_to_dispatch_s.observe if self.observe_latency else None
+        held = stats.dispatch_to_outcome_s.observe
         for done in completions:
             producer = done.producer
             ledger = ledgers.get(producer)
@@ -430,6 +446,9 @@ class RouterCore:
             tickets.discard(ticket)
             status = done.status
             counts[status] += 1
+            if waited is not None:
+                waited(ticket.dispatched_at - ticket.submitted_at)
+                held(now - ticket.dispatched_at)
             if status is not _COMPLETED and ticket.credit.fork_count:
                 self._drop_declared(ticket.credit)
             outcome = Outcome(
@@ -581,6 +600,7 @@ class RouterCore:
             ):
                 self._lose(worker, WORKER_LOST, now)
             elif silent > self.suspect_after_s and worker.state is WorkerState.ACTIVE:
+                self.stats.suspicions += 1
                 worker.state = WorkerState.SUSPECT
                 self.index.discard(worker)
         self._expire_sessions(now)

@@ -92,7 +92,7 @@ class Alias:
 class SessionTable:
     """Entries by own key, FORK alias nodes, and tombstones, with their bounds."""
 
-    __slots__ = ("aliases", "entries", "max_sessions", "tombstones")
+    __slots__ = ("aliases", "entries", "fork_holds", "max_sessions", "tombstones")
 
     def __init__(self, max_sessions: int) -> None:
         self.entries: dict[str, Entry] = {}
@@ -100,6 +100,9 @@ class SessionTable:
         self.tombstones: dict[str, str] = {}
         """Key of a session whose entry went away -> the reason (oldest first)."""
         self.max_sessions = max_sessions
+        self.fork_holds = 0
+        """Counts held by FORK trees over all entries (reservations + live children): a
+        gauge kept incrementally, so a scrape never walks the table."""
 
     def resolve(self, key: str) -> Entry | None:
         """The entry ``key`` routes to: its own, or the one it is a FORK alias of."""
@@ -134,6 +137,7 @@ class SessionTable:
         else:
             entry.reserved += count
         entry.ref_count += count
+        self.fork_holds += count
 
     def unreserve(self, entry: Entry, node: str, count: int) -> int:
         """Give back up to ``count`` of ``node``'s reservations; returns how many were held."""
@@ -142,11 +146,13 @@ class SessionTable:
             n = min(count, alias.reserved)
             alias.reserved -= n
             entry.ref_count -= n
+            self.fork_holds -= n
             self._prune(node, alias)
         else:
             n = min(count, entry.reserved)
             entry.reserved -= n
             entry.ref_count -= n
+            self.fork_holds -= n
         return n
 
     def start_child(self, entry: Entry, parent: str, child: str) -> bool:
@@ -162,6 +168,7 @@ class SessionTable:
         else:
             entry.aliases.add(child)
         entry.ref_count += 1
+        self.fork_holds += 1
         above = self.aliases.get(parent)
         if above is not None:
             above.kids += 1  # before the claim below, so the parent is not pruned meanwhile
@@ -175,6 +182,7 @@ class SessionTable:
             return None
         alias.live = False
         alias.entry.ref_count -= 1
+        self.fork_holds -= 1
         self._prune(child, alias)
         return alias.entry
 
@@ -199,9 +207,13 @@ class SessionTable:
         children = entry.aliases or ()
         aliases = self.aliases
         live = []
+        released = entry.reserved
         for child in children:
-            if aliases.pop(child).live:
+            alias = aliases.pop(child)
+            released += alias.reserved + alias.live
+            if alias.live:
                 live.append(child)
+        self.fork_holds -= released
         if reason is not None:
             tombstones = self.tombstones
             # Only sessions that may still send turns need a tombstone.

@@ -315,3 +315,70 @@ async def test_client_raises_on_refusal(router: RouterService, ctx) -> None:
     client = RouterClient(router.producer_endpoint, context=ctx, protocol_version=7)
     with pytest.raises(ProducerRefusedError, match="7"):
         await client.connect(timeout_s=3)
+
+
+async def test_http_endpoints_and_metrics(ctx) -> None:
+    import aiohttp
+
+    core = RouterCore(protocol_version=PROTOCOL_VERSION, router_incarnation="r9")
+    service = RouterService(
+        core,
+        worker_endpoint="tcp://127.0.0.1:0",
+        producer_endpoint="tcp://127.0.0.1:0",
+        http_port=0,
+        drain_deadline_s=0.5,
+    )
+    task = asyncio.create_task(service.serve())
+    await asyncio.wait_for(service.ready.wait(), 5)
+    while service.http.port == 0:
+        await asyncio.sleep(0.01)
+    base = f"http://127.0.0.1:{service.http.port}"
+    worker = ScriptedWorker(ctx, service.worker_endpoint, "w1")
+    await worker.hello(capacity=4)
+    async with RouterClient(service.producer_endpoint, context=ctx) as client:
+        future = await client.submit(Credit(id=1, x_correlation_id="s", num_turns=2))
+        ((producer, credit),) = await worker.credits(1)
+        worker.complete(producer, credit)
+        await asyncio.wait_for(future, 3)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/livez") as r:
+            assert r.status == 200
+        async with http.get(f"{base}/readyz") as r:
+            assert r.status == 200
+        async with http.get(f"{base}/status") as r:
+            doc = await r.json()
+        assert doc["router"]["incarnation"] == "r9"
+        assert doc["totals"]["sessions"] == 1
+        assert doc["workers"][0]["name"] == "w1"
+        assert doc["workers"][0]["capacity"] == 4
+        async with http.get(f"{base}/metrics") as r:
+            text = await r.text()
+    assert 'credit_router_credit_outcomes_total{status="completed"} 1.0' in text
+    assert "credit_router_sticky_entries 1.0" in text
+    assert 'credit_router_workers{state="active"} 1.0' in text
+    assert "credit_router_submit_to_dispatch_seconds_count 1.0" in text
+    # No per-session or per-credit label anywhere in the exposition.
+    labels = {
+        kv.split("=")[0]
+        for line in text.splitlines()
+        if "{" in line
+        for kv in line.split("{", 1)[1].split("}")[0].split(",")
+        if kv
+    }
+    assert labels <= {
+        "status",
+        "reason",
+        "state",
+        "worker",
+        "endpoint",
+        "le",
+        "version",
+        "incarnation",
+    }
+    service.request_exit()
+    service.draining = True
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/readyz") as r:
+            assert r.status == 503
+    await asyncio.wait_for(task, 5)
+    worker.close()

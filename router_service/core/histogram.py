@@ -1,0 +1,51 @@
+"""A fixed-bucket histogram cheap enough for the hot path (one ``bisect`` and one add).
+
+No I/O, no locks: it is only touched from the event-loop thread. ``metrics.py`` exposes it as a
+Prometheus histogram at scrape time, so observing costs ~0.1 µs instead of prometheus_client's
+locked ``observe`` (~1 µs).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Final
+
+__all__ = ["LATENCY_BUCKETS_S", "Histogram"]
+
+LATENCY_BUCKETS_S: Final = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+"""Upper bounds in seconds: 10 µs to 2 min (a queue wait or a long decode), ~3 per decade."""
+
+
+class Histogram:
+    """Counts of observations per bucket, plus their sum (Prometheus ``le`` semantics)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        """``counts[i]`` observations fell in ``(bounds[i-1], bounds[i]]``; the last is +Inf."""
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Record one value."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``(le, cumulative count)`` pairs, ``+Inf`` last, as Prometheus exposes them."""
+        out = []
+        total = 0
+        for bound, count in zip((*map(repr, self.bounds), "+Inf"), self.counts, strict=True):
+            total += count
+            out.append((bound, total))
+        return out
+
+    @property
+    def count(self) -> int:
+        """Number of observations."""
+        return sum(self.counts)
