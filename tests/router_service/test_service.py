@@ -377,8 +377,7 @@ async def test_http_endpoints_and_metrics(ctx) -> None:
     }
     service.request_exit()
     service.draining = True
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{base}/readyz") as r:
-            assert r.status == 503
+    async with aiohttp.ClientSession() as http, http.get(f"{base}/readyz") as r:
+        assert r.status == 503
     await asyncio.wait_for(task, 5)
     worker.close()
