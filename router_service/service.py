@@ -162,6 +162,7 @@ class RouterService:
         self.startup()
         if self.http is not None:
             await self.http.start()
+        self.ready.set()
         try:
             await self.main_loop()
         finally:
@@ -183,7 +184,6 @@ class RouterService:
         self.producer_endpoint = self._producers_sock.endpoint
         self._workers_sock.attach(self._loop)
         self._producers_sock.attach(self._loop)
-        self.ready.set()
         logger.info(
             "router started incarnation=%s workers=%s producers=%s",
             self.core.router_incarnation,

@@ -330,8 +330,6 @@ async def test_http_endpoints_and_metrics(ctx) -> None:
     )
     task = asyncio.create_task(service.serve())
     await asyncio.wait_for(service.ready.wait(), 5)
-    while service.http.port == 0:
-        await asyncio.sleep(0.01)
     base = f"http://127.0.0.1:{service.http.port}"
     worker = ScriptedWorker(ctx, service.worker_endpoint, "w1")
     await worker.hello(capacity=4)
