@@ -68,6 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
         producer_endpoint=args.producers,
         heartbeat_interval_s=args.heartbeat_interval_s,
         drain_deadline_s=args.drain_deadline_s,
+        http_host=args.http_host,
+        http_port=args.http_port,
     )
 
     async def main() -> None:
@@ -123,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--session-idle-ttl-s", type=float, default=600.0)
     serve.add_argument("--queue-limit", type=int, default=100_000)
     serve.add_argument("--worker-queue-limit", type=int, default=10_000)
+    serve.add_argument("--http-host", default="127.0.0.1", help="HTTP endpoints bind address")
+    serve.add_argument("--http-port", type=int, default=9464, help="HTTP endpoints port")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
 
