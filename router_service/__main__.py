@@ -1,20 +1,194 @@
-"""The ``credit-router`` command line. The only place that configures logging or exits."""
+"""The ``credit-router`` command line. The only place that configures logging or exits.
+
+Sub-commands: ``serve`` (the router daemon), ``worker`` (a worker agent), ``run`` (the main job),
+``status``/``top`` (the router's state as a table), ``config show``, ``bench``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import logging
 import signal
 import sys
-import tempfile
+import time
+import types
+import typing
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
 
-__all__ = ["main"]
+from router_service.logs import configure as configure_logging
+from router_service.settings import RouterSettings, SettingsError
+
+__all__ = ["build_parser", "main"]
+
+# Short names kept for the endpoints (they read better on a command line).
+_ALIASES = {"worker_endpoint": "--workers", "producer_endpoint": "--producers"}
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per router setting, generated from the model so the two never drift."""
+    parser.add_argument("--config", type=Path, help="TOML file of settings")
+    for name, field in RouterSettings.model_fields.items():
+        if name == "curve":
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        flags = [flag, _ALIASES[name]] if name in _ALIASES else [flag]
+        help_text = (field.description or "").split(".")[0] or None
+        kind = _scalar(field.annotation)
+        if kind is bool:
+            parser.add_argument(*flags, dest=name, action="store_const", const=True, help=help_text)
+        else:
+            parser.add_argument(*flags, dest=name, type=kind, help=help_text)
+    parser.add_argument("--curve-secret-key-file", type=Path, help="router secret key file")
+    parser.add_argument("--curve-allowed-keys", type=Path, help="allowed worker public keys")
+
+
+def _scalar(annotation: Any) -> Any:
+    """The command-line type of a settings field (``X | None`` -> X; Literal -> str)."""
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return _scalar(next(a for a in args if a is not type(None)))
+    if origin is typing.Literal:
+        return str
+    if origin is typing.Annotated:
+        return _scalar(args[0])
+    return annotation if annotation in (int, float, bool, str) else str
+
+
+def _settings(args: argparse.Namespace) -> RouterSettings:
+    flags = {name: getattr(args, name, None) for name in RouterSettings.model_fields}
+    flags.pop("curve")
+    curve = {
+        "secret_key_file": args.curve_secret_key_file,
+        "allowed_keys": args.curve_allowed_keys,
+    }
+    if any(v is not None for v in curve.values()):
+        flags["curve"] = {k: v for k, v in curve.items() if v is not None}
+    return RouterSettings.load(args.config, **flags)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from protocol import PROTOCOL_VERSION
+    from router_service.core.router import RouterCore
+    from router_service.service import RouterService, new_incarnation
+    from router_service.transport import TransportError
+
+    settings = _settings(args)
+    configure_logging(settings.log_level, settings.log_format)
+    core = RouterCore(
+        protocol_version=PROTOCOL_VERSION,
+        router_incarnation=new_incarnation(),
+        max_sessions=settings.max_sessions,
+        session_idle_ttl_s=settings.session_idle_ttl_s,
+        queue_limit=settings.queue_limit,
+        worker_queue_limit=settings.worker_queue_limit,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        suspect_after_missed=settings.suspect_after_missed,
+        lost_after_s=settings.lost_after_s,
+        inflight_report_interval_s=settings.inflight_report_interval_s,
+        soft_affinity_gap=settings.soft_affinity_gap,
+        spawn_affinity_slack=settings.spawn_affinity_slack,
+    )
+    service = RouterService(
+        core,
+        worker_endpoint=settings.worker_endpoint,
+        producer_endpoint=settings.producer_endpoint,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        drain_deadline_s=settings.drain_deadline_s,
+        producer_timeout_s=settings.producer_timeout_s,
+        http_host=settings.http_host,
+        http_port=settings.http_port,
+    )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, service.request_exit)
+        # First SIGINT drains like SIGTERM; a second one forces (request_exit escalates).
+        loop.add_signal_handler(signal.SIGINT, service.request_exit)
+        await service.serve()
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    except TransportError as exc:
+        print(f"credit-router: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    print(json.dumps(_settings(args).redacted(), indent=2))
+    return 0
+
+
+def _fetch_status(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{url.rstrip('/')}/status", timeout=5) as response:
+        doc: dict[str, Any] = json.load(response)
+    return doc
+
+
+def _render_status(doc: dict[str, Any]) -> str:
+    router, totals = doc["router"], doc["totals"]
+    lines = [
+        f"router {router['incarnation']}  v{router['version']}  up {router['uptime_s']:.0f}s  "
+        f"{'draining' if router['draining'] else 'ready' if router['ready'] else 'starting'}",
+        f"workers {totals['workers']}  producers {totals['producers']}  "
+        f"in flight {totals['in_flight']}  queued {totals['queued']}  "
+        f"sessions {totals['sessions']}  fork aliases {totals['fork_aliases']}",
+        "outcomes " + "  ".join(f"{k} {v}" for k, v in totals["outcomes"].items()),
+        "",
+    ]
+    header = ("WORKER", "STATE", "LOAD", "CAP", "SESSIONS", "QUEUED", "SENT", "SILENT")
+    rows = [header] + [
+        (
+            w["name"],
+            w["state"],
+            str(w["in_flight"]),
+            str(w["capacity"]),
+            str(w["sessions"]),
+            str(w["queued"]),
+            str(w["sent"]),
+            f"{w['silent_s']:.1f}s",
+        )
+        for w in doc["workers"]
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines += ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        doc = _fetch_status(args.url)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"credit-router: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    print(_render_status(doc))
+    return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    try:
+        while True:
+            try:
+                screen = _render_status(_fetch_status(args.url))
+            except (urllib.error.URLError, OSError) as exc:
+                screen = f"cannot reach {args.url}: {exc}"
+            sys.stdout.write("\x1b[H\x1b[2J" + screen + "\n")
+            sys.stdout.flush()
+            time.sleep(args.interval_s)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    rows: list[dict[str, object]]
+    rows: list[dict[str, Any]]
     if args.what == "core":
         from router_service.bench import core
 
@@ -31,72 +205,17 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_WORKER_ENDPOINT = "tcp://127.0.0.1:5557"
-DEFAULT_PRODUCER_ENDPOINT = f"ipc://{tempfile.gettempdir()}/credit-router.ipc"
+def _run(args: argparse.Namespace) -> int:
+    from router_service.simulate import main as simulate
 
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def _serve(args: argparse.Namespace) -> int:
-    import uvloop
-
-    from protocol import PROTOCOL_VERSION
-    from router_service.core.router import RouterCore
-    from router_service.service import RouterService, new_incarnation
-    from router_service.transport import TransportError
-
-    _configure_logging(args.log_level)
-    core = RouterCore(
-        protocol_version=PROTOCOL_VERSION,
-        router_incarnation=new_incarnation(),
-        max_sessions=args.max_sessions,
-        session_idle_ttl_s=args.session_idle_ttl_s,
-        queue_limit=args.queue_limit,
-        worker_queue_limit=args.worker_queue_limit,
-        heartbeat_interval_s=args.heartbeat_interval_s,
-        lost_after_s=args.lost_after_s,
-        inflight_report_interval_s=args.inflight_report_interval_s,
-    )
-    service = RouterService(
-        core,
-        worker_endpoint=args.workers,
-        producer_endpoint=args.producers,
-        heartbeat_interval_s=args.heartbeat_interval_s,
-        drain_deadline_s=args.drain_deadline_s,
-        http_host=args.http_host,
-        http_port=args.http_port,
-    )
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, service.request_exit)
-        loop.add_signal_handler(signal.SIGINT, service.request_exit)
-        await service.serve()
-
-    try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main())
-    except TransportError as exc:
-        print(f"credit-router: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return simulate(seed=args.seed, sessions=args.sessions, workers=args.workers)
 
 
 def _worker(argv: list[str]) -> int:
     from worker_agent.__main__ import main as worker_main
 
-    return worker_main(argv)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from router_service.simulate import main as simulate
-
-    return simulate(seed=args.seed, sessions=args.sessions, workers=args.workers)
+    code: int = worker_main(argv)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,33 +223,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="credit-router", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    serve = sub.add_parser("serve", help="run the router daemon")
+    _add_settings_flags(serve)
+    serve.set_defaults(func=_serve)
+
+    sub.add_parser("worker", help="run a worker agent (see: credit-router worker --help)")
+
+    config = sub.add_parser("config", help="show the effective configuration")
+    config_sub = config.add_subparsers(dest="action", required=True)
+    show = config_sub.add_parser("show", help="print the effective settings (secrets redacted)")
+    _add_settings_flags(show)
+    show.set_defaults(func=_config_show)
+
+    for name, func, text in (
+        ("status", _status, "print the router's state as a table"),
+        ("top", _top, "refresh the router's state in the terminal"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--url", default="http://127.0.0.1:9464", help="the router's HTTP base")
+        cmd.add_argument("--interval-s", type=float, default=1.0, help="top: refresh period")
+        cmd.set_defaults(func=func)
+
     bench = sub.add_parser("bench", help="run a benchmark and print its figures")
     bench.add_argument("what", choices=["core", "e2e"], help="which benchmark")
     bench.add_argument("--json", action="store_true", help="one JSON object per scenario")
-    bench.add_argument("--credits", type=int, default=400_000, help="credits per scenario run")
-    bench.add_argument("--repeat", type=int, default=3, help="runs per scenario (best and median)")
+    bench.add_argument("--credits", type=int, default=400_000, help="core: credits per run")
+    bench.add_argument("--repeat", type=int, default=3, help="core: runs per scenario")
     bench.add_argument("--workers", type=int, default=2, help="e2e: worker processes")
     bench.add_argument("--window", type=int, default=2048, help="e2e: credits in flight")
     bench.add_argument("--duration-s", type=float, default=3.0, help="e2e: measured seconds")
     bench.set_defaults(func=_bench)
-
-    serve = sub.add_parser("serve", help="run the router daemon")
-    serve.add_argument("--workers", default=DEFAULT_WORKER_ENDPOINT, help="worker endpoint")
-    serve.add_argument("--producers", default=DEFAULT_PRODUCER_ENDPOINT, help="producer endpoint")
-    serve.add_argument("--heartbeat-interval-s", type=float, default=1.0)
-    serve.add_argument("--lost-after-s", type=float, default=10.0)
-    serve.add_argument("--inflight-report-interval-s", type=float, default=5.0)
-    serve.add_argument("--drain-deadline-s", type=float, default=30.0)
-    serve.add_argument("--max-sessions", type=int, default=1_000_000)
-    serve.add_argument("--session-idle-ttl-s", type=float, default=600.0)
-    serve.add_argument("--queue-limit", type=int, default=100_000)
-    serve.add_argument("--worker-queue-limit", type=int, default=10_000)
-    serve.add_argument("--http-host", default="127.0.0.1", help="HTTP endpoints bind address")
-    serve.add_argument("--http-port", type=int, default=9464, help="HTTP endpoints port")
-    serve.add_argument("--log-level", default="info")
-    serve.set_defaults(func=_serve)
-
-    sub.add_parser("worker", help="run a worker agent (see: credit-router worker --help)")
 
     run = sub.add_parser("run", help="route a built-in agentic workload and print a summary")
     run.add_argument("--seed", type=int, default=7)
@@ -146,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["worker"]:
         return _worker(argv[1:])
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except SettingsError as exc:
+        print(f"credit-router: {exc}", file=sys.stderr)
+        return 2
     return code
 
 

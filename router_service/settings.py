@@ -1,0 +1,156 @@
+"""Router configuration: defaults < TOML file (``--config``) < environment < command-line flags.
+
+Read once, at the edge (``__main__``), and handed inward as plain keyword arguments; the core
+and the service never import this module (STYLE R11). Environment variables are
+``CREDIT_ROUTER_<FIELD>``, nested with ``__`` (``CREDIT_ROUTER_CURVE__SECRET_KEY_FILE``).
+Durations are float seconds named ``*_s``. A bad value fails with one line naming the setting.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = ["CurveSettings", "RouterSettings", "SettingsError", "describe_error"]
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+
+
+class SettingsError(Exception):
+    """A setting has a bad value; the message is one line naming it."""
+
+
+class CurveSettings(BaseModel):
+    """CurveZMQ authentication of workers (and of TCP producers)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    secret_key_file: Path | None = None
+    """The router's secret key file (``credit-router keys generate``)."""
+    secret_key: SecretStr | None = None
+    """Or the Z85 secret key itself (e.g. from a Kubernetes secret in the environment)."""
+    allowed_keys: Path | None = None
+    """A directory of ``*.key`` files, or one file, listing the workers' public keys."""
+
+
+class RouterSettings(BaseSettings):
+    """Everything ``credit-router serve`` can be told."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CREDIT_ROUTER_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    config_file: ClassVar[Path | None] = None
+
+    worker_endpoint: str = "tcp://127.0.0.1:5557"
+    """Where workers connect. A non-loopback address needs CURVE or ``insecure``."""
+    producer_endpoint: str = f"ipc://{tempfile.gettempdir()}/credit-router.ipc"
+    """Where producers connect (IPC by default, ``tcp://…`` allowed)."""
+    http_host: str = "127.0.0.1"
+    """HTTP endpoints (``/metrics``, ``/livez``, ``/readyz``, ``/status``) bind here."""
+    http_port: int = Field(default=9464, ge=0, le=65535)
+    heartbeat_interval_s: PositiveFloat = 1.0
+    suspect_after_missed: PositiveInt = 3
+    """Silent beats after which a worker gets nothing new."""
+    lost_after_s: PositiveFloat = 10.0
+    """Silence after which a worker is lost and its credits end (the grace period)."""
+    inflight_report_interval_s: PositiveFloat = 5.0
+    drain_deadline_s: NonNegativeFloat = 30.0
+    producer_timeout_s: PositiveFloat = 60.0
+    max_sessions: PositiveInt = 1_000_000
+    session_idle_ttl_s: PositiveFloat = 600.0
+    queue_limit: NonNegativeInt = 100_000
+    worker_queue_limit: NonNegativeInt = 10_000
+    soft_affinity_gap: PositiveFloat | None = None
+    """Re-home a migratable session when its worker's load ratio exceeds the least-loaded
+    worker's by more than this (``None``: hard affinity only)."""
+    spawn_affinity_slack: NonNegativeFloat | None = None
+    """Put a SPAWN child's first turn on its parent's worker when within this load ratio."""
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
+    insecure: bool = False
+    """Allow plaintext on a non-loopback worker endpoint (logs a warning)."""
+    curve: CurveSettings = CurveSettings()
+
+    @model_validator(mode="after")
+    def _grace_covers_suspicion(self) -> RouterSettings:
+        suspect = self.heartbeat_interval_s * self.suspect_after_missed
+        if self.lost_after_s < suspect:
+            raise ValueError(
+                f"lost_after_s ({self.lost_after_s}) must be at least heartbeat_interval_s x "
+                f"suspect_after_missed ({suspect:g})"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (passed as init kwargs) > environment > TOML file > defaults."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.config_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **flags: Any) -> RouterSettings:
+        """Build the effective settings; raises ``SettingsError`` with a one-line message."""
+        if config_file is not None and not config_file.is_file():
+            raise SettingsError(f"config file {config_file} does not exist")
+        cls.config_file = config_file
+        try:
+            return cls(**{k: v for k, v in flags.items() if v is not None})
+        except ValidationError as exc:
+            raise SettingsError(describe_error(exc)) from None
+        finally:
+            cls.config_file = None
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain data, fit to print (secrets show as ``**********``)."""
+        data: dict[str, Any] = json.loads(self.model_dump_json())
+        return data
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line per problem, naming the setting: ``invalid setting heartbeat_interval_s: …``."""
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if not name:  # a rule across several settings names them in its message
+            parts.append(f"invalid settings: {message}")
+            continue
+        given = err.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        parts.append(f"invalid setting {name}: {message}{shown}")
+    return "; ".join(parts)
