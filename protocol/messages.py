@@ -19,10 +19,13 @@ Rules for this module (see ``protocol/__init__.py`` for the evolution rules):
 from __future__ import annotations
 
 import enum
+from typing import Annotated, Final
 
 import msgspec
 
 __all__ = [
+    "MAX_BATCH",
+    "MAX_IDS",
     "Ack",
     "BranchMode",
     "Cancel",
@@ -49,8 +52,8 @@ __all__ = [
     "ProducerHello",
     "ProducerToRouter",
     "ProducerWelcome",
-    "Refusal",
     "Recovered",
+    "Refusal",
     "ReleaseReservation",
     "RouterToProducer",
     "RouterToWorker",
@@ -60,6 +63,20 @@ __all__ = [
     "Welcome",
     "WorkerToRouter",
 ]
+
+
+MAX_BATCH: Final = 4_096
+"""Longest list of credits, completions or outcomes in one frame."""
+MAX_IDS: Final = 65_536
+"""Longest list of credit ids in one frame (cancels, in-flight reports)."""
+
+Id = Annotated[str, msgspec.Meta(max_length=256)]
+"""A name or id (session, producer, worker, incarnation): at most 256 characters."""
+Text = Annotated[str, msgspec.Meta(max_length=4_096)]
+"""Free text (reasons, error messages): at most 4096 characters."""
+Blob = Annotated[bytes, msgspec.Meta(max_length=1 << 20)]
+"""Opaque bytes (payloads, results): at most 1 MiB."""
+IdList = Annotated[list[int], msgspec.Meta(max_length=MAX_IDS)]
 
 
 class BranchMode(enum.StrEnum):
@@ -99,19 +116,19 @@ class Credit(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=Fals
 
     id: int
     """Unique for the lifetime of the producer's connection; the key is (producer, id)."""
-    x_correlation_id: str
+    x_correlation_id: Id
     """The session instance id: the sticky key and the ``X-Correlation-ID`` header."""
     turn_index: int = 0
     """0-based index of this turn within its session."""
     num_turns: int = 1
     """Total number of turns the session will run; ``turn_index == num_turns - 1`` is final."""
-    conversation_id: str = ""
+    conversation_id: Id = ""
     """The dataset template the session was made from (many sessions may share it)."""
-    phase: str = "profiling"
+    phase: Id = "profiling"
     """Free-form phase label (``warmup``, ``profiling``…), passed through."""
-    parent_correlation_id: str | None = None
+    parent_correlation_id: Id | None = None
     """The immediate parent's ``x_correlation_id`` for DAG children; ``None`` for roots."""
-    root_correlation_id: str | None = None
+    root_correlation_id: Id | None = None
     """The tree's root session; ``None`` when equal to ``x_correlation_id``."""
     branch_mode: BranchMode | None = None
     """``fork`` or ``spawn`` for children; ``None`` for roots and pre-session children."""
@@ -119,13 +136,13 @@ class Credit(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=Fals
     """How many FORK children this turn declares (one reservation each)."""
     agent_depth: int = 0
     """Depth in the agent tree: 0 for a root."""
-    subagent_type: str | None = None
+    subagent_type: Id | None = None
     """Free-form sub-agent class (e.g. ``"Explore"``); SPAWN children only."""
     allow_migration: bool = False
     """If the session's worker is lost, may the next turn run elsewhere (history is rebuildable)?"""
     cancel_after_s: float | None = None
     """Simulated client disconnect: the worker aborts the request this long after it starts."""
-    payload: bytes = b""
+    payload: Blob = b""
     """Opaque to the router: what the worker needs to build the request."""
 
 
@@ -135,11 +152,11 @@ class Credit(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=Fals
 class ProducerHello(Msg, frozen=True, kw_only=True, tag="phello"):
     """First message of a producer connection."""
 
-    producer: str
+    producer: Id
     """The producer's name; credit keys are (producer, credit id)."""
     protocol_version: int
     """The sender's ``PROTOCOL_VERSION``; the router refuses any other."""
-    incarnation: str = ""
+    incarnation: Id = ""
     """Random per process start, so a restarted producer is told apart from a reconnect."""
 
 
@@ -153,14 +170,14 @@ class Submit(Msg, frozen=True, kw_only=True, tag="submit"):
 class SubmitBatch(Msg, frozen=True, kw_only=True, tag="submitb"):
     """Submit several credits in one frame (the efficient form)."""
 
-    credits: list[Credit]
+    credits: Annotated[list[Credit], msgspec.Meta(max_length=MAX_BATCH)]
     """At most ``ProducerWelcome.max_batch`` credits, in submission order."""
 
 
 class CancelCredits(Msg, frozen=True, kw_only=True, tag="pcancel"):
     """Cancel credits: queued ones end at the router, dispatched ones at their worker."""
 
-    credit_ids: list[int]
+    credit_ids: IdList
     """Ids of this producer's credits; unknown or finished ones are ignored."""
 
 
@@ -170,16 +187,16 @@ class EndSession(Msg, frozen=True, kw_only=True, tag="endsess"):
     Also sent router → worker so the worker can drop the session's history.
     """
 
-    x_correlation_id: str
+    x_correlation_id: Id
     """The session to end."""
-    reason: str = ""
+    reason: Text = ""
     """Free-form, for logs."""
 
 
 class ReleaseReservation(Msg, frozen=True, kw_only=True, tag="release"):
     """Give back FORK reservations that a declaring turn made for children never started."""
 
-    x_correlation_id: str
+    x_correlation_id: Id
     """The session whose turn declared the children (resolved through the alias table)."""
     count: int = 1
     """How many reservations to give back."""
@@ -198,7 +215,7 @@ class Heartbeat(Msg, frozen=True, kw_only=True, tag="hb"):
 class Refusal(Msg, frozen=True, kw_only=True, tag="refusal"):
     """The router refuses a hello (version mismatch, bad identity); do not retry as-is."""
 
-    reason: str
+    reason: Text
     """Why, in words (a version mismatch names both versions here too)."""
     router_version: int
     """The router's ``PROTOCOL_VERSION``."""
@@ -209,9 +226,9 @@ class Refusal(Msg, frozen=True, kw_only=True, tag="refusal"):
 class ErrorReport(Msg, frozen=True, kw_only=True, tag="error"):
     """The router could not process a message from this peer. Informational; the peer may go on."""
 
-    code: str
+    code: Text
     """Stable machine-readable reason, e.g. ``invalid_message``, ``unknown_producer``."""
-    message: str
+    message: Text
     """Human-readable detail (for a decode error: the field path and the problem)."""
 
 
@@ -221,7 +238,7 @@ class ErrorReport(Msg, frozen=True, kw_only=True, tag="error"):
 class ProducerWelcome(Msg, frozen=True, kw_only=True, tag="pwelcome"):
     """Accepts a producer."""
 
-    router_incarnation: str
+    router_incarnation: Id
     """Random per router start: a different value after a reconnect means the router restarted."""
     protocol_version: int
     """The router's ``PROTOCOL_VERSION``."""
@@ -238,9 +255,9 @@ class Outcome(Msg, frozen=True, kw_only=True, tag="outcome"):
     """The ``Credit.id`` this outcome ends."""
     status: Status
     """How it ended."""
-    reason: str = ""
+    reason: Text = ""
     """Why, for every status but ``completed`` (e.g. ``worker_lost``, ``queue_full``)."""
-    worker: str = ""
+    worker: Id = ""
     """The worker that ran (or last held) the credit; empty if it never left the router."""
     submit_to_dispatch_s: float | None = None
     """Time the credit waited in the router (coordinated omission made visible)."""
@@ -248,16 +265,16 @@ class Outcome(Msg, frozen=True, kw_only=True, tag="outcome"):
     """Router-observed time from dispatch to the worker's completion."""
     ttft_s: float | None = None
     """Worker-measured time to first token."""
-    subagent_type: str | None = None
+    subagent_type: Id | None = None
     """Passed through unchanged from the credit."""
-    result: bytes = b""
+    result: Blob = b""
     """Opaque worker result (e.g. encoded request metrics), passed through."""
 
 
 class OutcomeBatch(Msg, frozen=True, kw_only=True, tag="outcomeb"):
     """Several outcomes in one frame."""
 
-    outcomes: list[Outcome]
+    outcomes: Annotated[list[Outcome], msgspec.Meta(max_length=MAX_BATCH)]
     """Each one an ``Outcome``, tag included."""
 
 
@@ -276,17 +293,17 @@ class ProducerFirstToken(Msg, frozen=True, kw_only=True, tag="pft"):
 class Hello(Msg, frozen=True, kw_only=True, tag="hello"):
     """First message of a worker connection."""
 
-    name: str
+    name: Id
     """Stable worker name (one per agent)."""
-    incarnation: str
+    incarnation: Id
     """Random per process start: the same name with a new incarnation is a new worker."""
     protocol_version: int
     """The sender's ``PROTOCOL_VERSION``; the router refuses any other."""
     capacity: int
     """How many credits it executes concurrently."""
-    labels: dict[str, str] = {}
+    labels: Annotated[dict[Id, Text], msgspec.Meta(max_length=64)] = {}
     """Free-form (host, GPU, model…), shown in status and logs."""
-    in_flight: dict[str, list[int]] = {}
+    in_flight: Annotated[dict[Id, IdList], msgspec.Meta(max_length=1_024)] = {}
     """On a reconnect: the credits it still holds, by producer."""
 
 
@@ -295,13 +312,13 @@ class Completion(Msg, frozen=True, kw_only=True, tag="done"):
 
     seq: int
     """Worker-local sequence number; the router acknowledges by sequence (``Ack``)."""
-    producer: str
+    producer: Id
     """The ``producer`` of the ``Dispatch`` that carried the credit, echoed unchanged."""
     credit_id: int
     """The ``Credit.id``."""
     status: Status
     """``completed``, ``failed`` or ``cancelled`` (the router alone says ``lost``/``rejected``)."""
-    reason: str = ""
+    reason: Text = ""
     """Why, for ``failed`` (free-form) and ``cancelled`` (``cancelled``); empty otherwise."""
     ttft_s: float | None = None
     """Worker-measured time to first token, if a token came."""
@@ -309,14 +326,14 @@ class Completion(Msg, frozen=True, kw_only=True, tag="done"):
     """Worker-measured execution time."""
     session_ended: bool = False
     """The worker dropped the session (final turn, error, or cancelled)."""
-    result: bytes = b""
+    result: Blob = b""
     """Opaque result for the producer (e.g. encoded request metrics), passed through."""
 
 
 class CompletionBatch(Msg, frozen=True, kw_only=True, tag="doneb"):
     """Several completions in one frame."""
 
-    completions: list[Completion]
+    completions: Annotated[list[Completion], msgspec.Meta(max_length=MAX_BATCH)]
     """Each one a ``Completion``, tag included, in ``seq`` order."""
 
 
@@ -328,15 +345,15 @@ class Recovered(Msg, frozen=True, kw_only=True, tag="recovered"):
     ``router_incarnation`` differs from the one that dispatched the credits.
     """
 
-    router_incarnation: str
+    router_incarnation: Id
     """The incarnation that dispatched these credits."""
-    completions: list[Completion]
+    completions: Annotated[list[Completion], msgspec.Meta(max_length=MAX_BATCH)]
 
 
 class FirstToken(Msg, frozen=True, kw_only=True, tag="ft"):
     """First streamed token of a credit's response."""
 
-    producer: str
+    producer: Id
     """The ``producer`` of the ``Dispatch``, echoed unchanged."""
     credit_id: int
     """The ``Credit.id``."""
@@ -347,14 +364,14 @@ class FirstToken(Msg, frozen=True, kw_only=True, tag="ft"):
 class ChildRelease(Msg, frozen=True, kw_only=True, tag="childrel"):
     """A FORK child session has ended on this worker: release its reservation (idempotent)."""
 
-    x_correlation_id: str
+    x_correlation_id: Id
     """The child session's id."""
 
 
 class InFlightReport(Msg, frozen=True, kw_only=True, tag="inflight"):
     """The worker's true set of credits it holds, by producer (orphan detection)."""
 
-    credits: dict[str, list[int]]
+    credits: Annotated[dict[Id, IdList], msgspec.Meta(max_length=1_024)]
     """Credit ids by ``producer``: every credit it was sent and has not yet completed."""
 
 
@@ -368,7 +385,7 @@ class Draining(Msg, frozen=True, kw_only=True, tag="draining"):
 class Goodbye(Msg, frozen=True, kw_only=True, tag="bye"):
     """The worker leaves cleanly; it holds no credits (or reports them lost)."""
 
-    reason: str = ""
+    reason: Text = ""
     """Free-form, for logs."""
 
 
@@ -378,7 +395,7 @@ class Goodbye(Msg, frozen=True, kw_only=True, tag="bye"):
 class Welcome(Msg, frozen=True, kw_only=True, tag="welcome"):
     """Accepts a worker."""
 
-    router_incarnation: str
+    router_incarnation: Id
     """Random per router start: a different value after a reconnect means the router restarted."""
     protocol_version: int
     """The router's ``PROTOCOL_VERSION``."""
@@ -391,7 +408,7 @@ class Welcome(Msg, frozen=True, kw_only=True, tag="welcome"):
 class Dispatch(Msg, frozen=True, kw_only=True, tag="credit"):
     """One credit to execute."""
 
-    producer: str
+    producer: Id
     """The producer the credit belongs to; echo it in every message about the credit."""
     credit: Credit
     """The credit to execute."""
@@ -400,18 +417,18 @@ class Dispatch(Msg, frozen=True, kw_only=True, tag="credit"):
 class DispatchBatch(Msg, frozen=True, kw_only=True, tag="credits"):
     """Several credits of one producer in one frame (the efficient form)."""
 
-    producer: str
+    producer: Id
     """The producer all these credits belong to."""
-    credits: list[Credit]
+    credits: Annotated[list[Credit], msgspec.Meta(max_length=MAX_BATCH)]
     """The credits to execute, in dispatch order."""
 
 
 class Cancel(Msg, frozen=True, kw_only=True, tag="cancel"):
     """Cancel dispatched credits; the worker answers each with a completion."""
 
-    producer: str
+    producer: Id
     """The producer the credits belong to."""
-    credit_ids: list[int]
+    credit_ids: IdList
     """Credits to abort; ids the worker no longer holds are ignored."""
 
 

@@ -25,7 +25,7 @@ from typing import Final
 
 import zmq
 
-from protocol import PROTOCOL_VERSION
+from protocol import MAX_BATCH, PROTOCOL_VERSION
 from protocol.codec import decode_producer_to_router, decode_worker_to_router, encode
 from protocol.errors import DecodeError
 from protocol.messages import (
@@ -66,8 +66,6 @@ INVALID_LIMIT: Final = 100
 INVALID_WINDOW_S: Final = 10.0
 LOG_EVERY_S: Final = 10.0
 """Repeated warnings about one peer are logged at most this often (with a count)."""
-MAX_BATCH: Final = 4_096
-"""Longest batch accepted from a producer in one frame (told in the welcome)."""
 PRODUCER_BACKLOG: Final = 1_000_000
 """Outcome frames kept for a producer that is not reading or reconnecting."""
 
@@ -521,8 +519,9 @@ class RouterService:
                 break
             self._send_to_workers(fx, now)
             for key, outcomes in fx.outcomes.items():
-                batch = OutcomeBatch(outcomes=outcomes) if len(outcomes) > 1 else outcomes[0]
-                self._deliver(key, batch)
+                for lo in range(0, len(outcomes), MAX_BATCH):
+                    chunk = outcomes[lo : lo + MAX_BATCH]
+                    self._deliver(key, OutcomeBatch(outcomes=chunk) if len(chunk) > 1 else chunk[0])
             for key, tokens in fx.first_tokens.items():
                 for token in tokens:
                     self._deliver(key, token)
@@ -540,13 +539,17 @@ class RouterService:
         sock = self._workers_sock
         assert sock is not None
         for name, producer, credits in fx.dispatch:
-            if len(credits) == 1:
-                frame = encode(Dispatch(producer=producer, credit=credits[0]))
-            else:
-                frame = encode(DispatchBatch(producer=producer, credits=credits))
-            if not sock.send(self._identity(name), frame):
-                logger.warning("worker unreachable name=%s: its credits end lost", name)
-                core.worker_unreachable(name, now)
+            identity = self._identity(name)
+            for lo in range(0, len(credits), MAX_BATCH):
+                chunk = credits[lo : lo + MAX_BATCH]
+                if len(chunk) == 1:
+                    frame = encode(Dispatch(producer=producer, credit=chunk[0]))
+                else:
+                    frame = encode(DispatchBatch(producer=producer, credits=chunk))
+                if not sock.send(identity, frame):
+                    logger.warning("worker unreachable name=%s: its credits end lost", name)
+                    core.worker_unreachable(name, now)
+                    break
         for name, msg in fx.to_worker:
             if not sock.send(self._identity(name), encode(msg)) and name in core.workers:
                 core.worker_unreachable(name, now)

@@ -9,8 +9,15 @@ Docstrings are left out; ``protocol/messages.py`` and ``docs/PROTOCOL.md`` expla
 from __future__ import annotations
 
 import enum
+from typing import Annotated
 
 import msgspec
+
+MAX_BATCH = 4_096
+Id = Annotated[str, msgspec.Meta(max_length=256)]
+Text = Annotated[str, msgspec.Meta(max_length=4_096)]
+Blob = Annotated[bytes, msgspec.Meta(max_length=1 << 20)]
+IdList = Annotated[list[int], msgspec.Meta(max_length=65_536)]
 
 
 class BranchMode(enum.StrEnum):
@@ -32,26 +39,26 @@ class Msg(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag_field=
 
 class Credit(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
     id: int
-    x_correlation_id: str
+    x_correlation_id: Id
     turn_index: int = 0
     num_turns: int = 1
-    conversation_id: str = ""
-    phase: str = "profiling"
-    parent_correlation_id: str | None = None
-    root_correlation_id: str | None = None
+    conversation_id: Id = ""
+    phase: Id = "profiling"
+    parent_correlation_id: Id | None = None
+    root_correlation_id: Id | None = None
     branch_mode: BranchMode | None = None
     fork_count: int = 0
     agent_depth: int = 0
-    subagent_type: str | None = None
+    subagent_type: Id | None = None
     allow_migration: bool = False
     cancel_after_s: float | None = None
-    payload: bytes = b""
+    payload: Blob = b""
 
 
 class ProducerHello(Msg, frozen=True, kw_only=True, tag="phello"):
-    producer: str
+    producer: Id
     protocol_version: int
-    incarnation: str = ""
+    incarnation: Id = ""
 
 
 class Submit(Msg, frozen=True, kw_only=True, tag="submit"):
@@ -59,20 +66,20 @@ class Submit(Msg, frozen=True, kw_only=True, tag="submit"):
 
 
 class SubmitBatch(Msg, frozen=True, kw_only=True, tag="submitb"):
-    credits: list[Credit]
+    credits: Annotated[list[Credit], msgspec.Meta(max_length=MAX_BATCH)]
 
 
 class CancelCredits(Msg, frozen=True, kw_only=True, tag="pcancel"):
-    credit_ids: list[int]
+    credit_ids: IdList
 
 
 class EndSession(Msg, frozen=True, kw_only=True, tag="endsess"):
-    x_correlation_id: str
-    reason: str = ""
+    x_correlation_id: Id
+    reason: Text = ""
 
 
 class ReleaseReservation(Msg, frozen=True, kw_only=True, tag="release"):
-    x_correlation_id: str
+    x_correlation_id: Id
     count: int = 1
 
 
@@ -81,18 +88,18 @@ class Heartbeat(Msg, frozen=True, kw_only=True, tag="hb"):
 
 
 class Refusal(Msg, frozen=True, kw_only=True, tag="refusal"):
-    reason: str
+    reason: Text
     router_version: int
     peer_version: int
 
 
 class ErrorReport(Msg, frozen=True, kw_only=True, tag="error"):
-    code: str
-    message: str
+    code: Text
+    message: Text
 
 
 class ProducerWelcome(Msg, frozen=True, kw_only=True, tag="pwelcome"):
-    router_incarnation: str
+    router_incarnation: Id
     protocol_version: int
     heartbeat_interval_s: float
     max_batch: int
@@ -101,17 +108,17 @@ class ProducerWelcome(Msg, frozen=True, kw_only=True, tag="pwelcome"):
 class Outcome(Msg, frozen=True, kw_only=True, tag="outcome"):
     credit_id: int
     status: Status
-    reason: str = ""
-    worker: str = ""
+    reason: Text = ""
+    worker: Id = ""
     submit_to_dispatch_s: float | None = None
     dispatch_to_outcome_s: float | None = None
     ttft_s: float | None = None
-    subagent_type: str | None = None
-    result: bytes = b""
+    subagent_type: Id | None = None
+    result: Blob = b""
 
 
 class OutcomeBatch(Msg, frozen=True, kw_only=True, tag="outcomeb"):
-    outcomes: list[Outcome]
+    outcomes: Annotated[list[Outcome], msgspec.Meta(max_length=MAX_BATCH)]
 
 
 class ProducerFirstToken(Msg, frozen=True, kw_only=True, tag="pft"):
@@ -120,47 +127,47 @@ class ProducerFirstToken(Msg, frozen=True, kw_only=True, tag="pft"):
 
 
 class Hello(Msg, frozen=True, kw_only=True, tag="hello"):
-    name: str
-    incarnation: str
+    name: Id
+    incarnation: Id
     protocol_version: int
     capacity: int
-    labels: dict[str, str] = {}
-    in_flight: dict[str, list[int]] = {}
+    labels: Annotated[dict[Id, Text], msgspec.Meta(max_length=64)] = {}
+    in_flight: Annotated[dict[Id, IdList], msgspec.Meta(max_length=1_024)] = {}
 
 
 class Completion(Msg, frozen=True, kw_only=True, tag="done"):
     seq: int
-    producer: str
+    producer: Id
     credit_id: int
     status: Status
-    reason: str = ""
+    reason: Text = ""
     ttft_s: float | None = None
     duration_s: float | None = None
     session_ended: bool = False
-    result: bytes = b""
+    result: Blob = b""
 
 
 class CompletionBatch(Msg, frozen=True, kw_only=True, tag="doneb"):
-    completions: list[Completion]
+    completions: Annotated[list[Completion], msgspec.Meta(max_length=MAX_BATCH)]
 
 
 class Recovered(Msg, frozen=True, kw_only=True, tag="recovered"):
-    router_incarnation: str
-    completions: list[Completion]
+    router_incarnation: Id
+    completions: Annotated[list[Completion], msgspec.Meta(max_length=MAX_BATCH)]
 
 
 class FirstToken(Msg, frozen=True, kw_only=True, tag="ft"):
-    producer: str
+    producer: Id
     credit_id: int
     ttft_s: float
 
 
 class ChildRelease(Msg, frozen=True, kw_only=True, tag="childrel"):
-    x_correlation_id: str
+    x_correlation_id: Id
 
 
 class InFlightReport(Msg, frozen=True, kw_only=True, tag="inflight"):
-    credits: dict[str, list[int]]
+    credits: Annotated[dict[Id, IdList], msgspec.Meta(max_length=1_024)]
 
 
 class Draining(Msg, frozen=True, kw_only=True, tag="draining"):
@@ -168,29 +175,29 @@ class Draining(Msg, frozen=True, kw_only=True, tag="draining"):
 
 
 class Goodbye(Msg, frozen=True, kw_only=True, tag="bye"):
-    reason: str = ""
+    reason: Text = ""
 
 
 class Welcome(Msg, frozen=True, kw_only=True, tag="welcome"):
-    router_incarnation: str
+    router_incarnation: Id
     protocol_version: int
     heartbeat_interval_s: float
     inflight_report_interval_s: float
 
 
 class Dispatch(Msg, frozen=True, kw_only=True, tag="credit"):
-    producer: str
+    producer: Id
     credit: Credit
 
 
 class DispatchBatch(Msg, frozen=True, kw_only=True, tag="credits"):
-    producer: str
-    credits: list[Credit]
+    producer: Id
+    credits: Annotated[list[Credit], msgspec.Meta(max_length=MAX_BATCH)]
 
 
 class Cancel(Msg, frozen=True, kw_only=True, tag="cancel"):
-    producer: str
-    credit_ids: list[int]
+    producer: Id
+    credit_ids: IdList
 
 
 class Ack(Msg, frozen=True, kw_only=True, tag="ack"):
