@@ -1,0 +1,157 @@
+"""The worker agent's command line: ``python -m worker_agent`` (and ``credit-router worker``).
+
+The only place that configures logging, installs signal handlers and maps outcomes to exit codes:
+0 when the agent drained (by itself or at its deadline), 1 after a forced exit or a failed
+socket, 2 when the router refused it or the command line is wrong. The event loop is uvloop's,
+chosen by ``asyncio.Runner``'s loop factory (no global policy; STYLE R10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+
+import uvloop
+
+from worker_agent.agent import StopReason, WorkerAgent
+from worker_agent.errors import RefusedError, TransportError
+from worker_agent.executor import SimExecutor
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FORCED = 1
+EXIT_REFUSED = 2
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the worker agent."""
+    parser = argparse.ArgumentParser(
+        prog="worker_agent",
+        description="Join a credit router and execute its credits.",
+    )
+    parser.add_argument(
+        "--router", required=True, help="the router's worker endpoint, e.g. tcp://HOST:PORT"
+    )
+    parser.add_argument(
+        "--name", default=socket.gethostname(), help="the worker's name (default: hostname)"
+    )
+    parser.add_argument("--capacity", type=int, default=64, help="credits executed at once")
+    parser.add_argument("--executor", choices=["sim"], default="sim", help="what runs credits")
+    parser.add_argument(
+        "--sim-zero-latency",
+        action="store_true",
+        help="the simulator finishes every credit at once (router benchmarks)",
+    )
+    parser.add_argument(
+        "--no-first-token-events",
+        dest="first_token_events",
+        action="store_false",
+        help="do not send FirstToken events",
+    )
+    parser.add_argument(
+        "--drain-deadline-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, leave after at most this long (default 30)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level (default INFO)",
+    )
+    return parser
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.router.startswith(("tcp://", "ipc://", "inproc://")):
+        parser.error(f"--router must be a ZeroMQ endpoint such as tcp://HOST:PORT: {args.router}")
+    if args.capacity < 1:
+        parser.error(f"--capacity must be >= 1: {args.capacity}")
+    if args.drain_deadline_s < 0:
+        parser.error(f"--drain-deadline-s must be >= 0: {args.drain_deadline_s}")
+    name = args.name.encode("utf-8")
+    if not 0 < len(name) <= 255 or name[0] == 0:
+        parser.error("--name must be 1-255 bytes of UTF-8")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _install_signals(agent: WorkerAgent, deadline_s: float) -> None:
+    """First SIGTERM/SIGINT drains; the second (of either) forces the exit."""
+    loop = asyncio.get_running_loop()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        name = signal.Signals(signum).name
+        if len(received) == 1:
+            logger.info("%s received: draining (deadline %.1fs)", name, deadline_s)
+            agent.drain(deadline_s)
+        else:
+            logger.warning("%s received again: forcing the exit", name)
+            agent.force_exit()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    executor = SimExecutor(zero_latency=args.sim_zero_latency)
+    agent = WorkerAgent(
+        router=args.router,
+        name=args.name,
+        executor=executor,
+        capacity=args.capacity,
+        labels={"host": socket.gethostname()},
+        first_token_events=args.first_token_events,
+        drain_deadline_s=args.drain_deadline_s,
+    )
+    _install_signals(agent, args.drain_deadline_s)
+    try:
+        reason = await agent.serve()
+    except RefusedError as exc:
+        logger.error("%s", exc)
+        return EXIT_REFUSED
+    except TransportError as exc:
+        logger.error("%s", exc)
+        return EXIT_FORCED
+    return EXIT_FORCED if reason is StopReason.FORCED else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the worker agent until it leaves.
+
+    Args:
+        argv: the arguments (without the program name); ``sys.argv[1:]`` when ``None``.
+
+    Returns:
+        The exit code: 0 drained, 1 forced exit or socket failure, 2 refused or bad usage.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _check(parser, args)
+    except SystemExit as exc:  # argparse exits on --help and on usage errors; we return
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    _configure_logging(args.log_level)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,904 @@
+"""WorkerAgent: the worker side of the router conversation (PROTOCOL.md §5), on one asyncio loop.
+
+Life cycle (STYLE R10): ``serve()`` runs ``startup()`` (connect, first ``Hello``), then
+``main_loop()`` (a tick that drives every deadline), then ``shutdown()`` (settle what is still
+running, flush, ``Goodbye``, close). Signals are the CLI's business: it calls ``drain()`` and
+``force_exit()``, which only record the request and wake the loop.
+
+Theory of operation
+-------------------
+Frames arrive through the transport's reader callback, a batch per wakeup, and are decoded and
+handled synchronously (``_on_frames``); a frame that does not decode is counted, logged at a
+throttled WARNING and dropped (R5). Everything the worker does is keyed by the credit key
+``(producer, credit_id)``, never a bare id.
+
+Joining: the agent is ``JOINING`` until the first ``Welcome``, sending only ``Hello`` (paced by
+a back-off, 1 s doubling to 10 s). A ``Refusal`` stops it (``serve()`` raises
+``RefusedError``). Once ``JOINED`` it sends a ``Heartbeat`` whenever nothing else left for a
+heartbeat interval, and an ``InFlightReport`` every report interval. Any frame from the router
+counts as its heartbeat; after three silent intervals (or an ``ErrorReport`` with code
+``unknown_worker``) the router is presumed gone and the agent is ``REJOINING``: it keeps the
+socket (libzmq reconnects by itself), discards frames not yet handed to libzmq, and sends
+``Hello`` with the same incarnation and ``in_flight`` set, paced by the back-off, until a
+``Welcome`` comes back. Then it resends every unacknowledged completion in ``seq`` order.
+
+Credits: each credit is a ``_Held`` record from ``Dispatch`` to its one ``Completion``. Up to
+``capacity`` run at once, each in its own task (or synchronously when the executor can answer
+without waiting); more wait in a local queue rather than being dropped. A credit ends through
+exactly one call of ``_finish``, which is synchronous, so no cancellation can interrupt the
+bookkeeping: the ``done`` flag makes every later path (a late task, a second cancel, the
+shutdown sweep) a no-op. ``Cancel``, ``cancel_after_s`` (reason ``client_disconnect``), the
+drain deadline (``drain_deadline``) and a forced exit (``forced_exit``) all go through
+``_cancel``: it records the reason, then cancels the task; the task's ``CancelledError`` handler
+reports that reason.
+
+Completions: ``_finish`` numbers the completion in the ``CompletionLog`` (kept until a
+cumulative ``Ack`` covers it) and appends it to the iteration's outbox; one ``call_soon``'d
+``_flush`` per loop iteration sends the outbox as one frame (``Completion``/``CompletionBatch``;
+``Recovered`` for credits an earlier router incarnation dispatched), after the iteration's
+``FirstToken`` events (minus those whose completion is in the same flush: it carries the TTFT
+already) and before the ``ChildRelease`` of FORK children that ended.
+
+Draining: on ``drain()`` or the router's ``Drain`` the agent sends ``Draining(deadline_s)``,
+keeps serving, and stops when it holds no credit and no session (``drained``) or at the
+deadline (``drain_deadline``: the rest is cancelled, its completions flushed); either way
+``Goodbye`` follows the last completion on the same connection, so the router reads them first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Final
+
+from protocol import PROTOCOL_VERSION
+from protocol.codec import decode_router_to_worker, encode
+from protocol.errors import DecodeError
+from protocol.messages import (
+    Ack,
+    Cancel,
+    Credit,
+    Dispatch,
+    DispatchBatch,
+    Drain,
+    Draining,
+    EndSession,
+    ErrorReport,
+    FirstToken,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    InFlightReport,
+    Refusal,
+    RouterToWorker,
+    Status,
+    Welcome,
+    WorkerToRouter,
+)
+from worker_agent.core import (
+    Backoff,
+    CompletionLog,
+    Liveness,
+    Logged,
+    LogThrottle,
+    Session,
+    SessionTable,
+    Turn,
+    completion_messages,
+)
+from worker_agent.errors import RefusedError, TransportError
+from worker_agent.executor import ExecResult, Executor
+from worker_agent.transport import DealerTransport, ErrorHandler, FrameHandler, Transport
+
+__all__ = ["AgentState", "AgentStats", "StopReason", "TransportFactory", "WorkerAgent"]
+
+logger = logging.getLogger(__name__)
+
+CANCELLED: Final = "cancelled"
+CLIENT_DISCONNECT: Final = "client_disconnect"
+DRAIN_DEADLINE: Final = "drain_deadline"
+FORCED_EXIT: Final = "forced_exit"
+WORKER_STOPPED: Final = "worker_stopped"
+UNKNOWN_WORKER: Final = "unknown_worker"
+
+_COMPLETED: Final = Status.COMPLETED
+_FAILED: Final = Status.FAILED
+_CANCELLED: Final = Status.CANCELLED
+_DEBUG: Final = logging.DEBUG
+
+TransportFactory = Callable[[str, str, FrameHandler, ErrorHandler], Transport]
+"""``(endpoint, routing_id, on_frames, on_error) -> Transport``; the default builds a
+``DealerTransport`` on the running loop."""
+
+
+class AgentState(enum.Enum):
+    """Where the agent stands with the router."""
+
+    JOINING = "joining"
+    """No ``Welcome`` yet: only ``Hello`` may be sent."""
+    JOINED = "joined"
+    REJOINING = "rejoining"
+    """The router went silent (or forgot us): re-hello until a ``Welcome``."""
+    STOPPED = "stopped"
+
+
+class StopReason(enum.StrEnum):
+    """Why ``serve()`` returned (also the ``Goodbye`` reason)."""
+
+    DRAINED = "drained"
+    """Drained: no credit and no session left."""
+    DRAIN_DEADLINE = "drain_deadline"
+    """The drain deadline passed; what was left was cancelled."""
+    FORCED = "forced"
+    """``force_exit()`` (a second signal): everything was cancelled."""
+    REFUSED = "refused"
+    """The router refused the ``Hello`` (``serve()`` raises ``RefusedError``)."""
+    TRANSPORT_ERROR = "transport_error"
+    """The socket failed for good (``serve()`` raises ``TransportError``)."""
+
+
+_CANCEL_REASON: Final = {
+    StopReason.DRAINED: WORKER_STOPPED,
+    StopReason.DRAIN_DEADLINE: DRAIN_DEADLINE,
+    StopReason.FORCED: FORCED_EXIT,
+    StopReason.REFUSED: WORKER_STOPPED,
+    StopReason.TRANSPORT_ERROR: WORKER_STOPPED,
+}
+_SAYS_GOODBYE: Final = frozenset({StopReason.DRAINED, StopReason.DRAIN_DEADLINE, StopReason.FORCED})
+
+
+class AgentStats:
+    """Counters of the agent (logs, tests, a later metrics layer)."""
+
+    def __init__(self) -> None:
+        self.credits_received = 0
+        self.completions: dict[str, int] = {s.value: 0 for s in (_COMPLETED, _FAILED, _CANCELLED)}
+        self.queued_over_capacity = 0
+        """Credits that arrived with every slot busy and waited locally."""
+        self.duplicate_credits = 0
+        """Dispatches of a credit key already held (ignored)."""
+        self.credits_before_welcome = 0
+        """Dispatches received before any ``Welcome`` (a router bug; dropped)."""
+        self.bad_frames: dict[str, int] = {}
+        """Frames that did not decode, by ``DecodeError.reason``."""
+        self.rehellos = 0
+        self.router_restarts = 0
+        self.recovered_completions = 0
+        self.first_tokens_sent = 0
+        self.first_tokens_coalesced = 0
+        """First tokens not sent because the completion left in the same frame batch."""
+
+    def snapshot(self) -> dict[str, object]:
+        """A copy of every counter."""
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self).items()}
+
+
+class _Held:
+    """A credit from its ``Dispatch`` to its ``Completion``."""
+
+    __slots__ = (
+        "cancel_reason",
+        "credit",
+        "done",
+        "key",
+        "on_first_token",
+        "router_incarnation",
+        "session",
+        "started_at",
+        "task",
+        "timer",
+        "ttft_s",
+    )
+
+    def __init__(self, producer: str, credit: Credit, router_incarnation: str) -> None:
+        self.key = (producer, credit.id)
+        self.credit = credit
+        self.router_incarnation = router_incarnation
+        self.session: Session | None = None
+        self.started_at: float | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.cancel_reason: str | None = None
+        self.ttft_s: float | None = None
+        self.done = False
+        self.on_first_token: Callable[[float], None] | None = None
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else "running" if self.started_at is not None else "queued"
+        return f"<credit {self.key[0]}/{self.key[1]} {state}>"
+
+
+class WorkerAgent:
+    """A worker agent: joins a router, executes its credits, reports them exactly once.
+
+    Args:
+        router: the router's worker endpoint, e.g. ``tcp://10.0.0.5:5555``.
+        name: the worker's stable name (its ZeroMQ routing id).
+        executor: runs the credits.
+        capacity: credits executed at once (announced in ``Hello``).
+        labels: extra ``Hello`` labels; ``executor`` is added.
+        first_token_events: send ``FirstToken`` when the executor reports the first token.
+        drain_deadline_s: the deadline of a ``drain()`` that names none.
+        max_sessions: cap of the session table (LRU eviction beyond it, counted).
+        rehello_initial_s: first re-hello delay (doubles up to ``rehello_max_s``).
+        rehello_max_s: longest re-hello delay.
+        silence_beats: heartbeat intervals of router silence before re-helloing.
+        settle_timeout_s: at shutdown, how long cancelled executions get to finish before
+            their completions are written without them.
+        incarnation: this process's incarnation; random hex when omitted (tests pin it).
+        transport_factory: builds the transport (a fake in tests); a ``DealerTransport`` by
+            default.
+    """
+
+    def __init__(
+        self,
+        *,
+        router: str,
+        name: str,
+        executor: Executor,
+        capacity: int = 64,
+        labels: Mapping[str, str] | None = None,
+        first_token_events: bool = True,
+        drain_deadline_s: float = 30.0,
+        max_sessions: int = 100_000,
+        rehello_initial_s: float = 1.0,
+        rehello_max_s: float = 10.0,
+        silence_beats: int = 3,
+        settle_timeout_s: float = 1.0,
+        incarnation: str | None = None,
+        transport_factory: TransportFactory | None = None,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if drain_deadline_s < 0 or settle_timeout_s < 0:
+            raise ValueError("drain_deadline_s and settle_timeout_s must be >= 0")
+        if silence_beats < 1:
+            raise ValueError(f"silence_beats must be >= 1, got {silence_beats}")
+        self.router = router
+        self.name = name
+        self.capacity = capacity
+        self.incarnation = incarnation if incarnation is not None else secrets.token_hex(8)
+        self.labels = {**(labels or {}), "executor": executor.kind}
+        self.first_token_events = first_token_events
+        self.drain_deadline_s = drain_deadline_s
+        self.settle_timeout_s = settle_timeout_s
+        self.sessions = SessionTable(max_sessions)
+        self.completions = CompletionLog()
+        self.stats = AgentStats()
+        self._executor = executor
+        self._transport_factory = transport_factory
+        self._transport: Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._state = AgentState.JOINING
+        self._router_incarnation: str | None = None
+        self._liveness = Liveness(1.0, silence_beats)
+        self._backoff = Backoff(rehello_initial_s, rehello_max_s)
+        self._throttle = LogThrottle()
+        self._report_interval_s = 5.0
+        self._tick_s = 0.1
+        self._next_hello_at = 0.0
+        self._next_report_at = 0.0
+        self._held: dict[tuple[str, int], _Held] = {}
+        self._waiting: deque[_Held] = deque()
+        self._running = 0
+        self._outbox: list[Logged] = []
+        self._first_tokens: list[FirstToken] = []
+        self._flush_scheduled = False
+        self._wake = asyncio.Event()
+        self._drain_request: float | None = None
+        self._force_request = False
+        self._draining = False
+        self._drain_deadline = 0.0
+        self._stop: StopReason | None = None
+        self._refusal: Refusal | None = None
+        self._transport_error: TransportError | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<WorkerAgent {self.name} {self._state.value} router={self._router_incarnation} "
+            f"held={len(self._held)} running={self._running} waiting={len(self._waiting)} "
+            f"sessions={len(self.sessions)} unacked={len(self.completions)}"
+            f"{' draining' if self._draining else ''}>"
+        )
+
+    # ---------------------------------------------------------------------- public surface
+
+    @property
+    def state(self) -> AgentState:
+        """Where the agent stands with the router."""
+        return self._state
+
+    @property
+    def router_incarnation(self) -> str | None:
+        """The incarnation of the router that last welcomed us."""
+        return self._router_incarnation
+
+    @property
+    def draining(self) -> bool:
+        """Whether a drain is under way."""
+        return self._draining
+
+    def in_flight(self) -> dict[str, list[int]]:
+        """Credits held (running or queued, no completion yet) by producer, of every router."""
+        return self._held_by_producer(None)
+
+    def drain(self, deadline_s: float | None = None) -> None:
+        """Ask the agent to drain and leave (SIGTERM). Safe to call from a signal handler.
+
+        Args:
+            deadline_s: leave after at most this long; ``drain_deadline_s`` when omitted. A
+                second request may only shorten the deadline.
+        """
+        wanted = self.drain_deadline_s if deadline_s is None else max(0.0, deadline_s)
+        if self._drain_request is None or wanted < self._drain_request:
+            self._drain_request = wanted
+        self._wake.set()
+
+    def force_exit(self) -> None:
+        """Leave now: cancel everything, flush the completions, say goodbye (second signal)."""
+        self._force_request = True
+        self._wake.set()
+
+    async def serve(self) -> StopReason:
+        """Run the agent until it drains, is forced out, refused, or its socket fails.
+
+        Returns:
+            Why it stopped: ``DRAINED``, ``DRAIN_DEADLINE`` or ``FORCED``.
+
+        Raises:
+            RefusedError: the router refused the ``Hello``.
+            TransportError: the socket failed for good.
+        """
+        await self.startup()
+        try:
+            reason = await self.main_loop()
+        finally:
+            await self.shutdown()
+        if self._refusal is not None:
+            refusal = self._refusal
+            raise RefusedError(refusal.reason, refusal.router_version, refusal.peer_version)
+        if self._transport_error is not None:
+            raise self._transport_error
+        return reason
+
+    # ------------------------------------------------------------------------- life cycle
+
+    async def startup(self) -> None:
+        """Connect and send the first ``Hello``."""
+        self._loop = loop = asyncio.get_running_loop()
+        factory = self._transport_factory or _dealer_factory
+        self._transport = factory(self.router, self.name, self._on_frames, self._on_transport_error)
+        logger.info(
+            "worker starting name=%s incarnation=%s router=%s capacity=%d executor=%s",
+            self.name,
+            self.incarnation,
+            self.router,
+            self.capacity,
+            self._executor.kind,
+        )
+        self._send_hello(loop.time())
+
+    async def main_loop(self) -> StopReason:
+        """Tick until a stop reason is set; frames are handled by the reader callback."""
+        loop = self._require_loop()
+        while self._stop is None:
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(self._tick_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._on_tick(loop.time())
+        return self._stop
+
+    async def shutdown(self) -> None:
+        """Settle what still runs, flush every completion, say ``Goodbye``, close the socket.
+
+        The settling (cancelling executions and waiting, bounded, for them to record their
+        completions) is shielded: if ``serve()`` itself is cancelled meanwhile, the ``finally``
+        below still completes whatever did not settle, synchronously, and flushes it.
+        """
+        reason = self._stop or StopReason.FORCED
+        cancel_reason = _CANCEL_REASON[reason]
+        try:
+            await asyncio.shield(self._settle(cancel_reason))
+        finally:
+            loop = self._require_loop()
+            for held in list(self._held.values()):
+                self._cancel(held, cancel_reason)
+                self._finish(held, _CANCELLED, cancel_reason, loop.time())
+            self._flush()
+            if self._state is AgentState.JOINED and reason in _SAYS_GOODBYE:
+                self._send(Goodbye(reason=reason.value), loop.time())
+            self._state = AgentState.STOPPED
+            if self._transport is not None:
+                self._transport.close()
+            logger.info(
+                "worker stopped name=%s reason=%s unacked=%d stats=%s sessions=%s",
+                self.name,
+                reason.value,
+                len(self.completions),
+                self.stats.snapshot(),
+                self.sessions.stats.snapshot(),
+            )
+        await self._executor.aclose()
+
+    async def _settle(self, reason: str) -> None:
+        loop = self._require_loop()
+        for held in list(self._waiting):
+            self._finish(held, _CANCELLED, reason, loop.time())
+        self._waiting.clear()
+        tasks = [h.task for h in self._held.values() if h.task is not None]
+        for held in list(self._held.values()):
+            self._cancel(held, reason)
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.settle_timeout_s)
+
+    def _require_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the agent is not started")
+        return self._loop
+
+    # ------------------------------------------------------------------------------ ticks
+
+    def _on_tick(self, now: float) -> None:
+        self._apply_requests(now)
+        if self._state is AgentState.JOINED:
+            self._tick_joined(now)
+        elif self._state is not AgentState.STOPPED and now >= self._next_hello_at:
+            self._send_hello(now)
+        if self._stop is None:
+            self._stop = self._stop_reason(now)
+
+    def _apply_requests(self, now: float) -> None:
+        if self._force_request and self._stop is None:
+            logger.warning("forced exit: cancelling %d credits", len(self._held))
+            self._stop = StopReason.FORCED
+        request = self._drain_request
+        if request is not None:
+            self._drain_request = None
+            self._start_drain(request, now)
+
+    def _tick_joined(self, now: float) -> None:
+        liveness = self._liveness
+        if liveness.router_gone(now):
+            self._lose_router(now, f"silent for {liveness.silent_for(now):.1f}s")
+            return
+        if now >= self._next_report_at:
+            self._next_report_at = now + self._report_interval_s
+            credits = self._held_by_producer(self._router_incarnation)
+            self._send(InFlightReport(credits=credits), now)
+        if liveness.heartbeat_due(now):
+            self._send(Heartbeat(sent_at_s=now), now)
+
+    def _stop_reason(self, now: float) -> StopReason | None:
+        if not self._draining:
+            return None
+        if self._router_incarnation is None:
+            return StopReason.DRAINED  # never joined: nothing held, nobody to tell
+        if not self._held and not self.sessions and self._state is AgentState.JOINED:
+            return StopReason.DRAINED
+        if now >= self._drain_deadline:
+            return StopReason.DRAIN_DEADLINE
+        return None
+
+    def _start_drain(self, deadline_s: float, now: float) -> None:
+        deadline = now + deadline_s
+        if self._draining and deadline >= self._drain_deadline:
+            return
+        self._draining = True
+        self._drain_deadline = deadline
+        logger.info(
+            "draining deadline_s=%.1f credits=%d sessions=%d",
+            deadline_s,
+            len(self._held),
+            len(self.sessions),
+        )
+        if self._state is AgentState.JOINED:
+            self._send(Draining(deadline_s=deadline_s), now)
+
+    # --------------------------------------------------------------------------- joining
+
+    def _send_hello(self, now: float) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        # Only Hello may precede the Welcome, and anything not yet handed to libzmq is either
+        # resent after the Welcome (completions) or periodic: drop it so Hello goes first.
+        dropped = transport.discard_backlog()
+        incarnation = self._router_incarnation
+        in_flight = self._held_by_producer(incarnation) if incarnation is not None else {}
+        hello = Hello(
+            name=self.name,
+            incarnation=self.incarnation,
+            protocol_version=PROTOCOL_VERSION,
+            capacity=self.capacity,
+            labels=self.labels,
+            in_flight=in_flight,
+        )
+        self._send(hello, now)
+        self._next_hello_at = now + self._backoff.next()
+        if self._state is AgentState.REJOINING:
+            self.stats.rehellos += 1
+            logger.info(
+                "hello again name=%s in_flight=%d discarded_frames=%d",
+                self.name,
+                sum(len(ids) for ids in in_flight.values()),
+                dropped,
+            )
+
+    def _lose_router(self, now: float, why: str) -> None:
+        logger.warning("router presumed gone (%s): rejoining", why)
+        self._state = AgentState.REJOINING
+        self._backoff.reset()
+        self._send_hello(now)
+
+    def _on_welcome(self, welcome: Welcome, now: float) -> None:
+        previous = self._router_incarnation
+        incarnation = welcome.router_incarnation
+        self._apply_intervals(welcome, now)
+        if self._state is AgentState.JOINED and incarnation == previous:
+            return  # a second answer to an earlier Hello of the same rejoin
+        self._state = AgentState.JOINED
+        self._router_incarnation = incarnation
+        self._backoff.reset()
+        self._next_report_at = now + self._report_interval_s
+        if previous is None:
+            logger.info("joined router=%s incarnation=%s", self.router, incarnation)
+        elif incarnation != previous:
+            self.stats.router_restarts += 1
+            logger.warning(
+                "router restarted old_incarnation=%s new_incarnation=%s unacked=%d",
+                previous,
+                incarnation,
+                len(self.completions),
+            )
+        else:
+            logger.info("rejoined router=%s unacked=%d", self.router, len(self.completions))
+        self._outbox.clear()  # all of it is in the log, resent just below
+        self._send_completions(self.completions.unacked(), now)
+        if self._draining:
+            self._send(Draining(deadline_s=max(0.0, self._drain_deadline - now)), now)
+
+    def _apply_intervals(self, welcome: Welcome, now: float) -> None:
+        if welcome.protocol_version != PROTOCOL_VERSION:
+            logger.warning(
+                "welcome names protocol %d, we speak %d", welcome.protocol_version, PROTOCOL_VERSION
+            )
+        # Clamp what the router says: a zero or negative interval must not spin the loop.
+        heartbeat = max(0.01, welcome.heartbeat_interval_s)
+        self._report_interval_s = max(0.01, welcome.inflight_report_interval_s)
+        self._liveness.restart(heartbeat, now)
+        self._tick_s = min(0.25, max(0.005, min(heartbeat, self._report_interval_s) / 4))
+
+    def _on_refusal(self, refusal: Refusal) -> None:
+        logger.error(
+            "refused by the router: %s (router protocol %d, ours %d)",
+            refusal.reason,
+            refusal.router_version,
+            refusal.peer_version,
+        )
+        self._refusal = refusal
+        if self._stop is None:
+            self._stop = StopReason.REFUSED
+        self._wake.set()
+
+    def _on_error_report(self, report: ErrorReport, now: float) -> None:
+        suppressed = self._throttle.ready("error:" + report.code, now)
+        if suppressed is not None:
+            logger.warning(
+                "router reports an error code=%s message=%s suppressed=%d",
+                report.code,
+                report.message,
+                suppressed,
+            )
+        if report.code == UNKNOWN_WORKER and self._state is AgentState.JOINED:
+            self._lose_router(now, "it does not know us")
+
+    def _on_transport_error(self, error: TransportError) -> None:
+        self._transport_error = error
+        if self._stop is None:
+            self._stop = StopReason.TRANSPORT_ERROR
+        self._wake.set()
+
+    # ---------------------------------------------------------------------------- inbound
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        now = self._require_loop().time()
+        self._liveness.received(now)  # any frame is a heartbeat, even one that fails to decode
+        debug = logger.isEnabledFor(_DEBUG)
+        for frame in frames:
+            try:
+                msg = decode_router_to_worker(frame)
+            except DecodeError as err:
+                self._bad_frame(err, now)
+                continue
+            if debug:
+                logger.debug("<<- %r", msg)
+            try:
+                self._handle(msg, now)
+            except Exception:
+                logger.exception("failed to handle %s from the router", type(msg).__name__)
+
+    def _bad_frame(self, err: DecodeError, now: float) -> None:
+        bad = self.stats.bad_frames
+        bad[err.reason] = bad.get(err.reason, 0) + 1
+        suppressed = self._throttle.ready("bad_frame", now)
+        if suppressed is not None:
+            logger.warning("dropped a frame from the router: %s suppressed=%d", err, suppressed)
+
+    def _handle(self, msg: RouterToWorker, now: float) -> None:
+        match msg:
+            case DispatchBatch(producer=producer, credits=credits):
+                self._on_dispatch(producer, credits, now)
+            case Dispatch(producer=producer, credit=credit):
+                self._on_dispatch(producer, [credit], now)
+            case Ack(seq=seq):
+                self.completions.ack(seq)
+            case Heartbeat():
+                pass
+            case Cancel(producer=producer, credit_ids=ids):
+                self._on_cancel(producer, ids)
+            case EndSession(x_correlation_id=xid):
+                self.sessions.end_session(xid)
+            case Welcome():
+                self._on_welcome(msg, now)
+            case Refusal():
+                self._on_refusal(msg)
+            case Drain(deadline_s=deadline_s):
+                self.drain(deadline_s)
+            case ErrorReport():
+                self._on_error_report(msg, now)
+
+    def _on_dispatch(self, producer: str, credits: list[Credit], now: float) -> None:
+        incarnation = self._router_incarnation
+        if incarnation is None:
+            self.stats.credits_before_welcome += len(credits)
+            logger.warning("dropped %d credits sent before any Welcome", len(credits))
+            return
+        held = self._held
+        for credit in credits:
+            key = (producer, credit.id)
+            if key in held:
+                self.stats.duplicate_credits += 1
+                logger.warning("ignored a second dispatch of credit %s/%d", producer, credit.id)
+                continue
+            record = _Held(producer, credit, incarnation)
+            held[key] = record
+            self.stats.credits_received += 1
+            if self._running < self.capacity and self._stop is None:
+                self._start(record, now)
+            else:
+                self.stats.queued_over_capacity += 1
+                self._waiting.append(record)
+
+    def _on_cancel(self, producer: str, credit_ids: list[int]) -> None:
+        held = self._held
+        for credit_id in credit_ids:
+            record = held.get((producer, credit_id))
+            if record is not None:  # ids we no longer hold: their completion stands
+                self._cancel(record, CANCELLED)
+
+    # ---------------------------------------------------------------------------- credits
+
+    def _start(self, held: _Held, now: float) -> None:
+        credit = held.credit
+        session = self.sessions.begin(credit)
+        held.session = session
+        held.started_at = now
+        self._running += 1
+        delay = credit.cancel_after_s
+        if delay is not None and delay <= 0:
+            self._finish(held, _CANCELLED, CLIENT_DISCONNECT, now)
+            return
+        try:
+            result = self._executor.execute_nowait(credit, session)
+        except Exception as exc:
+            self._finish(held, _FAILED, self._failure_reason(held, exc, now), now)
+            return
+        if result is not None:
+            self._finish_with(held, result, now)
+            return
+        held.on_first_token = lambda ttft_s: self._on_first_token(held, ttft_s)
+        held.task = self._require_loop().create_task(self._execute(held, session))
+        if delay is not None:
+            held.timer = self._require_loop().call_later(
+                delay, self._cancel, held, CLIENT_DISCONNECT
+            )
+
+    async def _execute(self, held: _Held, session: Session) -> None:
+        callback = held.on_first_token
+        assert callback is not None
+        try:
+            result = await self._executor.execute(held.credit, session, callback)
+        except asyncio.CancelledError:
+            reason = held.cancel_reason
+            self._finish(held, _CANCELLED, reason or WORKER_STOPPED, self._require_loop().time())
+            if reason is None:
+                raise  # not ours (the loop is shutting down): honour the cancellation
+            # Ours, with a reason, and reported above: the task ends normally.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return
+        except Exception as exc:
+            now = self._require_loop().time()
+            self._finish(held, _FAILED, self._failure_reason(held, exc, now), now)
+            return
+        self._finish_with(held, result, self._require_loop().time())
+
+    def _failure_reason(self, held: _Held, exc: Exception, now: float) -> str:
+        reason = type(exc).__name__
+        suppressed = self._throttle.ready("exec:" + reason, now)
+        if suppressed is not None:
+            logger.warning(
+                "execution failed credit=%s/%d error=%r suppressed=%d",
+                held.key[0],
+                held.key[1],
+                exc,
+                suppressed,
+            )
+        return reason
+
+    def _on_first_token(self, held: _Held, ttft_s: float) -> None:
+        if held.done or held.ttft_s is not None:
+            return
+        held.ttft_s = ttft_s
+        if (
+            self.first_token_events
+            and self._state is AgentState.JOINED
+            and held.router_incarnation == self._router_incarnation
+        ):
+            producer, credit_id = held.key
+            self._first_tokens.append(
+                FirstToken(producer=producer, credit_id=credit_id, ttft_s=ttft_s)
+            )
+            self._schedule_flush()
+
+    def _cancel(self, held: _Held, reason: str) -> None:
+        """Abort a held credit for ``reason``; its completion follows (now if it was queued)."""
+        if held.done:
+            return
+        if held.cancel_reason is None:
+            held.cancel_reason = reason
+        if held.task is not None:
+            held.task.cancel()
+        elif held.started_at is None:  # still queued: it ends here and now
+            self._finish(held, _CANCELLED, reason, self._require_loop().time())
+
+    def _finish_with(self, held: _Held, result: ExecResult, now: float) -> None:
+        ttft = result.ttft_s if result.ttft_s is not None else held.ttft_s
+        if result.status is _COMPLETED:
+            self._finish(
+                held, _COMPLETED, "", now, ttft_s=ttft, result=result.result, turn=result.turn
+            )
+        else:  # an executor says completed or failed; anything else counts as a failure
+            reason = result.reason or "failed"
+            self._finish(held, _FAILED, reason, now, ttft_s=ttft, result=result.result)
+
+    def _finish(
+        self,
+        held: _Held,
+        status: Status,
+        reason: str,
+        now: float,
+        *,
+        ttft_s: float | None = None,
+        result: bytes = b"",
+        turn: Turn | None = None,
+    ) -> None:
+        """The one place a credit ends: session bookkeeping, the completion, the next credit."""
+        if held.done:
+            return
+        held.done = True
+        del self._held[held.key]
+        if held.timer is not None:
+            held.timer.cancel()
+        started = held.started_at
+        if started is not None:
+            self._running -= 1
+        end = self.sessions.end(
+            held.credit, held.session, completed=status is _COMPLETED, turn=turn
+        )
+        producer, credit_id = held.key
+        entry = self.completions.record(
+            producer=producer,
+            credit_id=credit_id,
+            status=status,
+            router_incarnation=held.router_incarnation,
+            reason=reason,
+            ttft_s=ttft_s if ttft_s is not None else held.ttft_s,
+            duration_s=None if started is None else now - started,
+            session_ended=end.session_ended,
+            result=result,
+            child_release=end.child_release,
+        )
+        self.stats.completions[status.value] += 1
+        self._outbox.append(entry)
+        self._schedule_flush()
+        self._start_waiting(now)
+        if self._draining:
+            self._wake.set()
+
+    def _start_waiting(self, now: float) -> None:
+        if self._stop is not None:
+            return  # stopping: the shutdown sweep ends whatever still waits
+        waiting = self._waiting
+        while waiting and self._running < self.capacity:
+            held = waiting.popleft()
+            if not held.done:
+                self._start(held, now)
+
+    # --------------------------------------------------------------------------- outbound
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._require_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send this iteration's first tokens and completions (one frame for the completions)."""
+        self._flush_scheduled = False
+        outbox, self._outbox = self._outbox, []
+        first_tokens, self._first_tokens = self._first_tokens, []
+        if self._state is not AgentState.JOINED or self._transport is None:
+            return  # completions stay in the log and go after the next Welcome
+        now = self._require_loop().time()
+        if first_tokens:
+            self._send_first_tokens(first_tokens, outbox, now)
+        if outbox:
+            self._send_completions(outbox, now)
+
+    def _send_first_tokens(
+        self, first_tokens: list[FirstToken], outbox: list[Logged], now: float
+    ) -> None:
+        done = {(e.completion.producer, e.completion.credit_id) for e in outbox}
+        for event in first_tokens:
+            if (event.producer, event.credit_id) in done:
+                self.stats.first_tokens_coalesced += 1  # the completion carries the TTFT
+                continue
+            self._send(event, now)
+            self.stats.first_tokens_sent += 1
+
+    def _send_completions(self, entries: list[Logged], now: float) -> None:
+        current = self._router_incarnation
+        for msg in completion_messages(entries, current):
+            self._send(msg, now)
+        recovered = sum(1 for e in entries if e.router_incarnation != current)
+        self.stats.recovered_completions += recovered
+
+    def _send(self, msg: WorkerToRouter, now: float) -> None:
+        transport = self._transport
+        if transport is None or self._state is AgentState.STOPPED:
+            return
+        if logger.isEnabledFor(_DEBUG):
+            logger.debug("->> %r", msg)
+        try:
+            transport.send(encode(msg))
+        except TransportError as exc:
+            self._on_transport_error(exc)
+            return
+        self._liveness.sent(now)
+
+    def _held_by_producer(self, incarnation: str | None) -> dict[str, list[int]]:
+        """Held credit ids by producer: of one router incarnation, or all with ``None``."""
+        out: dict[str, list[int]] = {}
+        for held in self._held.values():
+            if incarnation is None or held.router_incarnation == incarnation:
+                producer, credit_id = held.key
+                ids = out.get(producer)
+                if ids is None:
+                    out[producer] = [credit_id]
+                else:
+                    ids.append(credit_id)
+        return out
+
+
+def _dealer_factory(
+    endpoint: str, routing_id: str, on_frames: FrameHandler, on_error: ErrorHandler
+) -> Transport:
+    return DealerTransport(endpoint, routing_id, on_frames, on_error=on_error)

@@ -1,0 +1,556 @@
+"""Pure state of the worker agent: sessions, the completion log, back-off, liveness, throttling.
+
+No ``await``, no sockets, no clock reads (a test parses this module with ``ast``): time comes
+in as ``now`` (seconds, monotonic) and randomness through an injected ``random.Random``. The
+agent (``worker_agent.agent``) owns the I/O and calls these classes; the tests drive them by
+hand.
+
+Sessions (PROTOCOL.md §5.3). ``SessionTable`` keeps one ``Session`` per ``x_correlation_id``
+with its history (a list of ``Turn``), in LRU order under a cap. A FORK child starts from a copy
+of its parent's history on its first turn here; a SPAWN child and a root start empty. A session
+is dropped after its final turn, when a turn fails or is cancelled, and on the router's
+``EndSession``. One exception keeps the contract whole: a session whose turns declared FORK
+children (``fork_count``) that have not started yet keeps its history after its final turn, as
+the template those children copy, until the last declared child has started (a balance that may
+go negative if a child starts before its declaring turn completes). A single-turn session that
+declares no children never enters the table (the dominant benchmark case costs no allocation).
+
+Completions (§5.3, §5.6). ``CompletionLog`` numbers completions from 1 and keeps each until a
+cumulative ``Ack`` covers it, with the router incarnation that dispatched its credit;
+``completion_messages`` turns a run of them into frames: current-incarnation completions as one
+``Completion`` or ``CompletionBatch``, other incarnations' as ``Recovered`` per incarnation, and
+the ``ChildRelease`` of each ended FORK child after its completion.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from protocol.messages import (
+    BranchMode,
+    ChildRelease,
+    Completion,
+    CompletionBatch,
+    Credit,
+    Recovered,
+    Status,
+    WorkerToRouter,
+)
+
+__all__ = [
+    "Backoff",
+    "CompletionLog",
+    "Liveness",
+    "LogThrottle",
+    "Logged",
+    "Session",
+    "SessionStats",
+    "SessionTable",
+    "Turn",
+    "completion_messages",
+]
+
+_FORK: Final = BranchMode.FORK
+_turn_ids: Final = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One finished turn of a session: what its request and its response added to the history.
+
+    Attributes:
+        input_tokens: tokens the turn's request added (the new user input, not the history).
+        output_tokens: tokens of the response.
+        uid: identifies this turn's tokens (e.g. for prefix-cache hashing); unique in the
+            process, shared by every session that copied the turn (FORK children).
+        request: opaque, executor-defined (e.g. the request's messages as JSON).
+        response: opaque, executor-defined (e.g. the response text).
+    """
+
+    input_tokens: int
+    output_tokens: int
+    uid: int = field(default_factory=lambda: next(_turn_ids))
+    request: bytes = b""
+    response: bytes = b""
+
+
+class Session:
+    """One conversation on this worker: its history and its place in an agent tree.
+
+    Attributes:
+        x_correlation_id: the session id.
+        history: finished turns, oldest first. A FORK child's starts as a copy of its parent's.
+        branch_mode: ``fork``/``spawn`` for children, ``None`` for roots.
+        parent: the parent's session id, if any.
+        rebuilt: the history this worker should have had was not here (a later turn of a
+            session it never saw, or a FORK child whose parent is gone): it starts empty, and
+            an executor that cannot rebuild the context may fail the turn.
+    """
+
+    __slots__ = (
+        "branch_mode",
+        "final_done",
+        "history",
+        "parent",
+        "pending_forks",
+        "rebuilt",
+        "released",
+        "x_correlation_id",
+    )
+
+    def __init__(
+        self,
+        x_correlation_id: str,
+        *,
+        branch_mode: BranchMode | None = None,
+        parent: str | None = None,
+        history: list[Turn] | None = None,
+        rebuilt: bool = False,
+    ) -> None:
+        self.x_correlation_id = x_correlation_id
+        self.history: list[Turn] = [] if history is None else history
+        self.branch_mode = branch_mode
+        self.parent = parent
+        self.rebuilt = rebuilt
+        self.pending_forks = 0
+        """FORK children declared by completed turns minus those started here."""
+        self.final_done = False
+        self.released = False
+        """Its end was already reported (or needs no ``ChildRelease``)."""
+
+    def __repr__(self) -> str:
+        return (
+            f"<Session {self.x_correlation_id} turns={len(self.history)} "
+            f"mode={self.branch_mode} pending_forks={self.pending_forks} "
+            f"final_done={self.final_done}>"
+        )
+
+    @property
+    def history_tokens(self) -> int:
+        """Tokens in the history (inputs and outputs of every finished turn)."""
+        return sum(t.input_tokens + t.output_tokens for t in self.history)
+
+
+class SessionStats:
+    """Counters of the session table (read by logs and tests)."""
+
+    __slots__ = ("ended", "ended_by_router", "evicted", "fork_parent_missing", "rebuilt", "started")
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.ended = 0
+        self.ended_by_router = 0
+        self.evicted = 0
+        """Dropped at the ``max_sessions`` cap, least recently used first."""
+        self.rebuilt = 0
+        """Later turns of sessions this worker did not hold."""
+        self.fork_parent_missing = 0
+        """FORK children whose parent's history was not here."""
+
+    def snapshot(self) -> dict[str, int]:
+        """A copy of every counter."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEnd:
+    """What ending a turn did to its session."""
+
+    session_ended: bool
+    """The session is no longer held (goes into ``Completion.session_ended``)."""
+    child_release: str | None
+    """A FORK child's id whose session ended with this turn: send ``ChildRelease`` for it."""
+
+
+class SessionTable:
+    """The sessions this worker holds, in LRU order, bounded by ``max_sessions``.
+
+    Args:
+        max_sessions: the cap; at the cap the least recently used session is dropped and
+            counted in ``stats.evicted``.
+    """
+
+    def __init__(self, max_sessions: int = 100_000) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        self.max_sessions = max_sessions
+        self._live: OrderedDict[str, Session] = OrderedDict()
+        self.stats = SessionStats()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, x_correlation_id: object) -> bool:
+        return x_correlation_id in self._live
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(self._live.values())
+
+    def __repr__(self) -> str:
+        return f"<SessionTable live={len(self._live)} {self.stats.snapshot()}>"
+
+    def get(self, x_correlation_id: str) -> Session | None:
+        """The held session, or ``None`` (does not refresh its LRU position)."""
+        return self._live.get(x_correlation_id)
+
+    def clear(self) -> int:
+        """Drop every session (a drain deadline). Returns how many were dropped."""
+        count = len(self._live)
+        self._live.clear()
+        self.stats.ended += count
+        return count
+
+    def begin(self, credit: Credit) -> Session:
+        """The session a credit's turn runs in, created (and for a FORK child, copied) if new.
+
+        Args:
+            credit: the credit about to execute.
+
+        Returns:
+            The session; the executor reads its history and must not keep it.
+        """
+        xid = credit.x_correlation_id
+        live = self._live
+        session = live.get(xid)
+        if session is not None:
+            live.move_to_end(xid)
+            return session
+        session = self._new(credit)
+        self.stats.started += 1
+        if credit.turn_index == 0 and credit.num_turns <= 1 and credit.fork_count == 0:
+            return session  # begins and ends with this credit: never enters the table
+        live[xid] = session
+        if len(live) > self.max_sessions:
+            live.popitem(last=False)
+            self.stats.evicted += 1
+        return session
+
+    def _new(self, credit: Credit) -> Session:
+        mode = credit.branch_mode
+        parent_id = credit.parent_correlation_id
+        if mode is _FORK:
+            parent = self._live.get(parent_id) if parent_id is not None else None
+            if parent is None:
+                self.stats.fork_parent_missing += 1
+                return Session(
+                    credit.x_correlation_id, branch_mode=mode, parent=parent_id, rebuilt=True
+                )
+            history = list(parent.history)  # a copy: the child's turns never reach the parent
+            parent.pending_forks -= 1
+            if parent.final_done and parent.pending_forks <= 0:
+                self._drop(parent.x_correlation_id)
+            return Session(
+                credit.x_correlation_id, branch_mode=mode, parent=parent_id, history=history
+            )
+        rebuilt = credit.turn_index > 0
+        if rebuilt:
+            self.stats.rebuilt += 1
+        return Session(credit.x_correlation_id, branch_mode=mode, parent=parent_id, rebuilt=rebuilt)
+
+    def end(
+        self,
+        credit: Credit,
+        session: Session | None,
+        *,
+        completed: bool,
+        turn: Turn | None = None,
+    ) -> TurnEnd:
+        """Account for the end of a credit's turn.
+
+        Args:
+            credit: the credit whose turn ended.
+            session: the session it ran in, or ``None`` if it never started (cancelled while
+                queued).
+            completed: ``True`` if the turn completed; a failed or cancelled turn drops the
+                session.
+            turn: the finished turn to append to the history (completed turns only).
+
+        Returns:
+            Whether the session ended, and the FORK child to release, if any.
+        """
+        xid = credit.x_correlation_id
+        if session is None:
+            session = self._live.get(xid)
+            if session is None:
+                child = xid if credit.branch_mode is _FORK else None
+                return TurnEnd(True, child)
+        held = self._live.get(xid) is session
+        if completed:
+            if turn is not None:
+                session.history.append(turn)
+            session.pending_forks += credit.fork_count
+            if credit.turn_index < credit.num_turns - 1:
+                return TurnEnd(not held, None)
+        session.final_done = True
+        if held and not (completed and session.pending_forks > 0):
+            self._drop(xid)
+        if session.released:
+            return TurnEnd(True, None)
+        session.released = True
+        return TurnEnd(True, xid if session.branch_mode is _FORK else None)
+
+    def end_session(self, x_correlation_id: str) -> bool:
+        """The router's ``EndSession``: drop the session. Returns whether it was held."""
+        session = self._live.pop(x_correlation_id, None)
+        if session is None:
+            return False
+        session.released = True  # the router ended it: no ChildRelease owed
+        self.stats.ended_by_router += 1
+        return True
+
+    def _drop(self, x_correlation_id: str) -> None:
+        if self._live.pop(x_correlation_id, None) is not None:
+            self.stats.ended += 1
+
+
+# ------------------------------------------------------------------------------ completions
+
+
+@dataclass(frozen=True, slots=True)
+class Logged:
+    """A completion kept until acknowledged, with what is needed to send it again."""
+
+    completion: Completion
+    router_incarnation: str
+    """The router incarnation that dispatched the credit."""
+    child_release: str | None = None
+    """The FORK child whose session this completion ended, to release after it."""
+
+
+class CompletionLog:
+    """Worker-local sequence numbers and the completions the router has not acknowledged."""
+
+    def __init__(self) -> None:
+        self._next_seq = 1
+        self._unacked: deque[Logged] = deque()
+        self.acked_seq = 0
+        """The highest sequence number acknowledged so far."""
+
+    def __len__(self) -> int:
+        return len(self._unacked)
+
+    def __repr__(self) -> str:
+        return f"<CompletionLog next_seq={self._next_seq} unacked={len(self._unacked)}>"
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next completion will get."""
+        return self._next_seq
+
+    def record(
+        self,
+        *,
+        producer: str,
+        credit_id: int,
+        status: Status,
+        router_incarnation: str,
+        reason: str = "",
+        ttft_s: float | None = None,
+        duration_s: float | None = None,
+        session_ended: bool = False,
+        result: bytes = b"",
+        child_release: str | None = None,
+    ) -> Logged:
+        """Number a new completion and keep it until acknowledged.
+
+        Returns:
+            The kept entry (its completion carries the new ``seq``).
+        """
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        entry = Logged(
+            Completion(
+                seq=seq,
+                producer=producer,
+                credit_id=credit_id,
+                status=status,
+                reason=reason,
+                ttft_s=ttft_s,
+                duration_s=duration_s,
+                session_ended=session_ended,
+                result=result,
+            ),
+            router_incarnation,
+            child_release,
+        )
+        self._unacked.append(entry)
+        return entry
+
+    def ack(self, seq: int) -> int:
+        """A cumulative ``Ack``: forget every completion up to and including ``seq``.
+
+        Returns:
+            How many completions were forgotten.
+        """
+        unacked = self._unacked
+        dropped = 0
+        while unacked and unacked[0].completion.seq <= seq:
+            unacked.popleft()
+            dropped += 1
+        if seq > self.acked_seq:
+            self.acked_seq = seq
+        return dropped
+
+    def unacked(self) -> list[Logged]:
+        """Every unacknowledged completion, in ``seq`` order."""
+        return list(self._unacked)
+
+
+def _chunks(items: Sequence[Completion], size: int) -> Iterator[list[Completion]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def completion_messages(
+    entries: Iterable[Logged], router_incarnation: str | None, max_batch: int = 1024
+) -> list[WorkerToRouter]:
+    """The frames that carry ``entries`` to a router of incarnation ``router_incarnation``.
+
+    Args:
+        entries: completions in ``seq`` order.
+        router_incarnation: the incarnation of the router we now speak to.
+        max_batch: the most completions in one frame.
+
+    Returns:
+        ``Recovered`` messages for completions of other incarnations (one per incarnation and
+        chunk), then the current incarnation's as one ``Completion`` or ``CompletionBatch`` per
+        chunk, then a ``ChildRelease`` for each FORK child they ended (current incarnation only:
+        another incarnation's router holds no reservation to give back).
+    """
+    current: list[Completion] = []
+    others: dict[str, list[Completion]] = {}
+    releases: list[WorkerToRouter] = []
+    for entry in entries:
+        if entry.router_incarnation == router_incarnation:
+            current.append(entry.completion)
+            if entry.child_release is not None:
+                releases.append(ChildRelease(x_correlation_id=entry.child_release))
+        else:
+            others.setdefault(entry.router_incarnation, []).append(entry.completion)
+    out: list[WorkerToRouter] = []
+    for incarnation, completions in others.items():
+        for chunk in _chunks(completions, max_batch):
+            out.append(Recovered(router_incarnation=incarnation, completions=chunk))
+    for chunk in _chunks(current, max_batch):
+        out.append(chunk[0] if len(chunk) == 1 else CompletionBatch(completions=chunk))
+    out.extend(releases)
+    return out
+
+
+# ---------------------------------------------------------------------- timing and throttling
+
+
+class Backoff:
+    """Exponential back-off with jitter (re-hello pacing).
+
+    Args:
+        initial_s: the first delay.
+        max_s: the cap.
+        factor: growth per attempt.
+        jitter: each delay is scaled by a random factor in ``[1 - jitter, 1 + jitter]`` so that
+            a fleet of workers does not re-hello in lock-step after a router restart.
+        rng: the source of randomness (seeded in tests).
+    """
+
+    def __init__(
+        self,
+        initial_s: float = 1.0,
+        max_s: float = 10.0,
+        *,
+        factor: float = 2.0,
+        jitter: float = 0.1,
+        rng: random.Random | None = None,
+    ) -> None:
+        if initial_s <= 0 or max_s < initial_s or factor < 1 or not 0 <= jitter < 1:
+            raise ValueError("need 0 < initial_s <= max_s, factor >= 1 and 0 <= jitter < 1")
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.factor = factor
+        self.jitter = jitter
+        self._rng = rng if rng is not None else random.Random()
+        self._current = initial_s
+
+    def next(self) -> float:
+        """The delay before the next attempt; each call grows the following one."""
+        delay = self._current
+        self._current = min(self.max_s, self._current * self.factor)
+        if self.jitter:
+            delay *= 1 + self._rng.uniform(-self.jitter, self.jitter)
+        return delay
+
+    def reset(self) -> None:
+        """Start again from ``initial_s`` (after a success)."""
+        self._current = self.initial_s
+
+
+class Liveness:
+    """Heartbeat bookkeeping, by deadlines (STYLE R8): any frame counts as a beat.
+
+    Args:
+        heartbeat_interval_s: from ``Welcome``.
+        silence_beats: the router is presumed gone after this many silent intervals.
+    """
+
+    def __init__(self, heartbeat_interval_s: float = 1.0, silence_beats: int = 3) -> None:
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.silence_beats = silence_beats
+        self.last_rx = 0.0
+        self.last_tx = 0.0
+
+    def restart(self, heartbeat_interval_s: float, now: float) -> None:
+        """A new ``Welcome``: adopt its interval and count both directions from ``now``."""
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.last_rx = now
+        self.last_tx = now
+
+    def received(self, now: float) -> None:
+        """Something arrived from the router."""
+        self.last_rx = now
+
+    def sent(self, now: float) -> None:
+        """Something was sent to the router."""
+        self.last_tx = now
+
+    def heartbeat_due(self, now: float) -> bool:
+        """Nothing was sent for a whole interval."""
+        return now - self.last_tx >= self.heartbeat_interval_s
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the router was last heard."""
+        return now - self.last_rx
+
+    def router_gone(self, now: float) -> bool:
+        """The router was silent for ``silence_beats`` intervals."""
+        return now - self.last_rx > self.silence_beats * self.heartbeat_interval_s
+
+
+class LogThrottle:
+    """At most one log line per key and interval; the rest are counted and reported with it.
+
+    Args:
+        interval_s: the minimum time between two lines of one key.
+    """
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def ready(self, key: str, now: float) -> int | None:
+        """Whether a line of ``key`` may be logged now.
+
+        Returns:
+            ``None`` if not (the line is counted as suppressed); otherwise how many lines of
+            this key were suppressed since the last one logged.
+        """
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)

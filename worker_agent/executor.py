@@ -1,0 +1,365 @@
+"""Executors: what actually runs a credit's request, behind one ``Executor`` protocol.
+
+The agent owns the credit's life (its task, its session, its completion); an executor only turns
+``(credit, session)`` into an ``ExecResult``. The contract, for this simulator and for the
+OpenAI HTTP executor a later issue adds:
+
+* ``execute`` is a coroutine run in its own task. Cancellation is ``Task.cancel()``: the
+  executor must let ``CancelledError`` propagate (clean up in ``finally``); the agent knows why
+  it cancelled and reports the completion.
+* ``on_first_token(ttft_s)`` is called when the first token arrives (at most once; extra calls
+  are ignored), so that the agent can send ``FirstToken`` while the response streams.
+* A failure is either an ``ExecResult`` with ``status=FAILED`` and a short, low-cardinality
+  ``reason`` (``http_503``), or an exception, reported as failed with the exception's class name.
+* ``execute_nowait`` lets an executor that can answer without waiting (the zero-latency
+  simulator) skip the task altogether; executors that always wait return ``None``.
+* The session is the agent's: read ``session.history``, never keep or mutate it. A completed
+  turn hands back the ``Turn`` to append (``ExecResult.turn``).
+
+``SimExecutor`` is a simulated GPU host: an LRU prefix cache of 64-token block hashes (the hash
+chain of the session's token stream, as vLLM's automatic prefix caching keys blocks), a time to
+first token that grows with the prompt tokens missing from that cache, and a decode time per
+output token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Final, Protocol
+
+import msgspec
+
+from protocol.messages import Credit, Status
+from worker_agent.core import Session, Turn
+
+__all__ = [
+    "ExecResult",
+    "Executor",
+    "FirstTokenCallback",
+    "PrefixCache",
+    "SimExecutor",
+    "SimRequest",
+    "SimResult",
+]
+
+logger = logging.getLogger(__name__)
+
+FirstTokenCallback = Callable[[float], None]
+"""Called with the time to first token, in seconds from the start of the execution."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    """How an execution ended (the agent turns it into a ``Completion``).
+
+    Attributes:
+        status: ``COMPLETED`` or ``FAILED`` (cancellation is the agent's to report).
+        reason: for ``FAILED``: short and low-cardinality, e.g. ``http_503``.
+        ttft_s: time to first token, if a token came.
+        result: opaque bytes for the producer.
+        turn: the finished turn, appended to the session's history when completed.
+    """
+
+    status: Status
+    reason: str = ""
+    ttft_s: float | None = None
+    result: bytes = b""
+    turn: Turn | None = None
+
+
+class Executor(Protocol):
+    """Runs credits. One instance per worker agent; it may keep per-worker state (a cache)."""
+
+    @property
+    def kind(self) -> str:
+        """A short label for logs and the ``Hello`` labels, e.g. ``"sim"``."""
+        ...
+
+    def execute_nowait(self, credit: Credit, session: Session) -> ExecResult | None:
+        """Finish the credit synchronously if that needs no waiting, else return ``None``."""
+        ...
+
+    async def execute(
+        self, credit: Credit, session: Session, on_first_token: FirstTokenCallback
+    ) -> ExecResult:
+        """Run the credit's request. Cancellable; must let ``CancelledError`` through."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release resources (connections); called once when the agent stops."""
+        ...
+
+
+# ------------------------------------------------------------------------------ the simulator
+
+_TokenCount = Annotated[int, msgspec.Meta(ge=0, le=2_000_000)]
+
+
+class SimRequest(msgspec.Struct, frozen=True):
+    """The simulator's reading of a credit's opaque payload (a msgpack or JSON map).
+
+    Unknown keys are ignored; missing ones take the executor's defaults.
+    """
+
+    input_tokens: _TokenCount | None = None
+    output_tokens: _TokenCount | None = None
+
+
+class SimResult(msgspec.Struct, frozen=True):
+    """The result bytes the simulator returns to the producer (msgpack map, self-describing)."""
+
+    input_tokens: int
+    """Prompt tokens: the session's history plus the turn's new input."""
+    cached_tokens: int
+    """Prompt tokens found in this worker's prefix cache."""
+    output_tokens: int
+    ttft_s: float
+    """Modelled time to first token (also when ``zero_latency`` skips the wait)."""
+
+
+_msgpack_request: Final = msgspec.msgpack.Decoder(SimRequest)
+_json_request: Final = msgspec.json.Decoder(SimRequest)
+_result_encoder: Final = msgspec.msgpack.Encoder()
+
+
+class PrefixCache:
+    """An LRU set of KV block hashes: what a GPU host's prefix cache holds.
+
+    Args:
+        capacity_blocks: how many blocks fit; the least recently used go first.
+    """
+
+    def __init__(self, capacity_blocks: int) -> None:
+        if capacity_blocks < 1:
+            raise ValueError(f"capacity_blocks must be >= 1, got {capacity_blocks}")
+        self.capacity_blocks = capacity_blocks
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def match(self, hashes: list[int]) -> int:
+        """How many leading blocks are cached (a prefix match stops at the first miss)."""
+        blocks = self._blocks
+        hits = 0
+        for h in hashes:
+            if h not in blocks:
+                break
+            blocks.move_to_end(h)
+            hits += 1
+        return hits
+
+    def insert(self, hashes: list[int]) -> None:
+        """Cache these blocks (most recently used), evicting the oldest beyond capacity."""
+        blocks = self._blocks
+        for h in hashes:
+            if h in blocks:
+                blocks.move_to_end(h)
+            else:
+                blocks[h] = None
+        while len(blocks) > self.capacity_blocks:
+            blocks.popitem(last=False)
+            self.evicted += 1
+
+
+def block_hashes(segments: list[tuple[int, int]], block_tokens: int) -> list[int]:
+    """The hash chain of the full blocks of a token stream.
+
+    The simulator has no real tokens: a stream is a list of segments ``(segment id, length)``,
+    and block ``i`` hashes its predecessor's hash with the pieces of segments it covers, so two
+    streams share a block hash exactly when they share the whole prefix up to that block.
+
+    Args:
+        segments: the stream, in order.
+        block_tokens: tokens per block.
+
+    Returns:
+        One hash per full block (a partial last block is not cacheable).
+    """
+    hashes: list[int] = []
+    previous = 0
+    pieces: list[tuple[int, int, int]] = []
+    filled = 0
+    for seg_id, length in segments:
+        offset = 0
+        while offset < length:
+            take = min(length - offset, block_tokens - filled)
+            pieces.append((seg_id, offset, take))
+            offset += take
+            filled += take
+            if filled == block_tokens:
+                previous = hash((previous, *pieces))
+                hashes.append(previous)
+                pieces = []
+                filled = 0
+    return hashes
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    prompt_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    ttft_s: float
+    decode_s: float
+    prompt_blocks: list[int]
+    all_blocks: list[int]
+    turn: Turn
+
+
+class SimExecutor:
+    """A simulated GPU host with a prefix cache.
+
+    Time to first token is ``base_ttft_s + uncached prompt tokens × prefill_s_per_token``, decode
+    time ``output tokens × decode_s_per_token``. The prompt of a turn is the session's history
+    (every earlier turn's input and output) plus the turn's new input, so a session's next turn
+    and a FORK child's first turn find their prefix cached on this worker.
+
+    Args:
+        zero_latency: finish every credit at once, without sleeping (benchmarks of the router).
+        base_ttft_s: fixed part of the time to first token.
+        prefill_s_per_token: prefill time per uncached prompt token.
+        decode_s_per_token: decode time per output token.
+        block_tokens: tokens per KV block (the cache's unit).
+        cache_blocks: the cache's capacity in blocks.
+        default_input_tokens: new input tokens of a turn whose payload does not say.
+        default_output_tokens: output tokens of a turn whose payload does not say.
+    """
+
+    def __init__(
+        self,
+        *,
+        zero_latency: bool = False,
+        base_ttft_s: float = 0.02,
+        prefill_s_per_token: float = 0.00002,
+        decode_s_per_token: float = 0.004,
+        block_tokens: int = 64,
+        cache_blocks: int = 65_536,
+        default_input_tokens: int = 256,
+        default_output_tokens: int = 32,
+    ) -> None:
+        if block_tokens < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+        if min(base_ttft_s, prefill_s_per_token, decode_s_per_token) < 0:
+            raise ValueError("simulated times must be >= 0")
+        self.zero_latency = zero_latency
+        self.base_ttft_s = base_ttft_s
+        self.prefill_s_per_token = prefill_s_per_token
+        self.decode_s_per_token = decode_s_per_token
+        self.block_tokens = block_tokens
+        self.default_input_tokens = default_input_tokens
+        self.default_output_tokens = default_output_tokens
+        self.cache = PrefixCache(cache_blocks)
+        self.prompt_tokens_total = 0
+        self.cached_tokens_total = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<SimExecutor zero_latency={self.zero_latency} cache={len(self.cache)}/"
+            f"{self.cache.capacity_blocks} blocks hit_tokens={self.cached_tokens_total}/"
+            f"{self.prompt_tokens_total}>"
+        )
+
+    @property
+    def kind(self) -> str:
+        """``"sim"``."""
+        return "sim"
+
+    def execute_nowait(self, credit: Credit, session: Session) -> ExecResult | None:
+        """In ``zero_latency`` mode, the whole execution, now; otherwise ``None``."""
+        if not self.zero_latency:
+            return None
+        plan = self._plan(credit, session)
+        if isinstance(plan, ExecResult):
+            return plan
+        self.cache.insert(plan.all_blocks)
+        return self._result(plan, 0.0)
+
+    async def execute(
+        self, credit: Credit, session: Session, on_first_token: FirstTokenCallback
+    ) -> ExecResult:
+        """Sleep through prefill and decode, reporting the first token in between."""
+        plan = self._plan(credit, session)
+        if isinstance(plan, ExecResult):
+            return plan
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if not self.zero_latency:
+            await asyncio.sleep(plan.ttft_s)
+        self.cache.insert(plan.prompt_blocks)  # prefill done: the prompt's KV is cached
+        ttft = loop.time() - started
+        on_first_token(ttft)
+        if not self.zero_latency:
+            await asyncio.sleep(plan.decode_s)
+        self.cache.insert(plan.all_blocks)  # the response's KV is cached too
+        return self._result(plan, ttft)
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+    def _plan(self, credit: Credit, session: Session) -> _Plan | ExecResult:
+        request = self._request(credit.payload)
+        if request is None:
+            return ExecResult(Status.FAILED, reason="invalid_payload")
+        new_input = (
+            self.default_input_tokens if request.input_tokens is None else request.input_tokens
+        )
+        output = (
+            self.default_output_tokens if request.output_tokens is None else request.output_tokens
+        )
+        turn = Turn(new_input, output)
+        segments = []
+        for past in session.history:
+            segments.append((2 * past.uid, past.input_tokens))
+            segments.append((2 * past.uid + 1, past.output_tokens))
+        segments.append((2 * turn.uid, new_input))
+        prompt = sum(length for _, length in segments)
+        segments.append((2 * turn.uid + 1, output))
+        hashes = block_hashes(segments, self.block_tokens)
+        prompt_blocks = hashes[: prompt // self.block_tokens]
+        cached = self.cache.match(prompt_blocks) * self.block_tokens
+        self.prompt_tokens_total += prompt
+        self.cached_tokens_total += cached
+        return _Plan(
+            prompt_tokens=prompt,
+            cached_tokens=cached,
+            output_tokens=output,
+            ttft_s=self.base_ttft_s + (prompt - cached) * self.prefill_s_per_token,
+            decode_s=output * self.decode_s_per_token,
+            prompt_blocks=prompt_blocks,
+            all_blocks=hashes,
+            turn=turn,
+        )
+
+    @staticmethod
+    def _request(payload: bytes) -> SimRequest | None:
+        if not payload:
+            return SimRequest()
+        try:
+            if payload[:1] == b"{":  # JSON (as in PROTOCOL.md's examples); msgpack maps are 0x8_
+                return _json_request.decode(payload)
+            return _msgpack_request.decode(payload)
+        except msgspec.DecodeError as exc:
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("invalid sim payload: %s", exc)
+            return None
+
+    @staticmethod
+    def _result(plan: _Plan, ttft_s: float) -> ExecResult:
+        result = SimResult(
+            input_tokens=plan.prompt_tokens,
+            cached_tokens=plan.cached_tokens,
+            output_tokens=plan.output_tokens,
+            ttft_s=plan.ttft_s,
+        )
+        return ExecResult(
+            Status.COMPLETED,
+            ttft_s=ttft_s,
+            result=_result_encoder.encode(result),
+            turn=plan.turn,
+        )
