@@ -424,16 +424,7 @@ class RouterService:
         key = producer.key
         match msg:
             case SubmitBatch(credits=credits):
-                if len(credits) > MAX_BATCH:
-                    self._invalid(
-                        identity,
-                        "batch_too_long",
-                        f"batch of {len(credits)} credits exceeds {MAX_BATCH}",
-                        now,
-                        worker=False,
-                    )
-                    return
-                core.submit(key, credits, now)
+                core.submit(key, credits, now)  # the decoder bounds its length
             case Submit(credit=credit):
                 core.submit(key, (credit,), now)
             case CancelCredits(credit_ids=ids):
