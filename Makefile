@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 RUN := $(UV) run --frozen --extra dev
 
-.PHONY: help install run test lint typecheck format bench clean
+.PHONY: help install run test lint typecheck format bench deploy-tools clean
 
 help:  #? list targets
 	@grep -E '^[a-z-]+:.*#\?' $(MAKEFILE_LIST) | sed -E 's/:.*#\?/\t/'
@@ -43,6 +43,27 @@ typecheck: install  #? mypy --strict on the packages
 bench: install  #? benchmarks, printed as JSON lines
 	$(RUN) credit-router bench core --json
 	$(RUN) credit-router bench e2e --json
+
+# Debian packages the deploy/ tests run: prometheus + promtool (tests/integration/test_prometheus.py,
+# tests/deploy/test_prometheus_rules.py) and systemd-analyze (tests/deploy/test_systemd.py).
+# Installed only when missing, so a second run costs nothing; apt's chatter goes to a log shown
+# only on failure. Needs root (or sudo).
+DEPLOY_APT := $(if $(shell command -v prometheus),,prometheus) \
+	$(if $(shell command -v promtool),,prometheus) \
+	$(if $(shell command -v systemd-analyze),,systemd)
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+deploy-tools:  #? install prometheus, promtool and systemd-analyze from Debian if missing
+	@pkgs="$(sort $(strip $(DEPLOY_APT)))"; \
+	if [ -n "$$pkgs" ]; then \
+		echo "deploy-tools: apt-get install $$pkgs"; \
+		log=$$(mktemp); \
+		{ $(SUDO) apt-get update -qq && \
+		  $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+		    apt-get install -y -qq --no-install-recommends $$pkgs; } >"$$log" 2>&1 \
+		|| { cat "$$log"; rm -f "$$log"; exit 1; }; \
+		rm -f "$$log"; \
+	fi
 
 clean:  #? remove the environment and caches
 	rm -rf .venv $(TOOLS) .pytest_cache .mypy_cache .ruff_cache .hypothesis
