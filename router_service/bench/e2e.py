@@ -229,7 +229,7 @@ def _router_commands(producers: str, workers: str, k: int, capacity: int) -> lis
             "--sim-zero-latency",
             "--no-first-token-events",
             "--log-level",
-            "warning",
+            "WARNING",
         ]
         for i in range(k)
     ]
