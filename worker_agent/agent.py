@@ -80,6 +80,10 @@ from protocol.messages import (
     WorkerToRouter,
 )
 from worker_agent.core import (
+    MAX_BLOB,
+    MAX_ID,
+    MAX_LABELS,
+    MAX_TEXT,
     Backoff,
     CompletionLog,
     Liveness,
@@ -88,6 +92,7 @@ from worker_agent.core import (
     Session,
     SessionTable,
     Turn,
+    bound_in_flight,
     completion_messages,
 )
 from worker_agent.errors import RefusedError, TransportError
@@ -103,6 +108,7 @@ CLIENT_DISCONNECT: Final = "client_disconnect"
 DRAIN_DEADLINE: Final = "drain_deadline"
 FORCED_EXIT: Final = "forced_exit"
 WORKER_STOPPED: Final = "worker_stopped"
+RESULT_TOO_LARGE: Final = "result_too_large"
 UNKNOWN_WORKER: Final = "unknown_worker"
 
 _COMPLETED: Final = Status.COMPLETED
@@ -258,11 +264,13 @@ class WorkerAgent:
             raise ValueError("drain_deadline_s and settle_timeout_s must be >= 0")
         if silence_beats < 1:
             raise ValueError(f"silence_beats must be >= 1, got {silence_beats}")
+        all_labels = {**(labels or {}), "executor": executor.kind}
+        _check_identity(name, all_labels)
         self.router = router
         self.name = name
         self.capacity = capacity
         self.incarnation = incarnation if incarnation is not None else secrets.token_hex(8)
-        self.labels = {**(labels or {}), "executor": executor.kind}
+        self.labels = all_labels
         self.first_token_events = first_token_events
         self.drain_deadline_s = drain_deadline_s
         self.settle_timeout_s = settle_timeout_s
@@ -470,7 +478,7 @@ class WorkerAgent:
             return
         if now >= self._next_report_at:
             self._next_report_at = now + self._report_interval_s
-            credits = self._held_by_producer(self._router_incarnation)
+            credits = self._report(self._router_incarnation, now)
             self._send(InFlightReport(credits=credits), now)
         if liveness.heartbeat_due(now):
             self._send(Heartbeat(sent_at_s=now), now)
@@ -511,7 +519,7 @@ class WorkerAgent:
         # resent after the Welcome (completions) or periodic: drop it so Hello goes first.
         dropped = transport.discard_backlog()
         incarnation = self._router_incarnation
-        in_flight = self._held_by_producer(incarnation) if incarnation is not None else {}
+        in_flight = self._report(incarnation, now) if incarnation is not None else {}
         hello = Hello(
             name=self.name,
             incarnation=self.incarnation,
@@ -772,7 +780,20 @@ class WorkerAgent:
 
     def _finish_with(self, held: _Held, result: ExecResult, now: float) -> None:
         ttft = result.ttft_s if result.ttft_s is not None else held.ttft_s
-        if result.status is _COMPLETED:
+        if len(result.result) > MAX_BLOB:
+            # Past the protocol's bound the whole frame would be invalid, on every resend.
+            suppressed = self._throttle.ready("result_too_large", now)
+            if suppressed is not None:
+                logger.warning(
+                    "result of %d bytes exceeds %d: credit %s/%d reported failed suppressed=%d",
+                    len(result.result),
+                    MAX_BLOB,
+                    held.key[0],
+                    held.key[1],
+                    suppressed,
+                )
+            self._finish(held, _FAILED, RESULT_TOO_LARGE, now, ttft_s=ttft)
+        elif result.status is _COMPLETED:
             self._finish(
                 held, _COMPLETED, "", now, ttft_s=ttft, result=result.result, turn=result.turn
             )
@@ -810,7 +831,7 @@ class WorkerAgent:
             credit_id=credit_id,
             status=status,
             router_incarnation=held.router_incarnation,
-            reason=reason,
+            reason=reason[:MAX_TEXT],  # the protocol's bound: never send an invalid frame
             ttft_s=ttft_s if ttft_s is not None else held.ttft_s,
             duration_s=None if started is None else now - started,
             session_ended=end.session_ended,
@@ -884,6 +905,19 @@ class WorkerAgent:
             return
         self._liveness.sent(now)
 
+    def _report(self, incarnation: str | None, now: float) -> dict[str, list[int]]:
+        """Held credits of ``incarnation`` by producer, within the protocol's bounds."""
+        credits, left_out = bound_in_flight(self._held_by_producer(incarnation))
+        if left_out:
+            suppressed = self._throttle.ready("in_flight_bound", now)
+            if suppressed is not None:
+                logger.warning(
+                    "in-flight set exceeds the protocol's bounds: %d ids left out suppressed=%d",
+                    left_out,
+                    suppressed,
+                )
+        return credits
+
     def _held_by_producer(self, incarnation: str | None) -> dict[str, list[int]]:
         """Held credit ids by producer: of one router incarnation, or all with ``None``."""
         out: dict[str, list[int]] = {}
@@ -896,6 +930,21 @@ class WorkerAgent:
                 else:
                     ids.append(credit_id)
         return out
+
+
+def _check_identity(name: str, labels: Mapping[str, str]) -> None:
+    """Refuse, up front, a name or labels that would make every ``Hello`` invalid."""
+    encoded = name.encode("utf-8")
+    if not name or len(name) > MAX_ID or len(encoded) > 255 or encoded[0] == 0:
+        raise ValueError(
+            f"worker name must be 1-{MAX_ID} characters, at most 255 bytes of UTF-8 "
+            f"(a ZeroMQ routing id), not starting with NUL: {name!r}"
+        )
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels, got {len(labels)}")
+    for key, value in labels.items():
+        if len(key) > MAX_ID or len(value) > MAX_TEXT:
+            raise ValueError(f"label {key[:40]!r} too long (keys {MAX_ID}, values {MAX_TEXT})")
 
 
 def _dealer_factory(

@@ -27,11 +27,12 @@ from __future__ import annotations
 import itertools
 import random
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
 from protocol.messages import (
+    MAX_IDS,
     BranchMode,
     ChildRelease,
     Completion,
@@ -43,6 +44,11 @@ from protocol.messages import (
 )
 
 __all__ = [
+    "MAX_BLOB",
+    "MAX_ID",
+    "MAX_IN_FLIGHT_PRODUCERS",
+    "MAX_LABELS",
+    "MAX_TEXT",
     "Backoff",
     "CompletionLog",
     "Liveness",
@@ -52,10 +58,24 @@ __all__ = [
     "SessionStats",
     "SessionTable",
     "Turn",
+    "bound_in_flight",
     "completion_messages",
 ]
 
 _FORK: Final = BranchMode.FORK
+
+# Bounds of the fields a worker writes (PROTOCOL.md §4.1). protocol.messages exports only
+# MAX_BATCH and MAX_IDS; tests/worker_agent/test_core.py checks these against its Meta.
+MAX_TEXT: Final = 4_096
+"""Characters of a ``reason`` (``Text``)."""
+MAX_BLOB: Final = 1 << 20
+"""Bytes of a ``result`` (``Blob``)."""
+MAX_ID: Final = 256
+"""Characters of a name, id or label key (``Id``)."""
+MAX_LABELS: Final = 64
+"""Entries of ``Hello.labels``."""
+MAX_IN_FLIGHT_PRODUCERS: Final = 1_024
+"""Producers in ``Hello.in_flight`` and ``InFlightReport.credits``."""
 _turn_ids: Final = itertools.count(1)
 
 
@@ -143,6 +163,7 @@ class SessionStats:
 
     def __init__(self) -> None:
         self.started = 0
+        """Sessions that entered the table (single-turn sessions without children never do)."""
         self.ended = 0
         self.ended_by_router = 0
         self.evicted = 0
@@ -221,9 +242,9 @@ class SessionTable:
             live.move_to_end(xid)
             return session
         session = self._new(credit)
-        self.stats.started += 1
         if credit.turn_index == 0 and credit.num_turns <= 1 and credit.fork_count == 0:
             return session  # begins and ends with this credit: never enters the table
+        self.stats.started += 1
         live[xid] = session
         if len(live) > self.max_sessions:
             live.popitem(last=False)
@@ -401,45 +422,75 @@ class CompletionLog:
         return list(self._unacked)
 
 
-def _chunks(items: Sequence[Completion], size: int) -> Iterator[list[Completion]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
-
-
 def completion_messages(
     entries: Iterable[Logged], router_incarnation: str | None, max_batch: int = 1024
 ) -> list[WorkerToRouter]:
     """The frames that carry ``entries`` to a router of incarnation ``router_incarnation``.
 
+    Frames leave in ``seq`` order, because the router acknowledges cumulatively: an ``Ack``
+    for a frame's highest ``seq`` must never cover a lower one still behind it. So the entries
+    are cut into consecutive runs of one incarnation (in practice: one run).
+
     Args:
         entries: completions in ``seq`` order.
         router_incarnation: the incarnation of the router we now speak to.
-        max_batch: the most completions in one frame.
+        max_batch: the most completions in one frame (``protocol.MAX_BATCH`` at most).
 
     Returns:
-        ``Recovered`` messages for completions of other incarnations (one per incarnation and
-        chunk), then the current incarnation's as one ``Completion`` or ``CompletionBatch`` per
-        chunk, then a ``ChildRelease`` for each FORK child they ended (current incarnation only:
-        another incarnation's router holds no reservation to give back).
+        Per run and chunk: the current incarnation's completions as one ``Completion`` or
+        ``CompletionBatch``, another incarnation's as a ``Recovered`` naming it; then a
+        ``ChildRelease`` for each FORK child they ended (current incarnation only: another
+        incarnation's router holds no reservation to give back).
     """
-    current: list[Completion] = []
-    others: dict[str, list[Completion]] = {}
-    releases: list[WorkerToRouter] = []
-    for entry in entries:
-        if entry.router_incarnation == router_incarnation:
-            current.append(entry.completion)
-            if entry.child_release is not None:
-                releases.append(ChildRelease(x_correlation_id=entry.child_release))
-        else:
-            others.setdefault(entry.router_incarnation, []).append(entry.completion)
     out: list[WorkerToRouter] = []
-    for incarnation, completions in others.items():
-        for chunk in _chunks(completions, max_batch):
-            out.append(Recovered(router_incarnation=incarnation, completions=chunk))
-    for chunk in _chunks(current, max_batch):
-        out.append(chunk[0] if len(chunk) == 1 else CompletionBatch(completions=chunk))
+    releases: list[WorkerToRouter] = []
+    run: list[Completion] = []
+    run_incarnation: str | None = None
+    for entry in entries:
+        if run and (entry.router_incarnation != run_incarnation or len(run) >= max_batch):
+            out.append(_frame(run, run_incarnation, router_incarnation))
+            run = []
+        run_incarnation = entry.router_incarnation
+        run.append(entry.completion)
+        if entry.child_release is not None and entry.router_incarnation == router_incarnation:
+            releases.append(ChildRelease(x_correlation_id=entry.child_release))
+    if run:
+        out.append(_frame(run, run_incarnation, router_incarnation))
     out.extend(releases)
     return out
+
+
+def _frame(run: list[Completion], incarnation: str | None, current: str | None) -> WorkerToRouter:
+    if incarnation != current and incarnation is not None:
+        return Recovered(router_incarnation=incarnation, completions=run)
+    return run[0] if len(run) == 1 else CompletionBatch(completions=run)
+
+
+def bound_in_flight(
+    credits: dict[str, list[int]],
+    max_producers: int = MAX_IN_FLIGHT_PRODUCERS,
+    max_ids: int = MAX_IDS,
+) -> tuple[dict[str, list[int]], int]:
+    """Fit an in-flight map into the protocol's bounds (PROTOCOL.md §4.1).
+
+    A map beyond them would make the whole ``Hello`` or ``InFlightReport`` invalid (and a
+    ``Hello`` that never decodes means never joining), so the excess is left out instead: the
+    router may then end those credits ``lost: orphaned``, which is visible and bounded.
+
+    Returns:
+        The bounded map and how many ids were left out.
+    """
+    if len(credits) <= max_producers and all(len(ids) <= max_ids for ids in credits.values()):
+        return credits, 0
+    kept: dict[str, list[int]] = {}
+    left_out = 0
+    for producer, ids in credits.items():
+        if len(kept) >= max_producers:
+            left_out += len(ids)
+            continue
+        kept[producer] = ids[:max_ids]
+        left_out += max(0, len(ids) - max_ids)
+    return kept, left_out
 
 
 # ---------------------------------------------------------------------- timing and throttling

@@ -99,9 +99,9 @@ HEARTBEAT_TTL_MS: Final = 10_000
 """Tells the router's side to drop the connection if it hears nothing from us for 10 s (our
 process or host died without closing the socket)."""
 
-MAXMSGSIZE: Final = 64 * 1024 * 1024
-"""A frame above 64 MiB is a broken or hostile peer: libzmq drops the connection instead of
-allocating it. A batch of ``capacity`` credits with their payloads is far below this."""
+MAXMSGSIZE: Final = 16 * 1024 * 1024
+"""The protocol's frame bound (PROTOCOL.md §4.1): a larger frame is a broken or hostile peer, and
+libzmq drops the connection instead of allocating it."""
 
 TCP_KEEPALIVE: Final = 1
 TCP_KEEPALIVE_IDLE_S: Final = 30

@@ -1,0 +1,210 @@
+"""The simulated GPU host: payloads, the hash chain, the prefix cache, timing, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from protocol.messages import BranchMode, Credit, Status
+from worker_agent.core import Session, SessionTable, Turn
+from worker_agent.executor import (
+    ExecResult,
+    PrefixCache,
+    SimExecutor,
+    SimResult,
+    block_hashes,
+)
+
+
+def credit(session: str = "s", turn_index: int = 0, payload: bytes = b"", **kw: object) -> Credit:
+    return Credit(
+        id=turn_index,
+        x_correlation_id=session,
+        turn_index=turn_index,
+        payload=payload,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def tokens(input_tokens: int, output_tokens: int) -> bytes:
+    return msgspec.msgpack.encode({"input_tokens": input_tokens, "output_tokens": output_tokens})
+
+
+def decode(result: ExecResult | None) -> SimResult:
+    assert result is not None
+    assert result.status is Status.COMPLETED
+    return msgspec.msgpack.decode(result.result, type=SimResult)
+
+
+def run(sim: SimExecutor, session: Session, payload: bytes = b"") -> SimResult:
+    """One zero-latency turn, appended to the session's history as the agent would."""
+    result = sim.execute_nowait(credit(session.x_correlation_id, payload=payload), session)
+    out = decode(result)
+    assert result is not None
+    assert result.turn is not None
+    session.history.append(result.turn)
+    return out
+
+
+# ------------------------------------------------------------------------------------ payloads
+
+
+def test_empty_payload_takes_the_defaults() -> None:
+    sim = SimExecutor(zero_latency=True, default_input_tokens=100, default_output_tokens=9)
+    result = run(sim, Session("s"))
+    assert (result.input_tokens, result.output_tokens, result.cached_tokens) == (100, 9, 0)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        tokens(300, 7),
+        b'{"input_tokens": 300, "output_tokens": 7, "turn": 1}',  # JSON, extra keys ignored
+        msgspec.msgpack.encode({"input_tokens": 300, "output_tokens": 7, "model": "x"}),
+    ],
+)
+def test_payload_msgpack_or_json(payload: bytes) -> None:
+    result = run(SimExecutor(zero_latency=True), Session("s"), payload)
+    assert (result.input_tokens, result.output_tokens) == (300, 7)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xc1",
+        msgspec.msgpack.encode({"input_tokens": -1}),
+        msgspec.msgpack.encode({"input_tokens": "many"}),
+        msgspec.msgpack.encode([1, 2]),
+        b'{"output_tokens": 3.5}',
+    ],
+)
+def test_invalid_payload_fails_the_credit(payload: bytes) -> None:
+    sim = SimExecutor(zero_latency=True)
+    result = sim.execute_nowait(credit(payload=payload), Session("s"))
+    assert result == ExecResult(Status.FAILED, reason="invalid_payload")
+
+
+def test_result_is_a_self_describing_map() -> None:
+    result = SimExecutor(zero_latency=True).execute_nowait(credit(), Session("s"))
+    assert result is not None
+    assert set(msgspec.msgpack.decode(result.result)) == {
+        "input_tokens",
+        "cached_tokens",
+        "output_tokens",
+        "ttft_s",
+    }
+
+
+# -------------------------------------------------------------------------------- prefix cache
+
+
+def test_hash_chain_identifies_whole_prefixes() -> None:
+    stream = [(1, 100), (2, 100)]
+    hashes = block_hashes(stream, 64)
+    assert len(hashes) == 3  # 200 tokens: three full blocks, the partial fourth is not cached
+    assert block_hashes([(1, 100), (3, 100)], 64)[:1] == hashes[:1]  # shared first block
+    assert block_hashes([(1, 100), (3, 100)], 64)[1:] != hashes[1:]
+    assert block_hashes([(9, 100), (2, 100)], 64)[0] != hashes[0]
+    assert block_hashes([*stream, (4, 60)], 64)[:3] == hashes  # extending keeps the prefix
+
+
+def test_prefix_cache_matches_leading_blocks_and_evicts_lru() -> None:
+    cache = PrefixCache(3)
+    cache.insert([1, 2, 3])
+    assert cache.match([1, 2, 9, 3]) == 2  # stops at the first miss
+    cache.insert([4])  # evicts 3, the least recently used (1 and 2 were just matched)
+    assert cache.match([3]) == 0
+    assert cache.match([1, 2, 4]) == 3
+    assert cache.evicted == 1
+    with pytest.raises(ValueError, match="capacity_blocks"):
+        PrefixCache(0)
+
+
+def test_next_turn_hits_the_cache_and_is_faster_than_a_cold_prompt() -> None:
+    sim = SimExecutor(zero_latency=True, base_ttft_s=0.01, prefill_s_per_token=0.001)
+    session = Session("s")
+    first = run(sim, session, tokens(256, 32))
+    second = run(sim, session, tokens(256, 32))
+    assert second.input_tokens == 256 + 32 + 256
+    assert second.cached_tokens == 256 + 0  # four full blocks of the first turn's 288 tokens
+    cold = run(sim, Session("cold"), tokens(second.input_tokens, 32))
+    assert cold.cached_tokens == 0
+    assert second.ttft_s < cold.ttft_s
+    assert first.ttft_s == pytest.approx(0.01 + 256 * 0.001)
+    assert sim.cached_tokens_total == 256
+
+
+def test_fork_child_shares_its_parents_prefix_spawn_child_does_not() -> None:
+    sim = SimExecutor(zero_latency=True)
+    table = SessionTable()
+    parent_credit = Credit(id=1, x_correlation_id="p", num_turns=2, fork_count=1)
+    parent = table.begin(parent_credit)
+    result = sim.execute_nowait(parent_credit, parent)
+    assert result is not None
+    table.end(parent_credit, parent, completed=True, turn=result.turn)
+    kinds = {"fork": BranchMode.FORK, "spawn": BranchMode.SPAWN}
+    hits = {}
+    for name, mode in kinds.items():
+        child = Credit(
+            id=2, x_correlation_id=name, parent_correlation_id="p", branch_mode=mode, num_turns=2
+        )
+        hits[name] = decode(sim.execute_nowait(child, table.begin(child))).cached_tokens
+    assert hits["fork"] > 0
+    assert hits["spawn"] == 0
+
+
+# ------------------------------------------------------------------------------------- timing
+
+
+async def test_zero_latency_never_sleeps() -> None:
+    sim = SimExecutor(zero_latency=True, decode_s_per_token=10.0)
+    calls: list[float] = []
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await sim.execute(credit(payload=tokens(10, 1000)), Session("s"), calls.append)
+    assert loop.time() - started < 0.5
+    assert decode(result).output_tokens == 1000
+    assert calls == [pytest.approx(0.0, abs=0.05)]
+
+
+async def test_latency_mode_reports_first_token_then_decodes() -> None:
+    sim = SimExecutor(base_ttft_s=0.03, prefill_s_per_token=0.0, decode_s_per_token=0.001)
+    assert sim.execute_nowait(credit(), Session("s")) is None
+    calls: list[float] = []
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await sim.execute(credit(payload=tokens(10, 30)), Session("s"), calls.append)
+    elapsed = loop.time() - started
+    assert len(calls) == 1
+    assert calls[0] >= 0.025
+    assert result.ttft_s == calls[0]
+    assert elapsed >= calls[0] + 0.025  # 30 tokens of decode
+    assert decode(result).ttft_s == pytest.approx(0.03)
+
+
+async def test_cancellation_propagates_out_of_the_executor() -> None:
+    sim = SimExecutor(base_ttft_s=10.0)
+    task = asyncio.create_task(sim.execute(credit(), Session("s"), lambda _: None))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_invalid_configuration_is_refused() -> None:
+    with pytest.raises(ValueError, match="block_tokens"):
+        SimExecutor(block_tokens=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        SimExecutor(decode_s_per_token=-1.0)
+
+
+def test_turn_sizes_come_from_the_payload() -> None:
+    result = SimExecutor(zero_latency=True).execute_nowait(
+        credit(payload=tokens(12, 3)), Session("s")
+    )
+    assert result is not None
+    assert result.turn is not None
+    assert (result.turn.input_tokens, result.turn.output_tokens) == (12, 3)
+    assert isinstance(result.turn, Turn)
