@@ -89,6 +89,11 @@ class RouterCollector(Collector):
             stats.dispatch_to_outcome_s,
         )
         yield _counter(
+            "undelivered_dispatches",
+            "Dispatch frames the transport could not hand to a worker (credits held back).",
+            stats.undelivered,
+        )
+        yield _counter(
             "recovered_completions",
             "Completions of credits dispatched by an earlier router incarnation.",
             stats.recovered,

@@ -538,12 +538,13 @@ class RouterService:
                 else:
                     frame = encode(DispatchBatch(producer=producer, credits=chunk))
                 if not sock.send(identity, frame):
-                    logger.warning("worker unreachable name=%s: its credits end lost", name)
-                    core.worker_unreachable(name, now)
-                    break
+                    # Never delivered: the core holds them for the worker's return (or its
+                    # loss, after the grace period); nothing is dropped.
+                    logger.warning("worker unreachable name=%s: holding its credits", name)
+                    core.worker_disconnected(name, producer, chunk, now)
         for name, msg in fx.to_worker:
             if not sock.send(self._identity(name), encode(msg)) and name in core.workers:
-                core.worker_unreachable(name, now)
+                core.worker_disconnected(name, "", (), now)
 
     def _deliver(self, key: str, msg: object) -> None:
         identity = key.encode()

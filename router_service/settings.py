@@ -77,7 +77,7 @@ class RouterSettings(BaseSettings):
     heartbeat_interval_s: PositiveFloat = 1.0
     suspect_after_missed: PositiveInt = 3
     """Silent beats after which a worker gets nothing new."""
-    lost_after_s: PositiveFloat = 10.0
+    lost_after_s: PositiveFloat = 5.0
     """Silence after which a worker is lost and its credits end (the grace period)."""
     inflight_report_interval_s: PositiveFloat = 5.0
     drain_deadline_s: NonNegativeFloat = 30.0
@@ -86,6 +86,9 @@ class RouterSettings(BaseSettings):
     session_idle_ttl_s: PositiveFloat = 600.0
     queue_limit: NonNegativeInt = 100_000
     worker_queue_limit: NonNegativeInt = 10_000
+    queue_timeout_s: PositiveFloat | None = None
+    """A credit waiting this long in the router for a worker ends ``rejected: queue_timeout``
+    (unset: it waits until the producer cancels it)."""
     soft_affinity_gap: PositiveFloat | None = None
     """Re-home a migratable session when its worker's load ratio exceeds the least-loaded
     worker's by more than this (``None``: hard affinity only)."""

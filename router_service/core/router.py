@@ -63,6 +63,7 @@ WORKER_LOST: Final = "worker_lost"
 WORKER_LEFT: Final = "worker_left"
 ORPHANED: Final = "orphaned"
 QUEUE_FULL: Final = "queue_full"
+QUEUE_TIMEOUT: Final = "queue_timeout"
 INVALID_CREDIT: Final = "invalid_credit"
 CANCELLED: Final = "cancelled"
 SHUTDOWN: Final = "router_shutdown"
@@ -99,6 +100,8 @@ class CoreStats:
         self.unknown_child_releases = 0
         self.undeclared_forks = 0
         """FORK children that started without a reservation from a declaring turn."""
+        self.undelivered = 0
+        """Dispatches the transport could not hand over (counted again when re-sent)."""
         self.recovered = 0
         """Outcomes forwarded for credits an earlier router incarnation dispatched."""
         self.loop_stalls = 0
@@ -161,10 +164,11 @@ class RouterCore:
         worker_queue_limit: int = 10_000,
         heartbeat_interval_s: float = 1.0,
         suspect_after_missed: int = 3,
-        lost_after_s: float = 10.0,
+        lost_after_s: float = 5.0,
         inflight_report_interval_s: float = 5.0,
         soft_affinity_gap: float | None = None,
         spawn_affinity_slack: float | None = None,
+        queue_timeout_s: float | None = None,
         observe_latency: bool = True,
         now: float = 0.0,
     ) -> None:
@@ -185,6 +189,8 @@ class RouterCore:
                 worker's load ratio exceeds the least-loaded worker's by more than this.
             spawn_affinity_slack: if set, a SPAWN child's first turn goes to its parent's
                 worker when that worker's load ratio is within this of the least-loaded one.
+            queue_timeout_s: if set, a credit that waited this long in the router for a worker
+                ends ``rejected: queue_timeout`` (``None``: it waits until cancelled).
             observe_latency: keep the delay histograms (off only to measure what they cost).
             now: the clock at creation.
         """
@@ -204,6 +210,7 @@ class RouterCore:
         self.spawn_affinity_slack = spawn_affinity_slack
         self.stats = CoreStats()
         self.observe_latency = observe_latency
+        self.queue_timeout_s = queue_timeout_s
         self.workers: dict[str, Worker] = {}
         self.index = LoadIndex()
         self.queue: deque[Ticket] = deque()
@@ -386,7 +393,7 @@ class RouterCore:
             if known.capacity != capacity:
                 known.capacity = capacity
             if known.state is WorkerState.SUSPECT:
-                known.state = WorkerState.ACTIVE
+                known.state = _awake_state(known)
             effects.to_worker.append((name, welcome))
             self.worker_report(name, in_flight, now)
             self._reindex(known)
@@ -414,7 +421,7 @@ class RouterCore:
             return
         worker.last_seen = now
         if worker.state is WorkerState.SUSPECT:
-            worker.state = WorkerState.ACTIVE
+            worker.state = _awake_state(worker)
             self._reindex(worker)
             self._refill(worker, now)
 
@@ -557,8 +564,12 @@ class RouterCore:
         worker = self.workers.get(name)
         if worker is None or worker.state is WorkerState.GONE:
             return
-        worker.state = WorkerState.DRAINING
-        worker.drain_deadline = now + deadline_s
+        if not worker.draining:
+            worker.draining = True
+            worker.drain_deadline = now + deadline_s
+        if worker.state is WorkerState.ACTIVE:
+            # A suspect stays suspect (it gets nothing); it drains once it is back.
+            worker.state = WorkerState.DRAINING
         self.index.discard(worker)
 
     def drain_worker(self, name: str, deadline_s: float, now: float) -> bool:
@@ -574,6 +585,46 @@ class RouterCore:
         worker = self.workers.get(name)
         if worker is not None:
             self._lose(worker, WORKER_LEFT, now)
+
+    def worker_disconnected(
+        self, name: str, producer: str, credits: Iterable[Credit], now: float
+    ) -> None:
+        """The transport could not hand ``credits`` (of ``producer``) to ``name``.
+
+        The connection is gone, for now: the worker gets nothing new until it speaks again
+        (a reconnect within the grace period loses nothing, §6), and is lost if it does not.
+        The credits never left this process, so they are not lost: a credit of a session
+        pinned to the worker waits for it at the front of its queue; any other is routed again.
+        """
+        worker = self.workers.get(name)
+        if worker is None:
+            return
+        if worker.state is not WorkerState.SUSPECT:
+            self.stats.suspicions += 1
+            worker.state = WorkerState.SUSPECT
+            self.index.discard(worker)
+        ledger = self.ledgers.get(producer)
+        if ledger is None:
+            return
+        back: list[Ticket] = []
+        for credit in credits:
+            ticket = ledger.get(credit.id)
+            if ticket is None or ticket.worker is not worker or ticket.dispatched_at < 0:
+                continue
+            worker.tickets.discard(ticket)
+            ticket.dispatched_at = -1.0
+            self.stats.undelivered += 1
+            key = credit.x_correlation_id
+            if credit.branch_mode is _FORK:
+                key = credit.parent_correlation_id  # type: ignore[assignment]
+            if self.table.resolve(key) is None:
+                # No entry pins it (a single-turn credit): any worker will do.
+                ticket.worker = None
+                self._route(ticket, now)
+            else:
+                ticket.booked = True
+                back.append(ticket)
+        worker.queue.extendleft(reversed(back))
 
     def worker_unreachable(self, name: str, now: float) -> None:
         """The transport cannot reach ``name`` any more (e.g. ``EHOSTUNREACH``): it is lost."""
@@ -595,8 +646,7 @@ class RouterCore:
         for worker in list(self.workers.values()):
             silent = now - worker.last_seen
             if silent > self.lost_after_s or (
-                worker.state is WorkerState.DRAINING
-                and now > worker.drain_deadline + self.lost_after_s
+                worker.draining and now > worker.drain_deadline + self.lost_after_s
             ):
                 self._lose(worker, WORKER_LOST, now)
             elif silent > self.suspect_after_s and worker.state is WorkerState.ACTIVE:
@@ -604,6 +654,15 @@ class RouterCore:
                 worker.state = WorkerState.SUSPECT
                 self.index.discard(worker)
         self._expire_sessions(now)
+        if self.queue_timeout_s is not None:
+            self._expire_queued(now - self.queue_timeout_s)
+
+    def _expire_queued(self, horizon: float) -> None:
+        """End credits that have waited since before ``horizon`` (queues are in submit order,
+        give or take credits handed back undelivered, so each scan stops at the first young one)."""
+        for queue in (self.queue, *(w.queue for w in self.workers.values())):
+            while queue and queue[0].submitted_at < horizon:
+                self._end(queue.popleft(), Status.REJECTED, QUEUE_TIMEOUT)
 
     # ---------------------------------------------------------------- internals
 
@@ -677,7 +736,9 @@ class RouterCore:
     def _dispatch(self, ticket: Ticket, worker: Worker, now: float) -> None:
         """Hand ``ticket`` to ``worker``: entry book-keeping of §3, then load accounting."""
         credit = ticket.credit
-        if credit.branch_mode is _FORK:
+        if ticket.booked:
+            pass  # handed back undelivered once: its book-keeping stands
+        elif credit.branch_mode is _FORK:
             self._book_fork(credit, worker, now)
         elif credit.turn_index + 1 < credit.num_turns or credit.fork_count:
             self._book_session(credit, worker, now)
@@ -859,7 +920,9 @@ class RouterCore:
         waiting = list(worker.queue)
         worker.queue.clear()
         for ticket in waiting:
+            # Its book-keeping went with the worker's entries: route it as if new.
             ticket.worker = None
+            ticket.booked = False
             self._route(ticket, now)
 
     def _end(self, ticket: Ticket, status: Status, reason: str) -> None:
@@ -920,6 +983,11 @@ class RouterCore:
             f"queued={len(self.queue)} sessions={len(self.table.entries)} "
             f"aliases={len(self.table.aliases)}>"
         )
+
+
+def _awake_state(worker: Worker) -> WorkerState:
+    """The state a suspect worker returns to when it speaks again."""
+    return WorkerState.DRAINING if worker.draining else WorkerState.ACTIVE
 
 
 def _validate(credit: Credit) -> str | None:

@@ -61,6 +61,9 @@ class Ticket(msgspec.Struct, eq=False):
     """The worker that holds it (in flight) or whose queue it waits in."""
     missed: bool = False
     """Missing from the worker's last in-flight report (first strike)."""
+    booked: bool = False
+    """Its entry book-keeping (routing.md §3) is done: it was dispatched once and handed
+    back undelivered, so a second dispatch must not count it again."""
 
     def __repr__(self) -> str:
         where = self.worker.name if self.worker else "-"
@@ -74,6 +77,7 @@ class Worker:
     __slots__ = (
         "capacity",
         "drain_deadline",
+        "draining",
         "entry",
         "incarnation",
         "labels",
@@ -121,6 +125,8 @@ class Worker:
         self.last_seen = now
         self.last_report_at = now
         self.drain_deadline = 0.0
+        self.draining = False
+        """It announced (or was told) a drain: no new sessions, ever again."""
         self.entry: list[object] | None = None
         """Its live entry in the load index, or ``None`` when it takes no new sessions."""
 

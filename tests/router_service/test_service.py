@@ -213,15 +213,25 @@ async def test_unknown_worker_is_told_to_hello(router: RouterService, ctx) -> No
     stranger.close()
 
 
-async def test_credit_to_a_vanished_worker_ends_lost(router: RouterService, ctx) -> None:
-    """ROUTER_MANDATORY: the dispatch to a closed peer fails at once and the credit ends."""
-    worker = ScriptedWorker(ctx, router.worker_endpoint, "ghost")
-    await worker.hello()
-    worker.close()
+async def test_credit_toward_a_vanished_worker_is_not_lost_in_silence(
+    router: RouterService, ctx: zmq.Context
+) -> None:
+    """ROUTER_MANDATORY: the dispatch to a closed peer fails at once; the credit never left
+    the router, so it goes to a live worker instead of vanishing."""
+    ghost = ScriptedWorker(ctx, router.worker_endpoint, "ghost")
+    await ghost.hello()  # joins first: the least-loaded tie-break picks it first
+    alive = ScriptedWorker(ctx, router.worker_endpoint, "alive")
+    await alive.hello()
+    ghost.close()
     await asyncio.sleep(0.1)  # the TCP connection is gone; the core does not know yet
     async with RouterClient(router.producer_endpoint, context=ctx) as client:
-        outcome = await asyncio.wait_for(client.run(Credit(id=1, x_correlation_id="s")), 3)
-    assert (outcome.status, outcome.reason) == (Status.LOST, "worker_lost")
+        future = await client.submit(Credit(id=1, x_correlation_id="s"))
+        ((producer, credit),) = await alive.credits(1)
+        alive.complete(producer, credit)
+        outcome = await asyncio.wait_for(future, 3)
+    assert (outcome.status, outcome.worker) == (Status.COMPLETED, "alive")
+    assert router.core.stats.undelivered == 1
+    alive.close()
 
 
 async def test_silent_worker_is_lost_and_its_credits_end(router: RouterService, ctx) -> None:

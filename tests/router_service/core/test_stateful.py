@@ -333,6 +333,17 @@ class RouterMachine(RuleBasedStateMachine):
             self.core.worker_unreachable(name, self.now)
             self.collect()
 
+    @rule(name=st.sampled_from(WORKERS), data=st.data())
+    def connection_drops(self, name: str, data: st.DataObject) -> None:
+        """A dispatch frame could not be handed over: the worker never saw those credits."""
+        sim = self.workers[name]
+        if not sim.connected or not sim.held:
+            return
+        lost = data.draw(st.lists(st.sampled_from(sorted(sim.held)), unique=True, min_size=1))
+        credits = [sim.held.pop(cid) for cid in lost]
+        self.core.worker_disconnected(name, "p", credits, self.now)
+        self.collect()
+
     @rule(name=st.sampled_from(WORKERS), deadline=st.sampled_from([0.5, 3.0]))
     def drain(self, name: str, deadline: float) -> None:
         if self.workers[name].connected:

@@ -332,3 +332,43 @@ def test_shutdown_ends_every_credit() -> None:
     h.core.shutdown(h.now)
     h._collect()
     assert (h.outcome(a).status, h.outcome(b).status) == (Status.LOST, Status.REJECTED)
+
+
+def test_undelivered_credits_wait_for_their_worker_or_go_elsewhere() -> None:
+    h = Harness()
+    h.join("a")
+    h.join("b")
+    h.complete(h.send("sticky", num_turns=3))
+    turn = h.send("sticky", turn_index=1, num_turns=3)
+    home = h.where(turn)
+    singles = [h.send(f"single{i}") for i in range(4)]
+    single = next(c for c in singles if h.where(c) == home)
+    h.core.worker_disconnected(home, "p", [turn, single], h.now)
+    h._collect()
+    assert h.core.workers[home].state is WorkerState.SUSPECT
+    other = "b" if home == "a" else "a"
+    assert h.sent_to[single.id] == other, "a credit no entry pins goes elsewhere at once"
+    assert next(iter(h.core.workers[home].queue)).credit is turn
+    h.seen(home)  # it reconnected within the grace period: the turn goes to it, unchanged
+    assert h.sent_to[turn.id] == home
+    entry = h.core.table.entries["sticky"]
+    assert entry.ref_count == 1, "handing back and re-sending does not count the turn twice"
+
+
+def test_queue_timeout_ends_waiting_credits() -> None:
+    h = Harness(queue_timeout_s=5.0)
+    h.join("w", capacity=1)
+    running = h.send("a")
+    waiting = h.send("b")
+    h.now = 4.0
+    h.seen("w")
+    h.advance(0.0)
+    assert waiting.id not in h.outcomes
+    h.now = 6.0
+    h.seen("w")
+    h.advance(0.0)
+    assert (h.outcome(waiting).status, h.outcome(waiting).reason) == (
+        Status.REJECTED,
+        "queue_timeout",
+    )
+    assert running.id not in h.outcomes
