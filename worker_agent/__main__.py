@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import signal
 import socket
 import sys
+from typing import Final
 
 import uvloop
 
@@ -24,6 +26,8 @@ from worker_agent.executor import SimExecutor
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger(__name__)
+
+_ENDPOINT: Final = re.compile(r"^(tcp://(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]*]+):\d{1,5}|ipc://\S+)$")
 
 EXIT_OK = 0
 EXIT_FORCED = 1
@@ -72,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if not args.router.startswith(("tcp://", "ipc://", "inproc://")):
-        parser.error(f"--router must be a ZeroMQ endpoint such as tcp://HOST:PORT: {args.router}")
+    if not _ENDPOINT.match(args.router):
+        parser.error(f"--router must be tcp://HOST:PORT or ipc://PATH, got {args.router!r}")
     if args.capacity < 1:
         parser.error(f"--capacity must be >= 1: {args.capacity}")
     if args.drain_deadline_s < 0:

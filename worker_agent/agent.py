@@ -288,6 +288,7 @@ class WorkerAgent:
         self._throttle = LogThrottle()
         self._report_interval_s = 5.0
         self._tick_s = 0.1
+        self._last_tick = 0.0
         self._next_hello_at = 0.0
         self._next_report_at = 0.0
         self._held: dict[tuple[str, int], _Held] = {}
@@ -378,6 +379,7 @@ class WorkerAgent:
     async def startup(self) -> None:
         """Connect and send the first ``Hello``."""
         self._loop = loop = asyncio.get_running_loop()
+        self._last_tick = loop.time()
         factory = self._transport_factory or _dealer_factory
         self._transport = factory(self.router, self.name, self._on_frames, self._on_transport_error)
         logger.info(
@@ -454,9 +456,13 @@ class WorkerAgent:
     # ------------------------------------------------------------------------------ ticks
 
     def _on_tick(self, now: float) -> None:
+        # A late tick means our own loop stalled: the router's frames may be waiting unread in
+        # the socket, so this tick does not judge its silence (the next one will, once read).
+        stalled = now - self._last_tick > self._liveness.heartbeat_interval_s
+        self._last_tick = now
         self._apply_requests(now)
         if self._state is AgentState.JOINED:
-            self._tick_joined(now)
+            self._tick_joined(now, stalled)
         elif self._state is not AgentState.STOPPED and now >= self._next_hello_at:
             self._send_hello(now)
         if self._stop is None:
@@ -471,9 +477,9 @@ class WorkerAgent:
             self._drain_request = None
             self._start_drain(request, now)
 
-    def _tick_joined(self, now: float) -> None:
+    def _tick_joined(self, now: float, stalled: bool) -> None:
         liveness = self._liveness
-        if liveness.router_gone(now):
+        if not stalled and liveness.router_gone(now):
             self._lose_router(now, f"silent for {liveness.silent_for(now):.1f}s")
             return
         if now >= self._next_report_at:

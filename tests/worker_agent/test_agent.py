@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 
@@ -377,6 +379,22 @@ async def test_silent_router_triggers_rehello(router: FakeRouter, start_agent: S
     assert running.agent.stats.rehellos >= 1
     await router.send_welcome("r-1", heartbeat_s=1.0)
     await until(lambda: running.agent.state is AgentState.JOINED)
+
+
+async def test_a_late_tick_does_not_judge_the_routers_silence(
+    router: FakeRouter, start_agent: StartAgent
+) -> None:
+    running = await start_agent()
+    await router.welcome(heartbeat_s=0.5, report_s=5.0)
+    await until(lambda: running.agent.state is AgentState.JOINED)
+    agent = running.agent
+    # No await between these calls: the clock is ours (STYLE R8).
+    later = asyncio.get_running_loop().time() + 2.0  # four silent intervals ...
+    agent._on_tick(later)  # ... but our own tick is as late: frames may wait unread
+    assert agent.state is AgentState.JOINED
+    agent._on_tick(later + 0.1)  # an on-time tick judges the silence
+    assert agent.state.value == "rejoining"  # (mypy narrowed the property above)
+    assert (await router.expect(Hello)).incarnation == agent.incarnation
 
 
 async def test_router_restart_sends_old_completions_as_recovered(

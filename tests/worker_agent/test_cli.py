@@ -45,6 +45,8 @@ def test_defaults() -> None:
     [
         [],  # --router is required
         ["--router", "localhost:5555"],  # not an endpoint
+        ["--router", "tcp://localhost"],  # no port
+        ["--router", "tcp://*:5555"],  # a bind address, not one to connect to
         ["--router", "tcp://h:1", "--capacity", "0"],
         ["--router", "tcp://h:1", "--drain-deadline-s", "-1"],
         ["--router", "tcp://h:1", "--executor", "openai"],
@@ -54,6 +56,15 @@ def test_defaults() -> None:
 def test_usage_errors_return_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["tcp://127.0.0.1:5555", "tcp://router.lan:1", "tcp://[::1]:5555", "ipc:///run/r"]
+)
+def test_endpoints_accepted(endpoint: str) -> None:
+    from worker_agent.__main__ import _ENDPOINT
+
+    assert _ENDPOINT.match(endpoint)
 
 
 def test_help_returns_0(capsys: pytest.CaptureFixture[str]) -> None:
