@@ -8,6 +8,7 @@ deploy/prometheus/rules.yml.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -154,6 +155,18 @@ def test_worker_daemonset_on_gpu_nodes() -> None:
     assert args[args.index("--name") + 1] == "$(NODE_NAME)"
     drain = float(args[args.index("--drain-deadline-s") + 1])
     assert pod["terminationGracePeriodSeconds"] > drain + 5
+
+
+def test_worker_args_are_accepted_by_the_worker() -> None:
+    """The DaemonSet's args, with $(VAR) expanded as the kubelet does, parse."""
+    from worker_agent.__main__ import build_parser
+
+    c = container(one("DaemonSet", "credit-worker"))
+    values = {**env(c), "NODE_NAME": "gpu-node-1"}
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: str(values[m.group(1)]), a) for a in c["args"][1:]]
+    args = build_parser().parse_args(argv)
+    assert args.router == "tcp://credit-router:5557"
+    assert args.name == "gpu-node-1"
 
 
 def test_network_policy_admits_the_workers() -> None:

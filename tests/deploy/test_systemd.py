@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -200,3 +201,22 @@ def test_systemd_analyze_security_exposure(verifiable_units: Path, unit: str) ->
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
     assert match, done.stdout + done.stderr
     assert float(match.group(1)) <= 2.5, done.stdout
+
+
+def test_worker_command_line_is_accepted_by_the_worker() -> None:
+    """The template's ExecStart, expanded as systemd would for instance gpu0, parses."""
+    from worker_agent.__main__ import build_parser
+
+    env = env_file(SYSTEMD / "worker.env.example")
+    exec_start = keys(WORKER_UNIT, "Service")["ExecStart"]
+    argv: list[str] = []
+    for word in exec_start.split()[2:]:  # past the binary and "worker"
+        if word == "$CREDIT_WORKER_ARGS":
+            argv += shlex.split(env["CREDIT_WORKER_ARGS"])
+        elif word.startswith("${"):
+            argv.append(env[word[2:-1]])
+        else:
+            argv.append(word.replace("%i", "gpu0"))
+    args = build_parser().parse_args(argv)
+    assert args.router == env["CREDIT_ROUTER_WORKER_ENDPOINT"]
+    assert args.name == "gpu0"
