@@ -637,6 +637,10 @@ class WorkerAgent:
                 self._handle(msg, now)
             except Exception:
                 logger.exception("failed to handle %s from the router", type(msg).__name__)
+        if self._outbox:
+            # Completions made inside this wakeup (zero-latency executions) leave with it, in
+            # one frame, rather than an event-loop iteration later.
+            self._flush()
 
     def _bad_frame(self, err: DecodeError, now: float) -> None:
         bad = self.stats.bad_frames
@@ -798,14 +802,11 @@ class WorkerAgent:
                     held.key[1],
                     suppressed,
                 )
-            self._finish(held, _FAILED, RESULT_TOO_LARGE, now, ttft_s=ttft)
+            self._finish(held, _FAILED, RESULT_TOO_LARGE, now, ttft)
         elif result.status is _COMPLETED:
-            self._finish(
-                held, _COMPLETED, "", now, ttft_s=ttft, result=result.result, turn=result.turn
-            )
+            self._finish(held, _COMPLETED, "", now, ttft, result.result, result.turn)
         else:  # an executor says completed or failed; anything else counts as a failure
-            reason = result.reason or "failed"
-            self._finish(held, _FAILED, reason, now, ttft_s=ttft, result=result.result)
+            self._finish(held, _FAILED, result.reason or "failed", now, ttft, result.result)
 
     def _finish(
         self,
@@ -813,12 +814,15 @@ class WorkerAgent:
         status: Status,
         reason: str,
         now: float,
-        *,
         ttft_s: float | None = None,
         result: bytes = b"",
         turn: Turn | None = None,
     ) -> None:
-        """The one place a credit ends: session bookkeeping, the completion, the next credit."""
+        """The one place a credit ends: session bookkeeping, the completion, the next credit.
+
+        This is the zero-latency hot path (once per credit), hence positional calls and
+        inlined checks.
+        """
         if held.done:
             return
         held.done = True
@@ -828,26 +832,27 @@ class WorkerAgent:
         started = held.started_at
         if started is not None:
             self._running -= 1
-        end = self.sessions.end(
-            held.credit, held.session, completed=status is _COMPLETED, turn=turn
-        )
-        producer, credit_id = held.key
+        credit = held.credit
+        end = self.sessions.end(credit, held.session, completed=status is _COMPLETED, turn=turn)
         entry = self.completions.record(
-            producer=producer,
-            credit_id=credit_id,
-            status=status,
-            router_incarnation=held.router_incarnation,
-            reason=reason[:MAX_TEXT],  # the protocol's bound: never send an invalid frame
-            ttft_s=ttft_s if ttft_s is not None else held.ttft_s,
-            duration_s=None if started is None else now - started,
-            session_ended=end.session_ended,
-            result=result,
-            child_release=end.child_release,
+            held.key[0],
+            credit.id,
+            status,
+            held.router_incarnation,
+            reason if len(reason) <= MAX_TEXT else reason[:MAX_TEXT],  # the protocol's bound
+            ttft_s if ttft_s is not None else held.ttft_s,
+            None if started is None else now - started,
+            end.session_ended,
+            result,
+            end.child_release,
         )
-        self.stats.completions[status.value] += 1
+        self.stats.completions[status] += 1  # a StrEnum member finds its str key
         self._outbox.append(entry)
-        self._schedule_flush()
-        self._start_waiting(now)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._require_loop().call_soon(self._flush)
+        if self._waiting:
+            self._start_waiting(now)
         if self._draining:
             self._wake.set()
 

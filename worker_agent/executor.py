@@ -14,7 +14,8 @@ OpenAI HTTP executor a later issue adds:
 * ``execute_nowait`` lets an executor that can answer without waiting (the zero-latency
   simulator) skip the task altogether; executors that always wait return ``None``.
 * The session is the agent's: read ``session.history``, never keep or mutate it. A completed
-  turn hands back the ``Turn`` to append (``ExecResult.turn``).
+  turn hands back the ``Turn`` to append (``ExecResult.turn``; it may be ``None`` for a final
+  turn that declares no FORK children, whose history nobody will read).
 
 ``SimExecutor`` is a simulated GPU host: an LRU prefix cache of 64-token block hashes (the hash
 chain of the session's token stream, as vLLM's automatic prefix caching keys blocks), a time to
@@ -28,7 +29,6 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Annotated, Final, Protocol
 
 import msgspec
@@ -52,8 +52,7 @@ FirstTokenCallback = Callable[[float], None]
 """Called with the time to first token, in seconds from the start of the execution."""
 
 
-@dataclass(frozen=True, slots=True)
-class ExecResult:
+class ExecResult(msgspec.Struct, frozen=True, gc=False):
     """How an execution ended (the agent turns it into a ``Completion``).
 
     Attributes:
@@ -61,7 +60,9 @@ class ExecResult:
         reason: for ``FAILED``: short and low-cardinality, e.g. ``http_503``.
         ttft_s: time to first token, if a token came.
         result: opaque bytes for the producer.
-        turn: the finished turn, appended to the session's history when completed.
+        turn: the finished turn, appended to the session's history when completed; ``None``
+            is allowed when the session ends with this turn and forks nothing (no later turn
+            will read the history).
     """
 
     status: Status
@@ -124,6 +125,10 @@ class SimResult(msgspec.Struct, frozen=True):
 _msgpack_request: Final = msgspec.msgpack.Decoder(SimRequest)
 _json_request: Final = msgspec.json.Decoder(SimRequest)
 _result_encoder: Final = msgspec.msgpack.Encoder()
+_DEFAULT_REQUEST: Final = SimRequest()
+_RESULT_MEMO_MAX: Final = 4_096
+"""Encoded results memoized by ``(prompt, cached, output)``: with the same token counts, most
+turns of a benchmark return identical bytes, and encoding is a third of the simulator's cost."""
 
 
 class PrefixCache:
@@ -200,8 +205,7 @@ def block_hashes(segments: list[tuple[int, int]], block_tokens: int) -> list[int
     return hashes
 
 
-@dataclass(frozen=True, slots=True)
-class _Plan:
+class _Plan(msgspec.Struct, frozen=True, gc=False):
     prompt_tokens: int
     cached_tokens: int
     output_tokens: int
@@ -257,6 +261,7 @@ class SimExecutor:
         self.cache = PrefixCache(cache_blocks)
         self.prompt_tokens_total = 0
         self.cached_tokens_total = 0
+        self._memo: dict[tuple[int, int, int], bytes] = {}
 
     def __repr__(self) -> str:
         return (
@@ -274,6 +279,12 @@ class SimExecutor:
         """In ``zero_latency`` mode, the whole execution, now; otherwise ``None``."""
         if not self.zero_latency:
             return None
+        if (
+            not session.history
+            and credit.turn_index >= credit.num_turns - 1
+            and not credit.fork_count
+        ):
+            return self._lone_turn(credit)
         plan = self._plan(credit, session)
         if isinstance(plan, ExecResult):
             return plan
@@ -302,6 +313,28 @@ class SimExecutor:
     async def aclose(self) -> None:
         """Nothing to release."""
 
+    def _lone_turn(self, credit: Credit) -> ExecResult:
+        """A turn without history whose session ends with it: nothing to look up or cache.
+
+        The dominant benchmark case (single-turn sessions), so it skips the plan; no ``Turn``
+        either, since no later turn will read this session's history.
+        """
+        request = self._request(credit.payload)
+        if request is None:
+            return ExecResult(Status.FAILED, reason="invalid_payload")
+        new_input = request.input_tokens
+        prompt = self.default_input_tokens if new_input is None else new_input
+        output = request.output_tokens
+        if output is None:
+            output = self.default_output_tokens
+        self.prompt_tokens_total += prompt
+        key = (prompt, 0, output)
+        encoded = self._memo.get(key)
+        if encoded is None:
+            ttft = self.base_ttft_s + prompt * self.prefill_s_per_token
+            encoded = self._encode_result(key, ttft)
+        return ExecResult(Status.COMPLETED, ttft_s=0.0, result=encoded)
+
     def _plan(self, credit: Credit, session: Session) -> _Plan | ExecResult:
         request = self._request(credit.payload)
         if request is None:
@@ -313,16 +346,31 @@ class SimExecutor:
             self.default_output_tokens if request.output_tokens is None else request.output_tokens
         )
         turn = Turn(new_input, output)
-        segments = []
-        for past in session.history:
-            segments.append((2 * past.uid, past.input_tokens))
-            segments.append((2 * past.uid + 1, past.output_tokens))
-        segments.append((2 * turn.uid, new_input))
-        prompt = sum(length for _, length in segments)
-        segments.append((2 * turn.uid + 1, output))
-        hashes = block_hashes(segments, self.block_tokens)
-        prompt_blocks = hashes[: prompt // self.block_tokens]
-        cached = self.cache.match(prompt_blocks) * self.block_tokens
+        history = session.history
+        prompt = new_input
+        for past in history:
+            prompt += past.input_tokens + past.output_tokens
+        # A turn's tokens belong to its session (and to FORK copies of it): the cache can hold
+        # a prefix of this prompt only if there is history, and this turn's blocks can only be
+        # matched later if the session goes on or forks. Otherwise skip the hashing and leave
+        # the cache alone (inserting would only evict blocks that can still hit).
+        keep = credit.turn_index < credit.num_turns - 1 or credit.fork_count > 0
+        all_blocks: list[int] = []
+        prompt_blocks: list[int] = []
+        cached = 0
+        if history or keep:
+            segments = []
+            for past in history:
+                segments.append((2 * past.uid, past.input_tokens))
+                segments.append((2 * past.uid + 1, past.output_tokens))
+            segments.append((2 * turn.uid, new_input))
+            segments.append((2 * turn.uid + 1, output))
+            hashes = block_hashes(segments, self.block_tokens)
+            in_prompt = hashes[: prompt // self.block_tokens]
+            if history:
+                cached = self.cache.match(in_prompt) * self.block_tokens
+            if keep:
+                prompt_blocks, all_blocks = in_prompt, hashes
         self.prompt_tokens_total += prompt
         self.cached_tokens_total += cached
         return _Plan(
@@ -332,14 +380,14 @@ class SimExecutor:
             ttft_s=self.base_ttft_s + (prompt - cached) * self.prefill_s_per_token,
             decode_s=output * self.decode_s_per_token,
             prompt_blocks=prompt_blocks,
-            all_blocks=hashes,
+            all_blocks=all_blocks,
             turn=turn,
         )
 
     @staticmethod
     def _request(payload: bytes) -> SimRequest | None:
         if not payload:
-            return SimRequest()
+            return _DEFAULT_REQUEST
         try:
             if payload[:1] == b"{":  # JSON (as in PROTOCOL.md's examples); msgpack maps are 0x8_
                 return _json_request.decode(payload)
@@ -349,17 +397,21 @@ class SimExecutor:
                 logger.debug("invalid sim payload: %s", exc)
             return None
 
-    @staticmethod
-    def _result(plan: _Plan, ttft_s: float) -> ExecResult:
-        result = SimResult(
-            input_tokens=plan.prompt_tokens,
-            cached_tokens=plan.cached_tokens,
-            output_tokens=plan.output_tokens,
-            ttft_s=plan.ttft_s,
+    def _result(self, plan: _Plan, ttft_s: float) -> ExecResult:
+        key = (plan.prompt_tokens, plan.cached_tokens, plan.output_tokens)
+        encoded = self._memo.get(key)
+        if encoded is None:
+            encoded = self._encode_result(key, plan.ttft_s)
+        return ExecResult(Status.COMPLETED, ttft_s=ttft_s, result=encoded, turn=plan.turn)
+
+    def _encode_result(self, key: tuple[int, int, int], ttft_s: float) -> bytes:
+        if len(self._memo) >= _RESULT_MEMO_MAX:
+            self._memo.clear()
+        prompt, cached, output = key
+        encoded = _result_encoder.encode(
+            SimResult(
+                input_tokens=prompt, cached_tokens=cached, output_tokens=output, ttft_s=ttft_s
+            )
         )
-        return ExecResult(
-            Status.COMPLETED,
-            ttft_s=ttft_s,
-            result=_result_encoder.encode(result),
-            turn=plan.turn,
-        )
+        self._memo[key] = encoded
+        return encoded

@@ -38,13 +38,17 @@ def decode(result: ExecResult | None) -> SimResult:
     return msgspec.msgpack.decode(result.result, type=SimResult)
 
 
-def run(sim: SimExecutor, session: Session, payload: bytes = b"") -> SimResult:
+def run(
+    sim: SimExecutor, session: Session, payload: bytes = b"", *, final: bool = False
+) -> SimResult:
     """One zero-latency turn, appended to the session's history as the agent would."""
-    result = sim.execute_nowait(credit(session.x_correlation_id, payload=payload), session)
+    index = len(session.history)
+    turn = credit(session.x_correlation_id, index, payload, num_turns=index + (1 if final else 2))
+    result = sim.execute_nowait(turn, session)
     out = decode(result)
     assert result is not None
-    assert result.turn is not None
-    session.history.append(result.turn)
+    if result.turn is not None:  # none for a final turn: no later turn reads the history
+        session.history.append(result.turn)
     return out
 
 
@@ -136,6 +140,19 @@ def test_next_turn_hits_the_cache_and_is_faster_than_a_cold_prompt() -> None:
     assert sim.cached_tokens_total == 256
 
 
+def test_a_session_that_cannot_go_on_leaves_the_cache_alone() -> None:
+    sim = SimExecutor(zero_latency=True)
+    run(sim, Session("single"), tokens(1000, 100), final=True)  # single turn, no children
+    assert len(sim.cache) == 0  # nothing could ever match its blocks
+    session = Session("s")
+    run(sim, session, tokens(1000, 100))
+    blocks = len(sim.cache)
+    assert blocks == 1100 // 64
+    last = run(sim, session, tokens(100, 10), final=True)
+    assert last.cached_tokens == blocks * 64  # the final turn still finds its prefix
+    assert len(sim.cache) == blocks  # ... and adds nothing
+
+
 def test_fork_child_shares_its_parents_prefix_spawn_child_does_not() -> None:
     sim = SimExecutor(zero_latency=True)
     table = SessionTable()
@@ -201,10 +218,12 @@ def test_invalid_configuration_is_refused() -> None:
 
 
 def test_turn_sizes_come_from_the_payload() -> None:
-    result = SimExecutor(zero_latency=True).execute_nowait(
-        credit(payload=tokens(12, 3)), Session("s")
-    )
+    sim = SimExecutor(zero_latency=True)
+    result = sim.execute_nowait(credit(payload=tokens(12, 3), num_turns=2), Session("s"))
     assert result is not None
-    assert result.turn is not None
-    assert (result.turn.input_tokens, result.turn.output_tokens) == (12, 3)
     assert isinstance(result.turn, Turn)
+    assert (result.turn.input_tokens, result.turn.output_tokens) == (12, 3)
+    last = sim.execute_nowait(credit(payload=tokens(12, 3)), Session("t"))
+    assert last is not None
+    assert last.turn is None  # a lone final turn: nobody will read its history
+    assert decode(last).input_tokens == 12
