@@ -34,10 +34,15 @@ reports that reason.
 
 Completions: ``_finish`` numbers the completion in the ``CompletionLog`` (kept until a
 cumulative ``Ack`` covers it) and appends it to the iteration's outbox; one ``call_soon``'d
-``_flush`` per loop iteration sends the outbox as one frame (``Completion``/``CompletionBatch``;
-``Recovered`` for credits an earlier router incarnation dispatched), after the iteration's
-``FirstToken`` events (minus those whose completion is in the same flush: it carries the TTFT
-already) and before the ``ChildRelease`` of FORK children that ended.
+``_flush`` per loop iteration (or the end of the reader wakeup that produced them) sends the
+outbox as one frame in ``seq`` order (``Completion``/``CompletionBatch``; ``Recovered`` for
+credits an earlier router incarnation dispatched), after the iteration's ``FirstToken`` events
+(minus those whose completion is in the same flush: it carries the TTFT already) and before the
+``ChildRelease`` of FORK children that ended.
+
+Staleness: the agent never blames the router for silence measured by a tick that was itself
+late (our loop stalled; the router's frames may be waiting unread), and it never writes a field
+beyond the protocol's bounds (a frame the router rejects would be rejected on every resend).
 
 Draining: on ``drain()`` or the router's ``Drain`` the agent sends ``Draining(deadline_s)``,
 keeps serving, and stops when it holds no credit and no session (``drained``) or at the
@@ -236,8 +241,12 @@ class WorkerAgent:
         settle_timeout_s: at shutdown, how long cancelled executions get to finish before
             their completions are written without them.
         incarnation: this process's incarnation; random hex when omitted (tests pin it).
-        transport_factory: builds the transport (a fake in tests); a ``DealerTransport`` by
-            default.
+        transport_factory: builds the transport (inject a fake to run without sockets); a
+            ``DealerTransport`` by default.
+
+    Raises:
+        ValueError: a bound is out of range, or the name or labels would make every
+            ``Hello`` invalid (PROTOCOL.md §4.1).
     """
 
     def __init__(

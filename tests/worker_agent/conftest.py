@@ -165,7 +165,7 @@ async def start_agent(router: FakeRouter) -> AsyncIterator[StartAgent]:
     for running in started:
         if not running.task.done():
             running.agent.force_exit()
-        with contextlib.suppress(Exception):  # the test already judged the outcome
+        with contextlib.suppress(Exception, asyncio.CancelledError):  # the test judged it
             await asyncio.wait_for(running.task, 3.0)
 
 

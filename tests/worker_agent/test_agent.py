@@ -38,7 +38,7 @@ from tests.worker_agent.conftest import (
     payload,
     until,
 )
-from worker_agent.agent import AgentState, StopReason
+from worker_agent.agent import AgentState, StopReason, WorkerAgent
 from worker_agent.errors import RefusedError
 from worker_agent.executor import SimExecutor, SimResult
 
@@ -483,6 +483,36 @@ async def test_force_exit_cancels_everything(router: FakeRouter, start_agent: St
     assert {(c.status, c.reason) for c in batch.completions} == {(Status.CANCELLED, "forced_exit")}
     assert (await router.expect(Goodbye)).reason == "forced"
     assert await running.result() is StopReason.FORCED
+
+
+async def test_cancelling_serve_still_completes_every_credit_once(
+    router: FakeRouter, start_agent: StartAgent
+) -> None:
+    gate = GateExecutor()
+    running = await start_agent(executor=gate)
+    await router.welcome()
+    await router.send(DispatchBatch(producer="p", credits=[credit(1), credit(2), credit(3)]))
+    await until(lambda: len(gate.started) == 3)
+    running.task.cancel()  # a supervisor cancels serve() itself
+    batch = await router.expect(CompletionBatch)
+    assert sorted(c.credit_id for c in batch.completions) == [1, 2, 3]
+    assert {c.reason for c in batch.completions} == {"forced_exit"}
+    assert (await router.expect(Goodbye)).reason == "forced"
+    with pytest.raises(asyncio.CancelledError):
+        await running.task
+    assert running.agent.in_flight() == {}
+    assert not any(isinstance(m, Completion) for m in await router.collect(0.1))
+
+
+def test_names_and_labels_that_would_break_hello_are_refused() -> None:
+    sim = SimExecutor()
+    with pytest.raises(ValueError, match="worker name"):
+        WorkerAgent(router="tcp://127.0.0.1:1", name="", executor=sim)
+    labels = {f"k{i}": "v" for i in range(64)}  # 64 + "executor" > 64
+    with pytest.raises(ValueError, match="labels"):
+        WorkerAgent(router="tcp://127.0.0.1:1", name="w", executor=sim, labels=labels)
+    with pytest.raises(ValueError, match="capacity"):
+        WorkerAgent(router="tcp://127.0.0.1:1", name="w", executor=sim, capacity=0)
 
 
 async def test_drain_before_any_welcome_exits_at_once(
