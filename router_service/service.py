@@ -53,6 +53,7 @@ from protocol.messages import (
     Submit,
     SubmitBatch,
 )
+from router_service import sdnotify
 from router_service.core.router import Effects, RouterCore
 from router_service.transport import Frames, RouterSocket
 from router_service.web import StatusServer
@@ -161,6 +162,7 @@ class RouterService:
         if self.http is not None:
             await self.http.start()
         self.ready.set()
+        sdnotify.notify(sdnotify.READY)  # systemd Type=notify: bound and serving
         try:
             await self.main_loop()
         finally:
@@ -224,6 +226,11 @@ class RouterService:
         if self.should_exit or force:
             self.force_exit = True
         self.should_exit = True
+        # Stop taking credits now, not at the next tick: a credit accepted during the drain
+        # would only end ``router_shutdown`` later.
+        self.draining = True
+        self.core.accepting = False
+        sdnotify.notify(sdnotify.STOPPING)
 
     async def shutdown(self) -> None:
         """Drain, end every remaining credit with an outcome, close the sockets."""

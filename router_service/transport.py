@@ -95,6 +95,7 @@ class _Driven:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._scheduled = False
+        self._recheck_scheduled = False
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start delivering frames on ``loop``."""
@@ -117,8 +118,16 @@ class _Driven:
             self._scheduled = True
             self._loop.call_soon(self._on_readable)
 
+    def _sent(self) -> None:
+        """Called after every send: a send may consume the read edge (the FD is shared by
+        both directions), so look for pending input once the current callback is done."""
+        if not self._recheck_scheduled and self._loop is not None:
+            self._recheck_scheduled = True
+            self._loop.call_soon(self.recheck)
+
     def recheck(self) -> None:
-        """After sending: a send may consume the read edge, so look for pending input."""
+        """Look for input that arrived without raising an edge, and read it."""
+        self._recheck_scheduled = False
         try:
             events: int = self._sock.getsockopt(EVENTS)  # type: ignore[assignment]
             if events & POLLIN:
@@ -210,6 +219,7 @@ class RouterSocket(_Driven):
                 logger.debug("send to %r failed: %s", identity, exc)
             return False
         self.bytes_out += len(frame)
+        self._sent()
         return True
 
 
@@ -269,4 +279,5 @@ class DealerSocket(_Driven):
             self._sock.send(frame, NOBLOCK)
         except zmq.ZMQError:
             return False
+        self._sent()
         return True

@@ -184,23 +184,11 @@ class TrafficHarness:
                     key = outcome.status.value
                     self.outcomes[key] = self.outcomes.get(key, 0) + 1
 
-        async def poke() -> None:
-            # WORKAROUND for a RouterClient bug: it sends (``_flush``, ``_beat``, the hello)
-            # outside its read callback without ``recheck()``, and a ZeroMQ send can consume
-            # the edge of the edge-triggered FD, so outcomes already queued are never read and
-            # the producer stalls (seen in 3 of 5 runs within 2.5 s). Remove once the client
-            # rechecks after its own sends.
-            while True:
-                await asyncio.sleep(0.02)
-                assert client._sock is not None
-                client._sock.recheck()
-
         tasks = [asyncio.create_task(session()) for _ in range(self.sessions)]
-        poker = asyncio.create_task(poke())
         await self._stop.wait()
-        for task in [*tasks, poker]:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, poker, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _worker(
         self,
