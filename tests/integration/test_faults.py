@@ -328,7 +328,9 @@ async def test_same_incarnation_reconnecting_within_grace_loses_nothing(
             incarnation = cluster.status()["workers"][0]["incarnation"]
             await proxy.cut(for_s=0.8)  # completions finish during the cut
             outcomes = await gather(futures, 10)
-            assert {(o.status, o.worker) for o in outcomes} == {(Status.COMPLETED, "blip")}
+            assert {(o.status, o.worker) for o in outcomes} == {(Status.COMPLETED, "blip")}, (
+                outcomes
+            )
             doc = cluster.status()
             assert doc["workers"][0]["incarnation"] == incarnation
             assert doc["totals"]["outcomes"]["lost"] == 0
