@@ -321,7 +321,7 @@ class RouterCore:
         self._effects.to_worker.append(
             (entry.worker.name, EndSession(x_correlation_id=session, reason=reason or "ended"))
         )
-        self._maybe_evict(entry)
+        self._maybe_evict(entry, notify=session != entry.key)
 
     def release_reservation(self, session: str, count: int, now: float) -> None:
         """Give back FORK reservations that ``session``'s turns declared and will not use."""
@@ -456,8 +456,13 @@ class RouterCore:
             if waited is not None:
                 waited(ticket.dispatched_at - ticket.submitted_at)
                 held(now - ticket.dispatched_at)
-            if status is not _COMPLETED and ticket.credit.fork_count:
-                self._drop_declared(ticket.credit)
+            credit = ticket.credit
+            if status is not _COMPLETED and credit.fork_count:
+                self._drop_declared(credit)
+            if done.session_ended and credit.branch_mode is _FORK:
+                # The worker dropped this FORK child's session: that is its release (the
+                # ChildRelease message may be lost with a connection; this one is acked).
+                self.child_release(name, credit.x_correlation_id, now)
             outcome = Outcome(
                 credit_id=done.credit_id,
                 status=status,
@@ -872,10 +877,16 @@ class RouterCore:
             return None
         return home
 
-    def _maybe_evict(self, entry: Entry) -> None:
+    def _maybe_evict(self, entry: Entry, *, notify: bool = True) -> None:
+        """Evict ``entry`` if nothing holds it any more; tell its worker, which may still keep
+        the session's history for FORK children that will now never start."""
         if entry.ref_count == 0 and entry.key in self.table.entries:
             worker = entry.worker
             self.table.remove(entry, None)
+            if notify:
+                self._effects.to_worker.append(
+                    (worker.name, EndSession(x_correlation_id=entry.key, reason="released"))
+                )
             self._reindex(worker)
 
     def _evict(self, entry: Entry, reason: str) -> None:

@@ -207,3 +207,20 @@ def test_submit_to_dispatch_delay_is_measured(h: Harness) -> None:
     assert h2.outcome(a).submit_to_dispatch_s == 0.0
     assert h2.outcome(b).submit_to_dispatch_s == pytest.approx(2.5)
     assert h2.outcome(b).dispatch_to_outcome_s == pytest.approx(0.5)
+
+
+def test_session_ended_completion_releases_a_fork_child(h: Harness) -> None:
+    """The acked completion carries the release too (a ChildRelease may die with a link)."""
+    h.complete(h.send("root", fork_count=1))
+    kid = h.send("kid", parent_correlation_id="root", branch_mode=FORK)
+    h.complete(kid, session_ended=True)
+    check_no_leak(h.core)
+    h.child_release("kid")  # the message arriving as well changes nothing
+    check_no_leak(h.core)
+
+
+def test_worker_is_told_when_released_reservations_free_a_parent(h: Harness) -> None:
+    root = h.send("root", fork_count=2)  # final turn: the worker keeps history for the kids
+    h.complete(root)
+    h.release("root", 2)
+    assert (h.where(root), EndSession(x_correlation_id="root", reason="released")) in h.to_worker
