@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import sys
 import time
@@ -95,7 +96,9 @@ def _serve(args: argparse.Namespace) -> int:
         inflight_report_interval_s=settings.inflight_report_interval_s,
         soft_affinity_gap=settings.soft_affinity_gap,
         spawn_affinity_slack=settings.spawn_affinity_slack,
+        sticky=settings.routing_policy == "sticky",
     )
+    curve, allowlist = _curve(settings)
     service = RouterService(
         core,
         worker_endpoint=settings.worker_endpoint,
@@ -105,10 +108,13 @@ def _serve(args: argparse.Namespace) -> int:
         producer_timeout_s=settings.producer_timeout_s,
         http_host=settings.http_host,
         http_port=settings.http_port,
+        curve=curve,
+        allowlist=allowlist,
     )
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, service.reload_keys)
         loop.add_signal_handler(signal.SIGTERM, service.request_exit)
         # First SIGINT drains like SIGTERM; a second one forces (request_exit escalates).
         loop.add_signal_handler(signal.SIGINT, service.request_exit)
@@ -120,6 +126,58 @@ def _serve(args: argparse.Namespace) -> int:
     except TransportError as exc:
         print(f"credit-router: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _curve(settings: RouterSettings) -> tuple[tuple[bytes, bytes] | None, Any]:
+    """Server keys and allowlist from the settings; refuses plaintext off loopback."""
+    from router_service.security import Allowlist, load_secret
+
+    c = settings.curve
+    keys: tuple[bytes, bytes] | None = None
+    if c.secret_key is not None:
+        secret = c.secret_key.get_secret_value().encode()
+        keys = (zmq_curve_public(secret), secret)
+    elif c.secret_key_file is not None:
+        keys = load_secret(c.secret_key_file)
+    if keys is not None:
+        if c.allowed_keys is None:
+            raise SettingsError("invalid setting curve.allowed_keys: required with a secret key")
+        return keys, Allowlist(c.allowed_keys)
+    for name in ("worker_endpoint", "producer_endpoint"):
+        endpoint = getattr(settings, name)
+        if _exposed(endpoint):
+            if not settings.insecure:
+                raise SettingsError(
+                    f"invalid setting {name}: plaintext on non-loopback {endpoint} needs "
+                    "CURVE keys (curve.secret_key_file, curve.allowed_keys) or --insecure"
+                )
+            logging.getLogger("router_service").warning(
+                "INSECURE: %s %s is plaintext and unauthenticated", name, endpoint
+            )
+    return None, None
+
+
+def zmq_curve_public(secret: bytes) -> bytes:
+    """The Z85 public key of a Z85 secret key."""
+    import zmq
+
+    return zmq.curve_public(secret)
+
+
+def _exposed(endpoint: str) -> bool:
+    """A TCP endpoint bound beyond loopback."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    return not (host.startswith("127.") or host in ("localhost", "::1"))
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from router_service.security import generate
+
+    for path in generate(args.directory, args.names):
+        print(path)
     return 0
 
 
@@ -230,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("worker", help="run a worker agent (see: credit-router worker --help)")
 
+    keys = sub.add_parser("keys", help="CurveZMQ key pairs")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    gen = keys_sub.add_parser(
+        "generate", help="write NAME.key (public) and NAME.key_secret for each name"
+    )
+    gen.add_argument("directory", type=Path)
+    gen.add_argument("names", nargs="*", default=["router"], help="key names (default: router)")
+    gen.set_defaults(func=_keys)
+
     config = sub.add_parser("config", help="show the effective configuration")
     config_sub = config.add_subparsers(dest="action", required=True)
     show = config_sub.add_parser("show", help="print the effective settings (secrets redacted)")
@@ -269,9 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["worker"]:
         return _worker(argv[1:])
     args = build_parser().parse_args(argv)
+    from router_service.security import KeyError_
+
     try:
         code: int = args.func(args)
-    except SettingsError as exc:
+    except (SettingsError, KeyError_) as exc:
         print(f"credit-router: {exc}", file=sys.stderr)
         return 2
     return code

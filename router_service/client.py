@@ -72,6 +72,8 @@ class RouterClient:
         on_first_token: called with ``(credit_id, ttft_s)`` when a worker saw the first token.
         context: the process's ZeroMQ context (one is created if omitted).
         protocol_version: the version to announce (only tests speak another one).
+        curve: ``(router public, own public, own secret)`` Z85 keys when the router's producer
+            endpoint is TCP with CURVE; the key's name in its allowlist must be ``name``.
     """
 
     def __init__(
@@ -85,9 +87,11 @@ class RouterClient:
         on_first_token: Callable[[int, float], None] | None = None,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         protocol_version: int = PROTOCOL_VERSION,
+        curve: tuple[bytes, bytes, bytes] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.protocol_version = protocol_version
+        self._curve = curve
         self.name = name
         self.incarnation = uuid.uuid4().hex[:12]
         self.key = f"{name}/{self.incarnation}"
@@ -131,7 +135,9 @@ class RouterClient:
     async def connect(self, timeout_s: float = 10.0) -> None:
         """Connect and wait for the router's welcome. Raises ``TimeoutError`` or refusal."""
         loop = asyncio.get_running_loop()
-        self._sock = DealerSocket(self._ctx, self.endpoint, self.key.encode(), self._on_frames)
+        self._sock = DealerSocket(
+            self._ctx, self.endpoint, self.key.encode(), self._on_frames, curve=self._curve
+        )
         self._sock.attach(loop)
         try:
             await self._handshake(timeout_s)

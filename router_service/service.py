@@ -55,7 +55,8 @@ from protocol.messages import (
 )
 from router_service import sdnotify
 from router_service.core.router import Effects, RouterCore
-from router_service.transport import Frames, RouterSocket
+from router_service.security import Allowlist, KeyError_, ZapHandler
+from router_service.transport import Curve, Frames, RouterSocket
 from router_service.web import StatusServer
 
 __all__ = ["RouterService"]
@@ -107,6 +108,9 @@ class RouterService:
         producer_timeout_s: a producer silent this long is gone: its credits are cancelled.
         http_host: where the HTTP endpoints listen (loopback by default).
         http_port: their port; ``None`` serves no HTTP, 0 picks a free port.
+        curve: ``(public, secret)`` Z85 server keys to require CURVE (both endpoints when
+            TCP), with ``allowlist`` binding each allowed key to a worker or producer name.
+        allowlist: the allowed keys (required with ``curve``); ``reload_keys()`` re-reads it.
         context: a ZeroMQ context to use (one per process; created if omitted).
     """
 
@@ -121,6 +125,8 @@ class RouterService:
         producer_timeout_s: float = 60.0,
         http_host: str = "127.0.0.1",
         http_port: int | None = None,
+        curve: tuple[bytes, bytes] | None = None,
+        allowlist: Allowlist | None = None,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         self.core = core
@@ -147,7 +153,13 @@ class RouterService:
         """Lateness of the last tick: how far behind its schedule the event loop ran."""
         self._last_beat = 0.0
         self.auth_failures = 0
-        """Failed CURVE handshakes seen by the socket monitor."""
+        """Failed CURVE handshakes, and frames whose key does not own their identity."""
+        if (curve is None) != (allowlist is None):
+            raise ValueError("curve keys and an allowlist go together")
+        self._curve_keys = curve
+        self.allowlist = allowlist
+        self._allowed_names: set[str] = set(allowlist.names.values()) if allowlist else set()
+        self._zap: ZapHandler | None = None
         self.version = _version()
         self.started_at = time.monotonic()
         self.http: StatusServer | None = (
@@ -171,14 +183,31 @@ class RouterService:
     def startup(self) -> None:
         """Bind both endpoints and start reading."""
         self._loop = asyncio.get_running_loop()
+        worker_curve = producer_curve = None
+        if self._curve_keys is not None:
+            assert self.allowlist is not None
+            self._zap = ZapHandler(self._ctx, self.allowlist)
+            self._zap.start_allowing()
+            public, secret = self._curve_keys
+            worker_curve = Curve(public, secret, lambda: self._allowed_names, _worker_owner)
+            if self.producer_endpoint.startswith("tcp://"):
+                producer_curve = Curve(public, secret, lambda: self._allowed_names, _producer_owner)
         self._workers_sock = RouterSocket(
-            self._ctx, self.worker_endpoint, self._on_worker_frames, self._on_malformed_worker
+            self._ctx,
+            self.worker_endpoint,
+            self._on_worker_frames,
+            self._on_malformed_worker,
+            curve=worker_curve,
+            on_auth_failure=self._on_auth_failure,
+            on_disconnect=self._on_worker_disconnect,
         )
         self._producers_sock = RouterSocket(
             self._ctx,
             self.producer_endpoint,
             self._on_producer_frames,
             self._on_malformed_producer,
+            curve=producer_curve,
+            on_auth_failure=self._on_auth_failure,
         )
         self.worker_endpoint = self._workers_sock.endpoint
         self.producer_endpoint = self._producers_sock.endpoint
@@ -248,11 +277,62 @@ class RouterService:
         for sock in (self._workers_sock, self._producers_sock):
             if sock is not None:
                 sock.close()
+        if self._zap is not None:
+            self._zap.stop()
         if self._own_context:
             self._ctx.term()
         if self.http is not None:
             await self.http.stop()
         logger.info("router stopped")
+
+    def reload_keys(self) -> None:
+        """Re-read the allowlist (SIGHUP): peers whose key was removed are cut off and lost."""
+        if self.allowlist is None:
+            logger.warning("key reload asked, but CURVE is off")
+            return
+        try:
+            added, removed = self.allowlist.reload()
+        except KeyError_ as exc:
+            logger.error("key reload failed, keeping the old allowlist: %s", exc)
+            return
+        self._allowed_names = set(self.allowlist.names.values())
+        logger.info("keys reloaded added=%s removed=%s", sorted(added), sorted(removed))
+        now = self.now()
+        for name in removed:
+            if name in self.core.workers:
+                logger.warning("worker cut off name=%s (key removed)", name)
+                self.core.worker_unreachable(name, now)
+            for identity, producer in list(self.producers.items()):
+                if producer.key.split("/", 1)[0] == name:
+                    del self.producers[identity]
+                    self.core.producer_gone(producer.key, now)
+        self._flush(now)
+
+    def _on_auth_failure(self, identity: bytes, why: str) -> None:
+        self.auth_failures += 1
+        now = self.now()
+        errors = self._errors.get(b"\x00auth")
+        if errors is None:
+            errors = self._errors[b"\x00auth"] = _PeerErrors(now)
+        if now - errors.last_log >= LOG_EVERY_S:
+            logger.warning(
+                "authentication failure %r: %s (%d more suppressed)",
+                identity,
+                why,
+                errors.suppressed,
+            )
+            errors.last_log = now
+            errors.suppressed = 0
+        else:
+            errors.suppressed += 1
+
+    def _on_worker_disconnect(self, identity: bytes) -> None:
+        name = identity.decode("utf-8", "replace")
+        if name in self.core.workers:
+            # Its connection closed: nothing more goes to that identity until the worker's
+            # key speaks again (whoever connects with the name next must prove it).
+            self.core.worker_disconnected(name, "", (), self.now())
+            self._flush(self.now())
 
     def is_ready(self) -> bool:
         """Bound and accepting credits (``/readyz``)."""
@@ -605,6 +685,16 @@ class RouterService:
                 self.core.worker_unreachable(name, now)
             elif not worker and identity in self.producers:
                 self.core.producer_gone(self.producers.pop(identity).key, now)
+
+
+def _worker_owner(identity: bytes) -> str:
+    """A worker's routing identity is its name, which its key must be bound to."""
+    return identity.decode("utf-8", "replace")
+
+
+def _producer_owner(identity: bytes) -> str:
+    """A producer's routing identity is ``name/incarnation``; its key is bound to ``name``."""
+    return identity.decode("utf-8", "replace").split("/", 1)[0]
 
 
 def _version() -> str:

@@ -36,6 +36,7 @@ __all__ = ["CurveSettings", "RouterSettings", "SettingsError", "describe_error"]
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
+RoutingPolicy = Literal["sticky", "least_loaded"]
 
 
 class SettingsError(Exception):
@@ -94,6 +95,10 @@ class RouterSettings(BaseSettings):
     worker's by more than this (``None``: hard affinity only)."""
     spawn_affinity_slack: NonNegativeFloat | None = None
     """Put a SPAWN child's first turn on its parent's worker when within this load ratio."""
+    routing_policy: RoutingPolicy = "sticky"
+    """``sticky`` (routing.md); ``least_loaded`` routes every credit as a new session, FORK
+    children too: a baseline for measuring what stickiness is worth (``credit-router run
+    --compare``), never for production."""
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
     insecure: bool = False

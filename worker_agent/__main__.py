@@ -15,13 +15,15 @@ import re
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Final
 
 import uvloop
 
-from worker_agent.agent import StopReason, WorkerAgent
+from worker_agent.agent import StopReason, TransportFactory, WorkerAgent
 from worker_agent.errors import RefusedError, TransportError
 from worker_agent.executor import SimExecutor
+from worker_agent.transport import DealerTransport, ErrorHandler, FrameHandler, Transport
 
 __all__ = ["build_parser", "main"]
 
@@ -65,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="on SIGTERM, leave after at most this long (default 30)",
+    )
+    parser.add_argument(
+        "--curve-server-key",
+        type=Path,
+        help="CurveZMQ: the router's public key file (router.key)",
+    )
+    parser.add_argument(
+        "--curve-key",
+        type=Path,
+        help="CurveZMQ: this worker's key pair (NAME.key_secret; NAME must be --name)",
     )
     parser.add_argument(
         "--log-level",
@@ -114,6 +126,24 @@ def _install_signals(agent: WorkerAgent, deadline_s: float) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
 
 
+def _transport_factory(args: argparse.Namespace) -> TransportFactory | None:
+    """CurveZMQ when both key options are given (the router's public key, our key pair)."""
+    if args.curve_server_key is None and args.curve_key is None:
+        return None
+    if args.curve_server_key is None or args.curve_key is None:
+        raise SystemExit("worker_agent: --curve-server-key and --curve-key go together")
+    from router_service.security import load_public, load_secret
+
+    keys = (load_public(args.curve_server_key), *load_secret(args.curve_key))
+
+    def factory(
+        endpoint: str, routing_id: str, on_frames: FrameHandler, on_error: ErrorHandler
+    ) -> Transport:
+        return DealerTransport(endpoint, routing_id, on_frames, on_error=on_error, curve=keys)
+
+    return factory
+
+
 async def _run(args: argparse.Namespace) -> int:
     executor = SimExecutor(zero_latency=args.sim_zero_latency)
     agent = WorkerAgent(
@@ -124,6 +154,7 @@ async def _run(args: argparse.Namespace) -> int:
         labels={"host": socket.gethostname()},
         first_token_events=args.first_token_events,
         drain_deadline_s=args.drain_deadline_s,
+        transport_factory=_transport_factory(args),
     )
     _install_signals(agent, args.drain_deadline_s)
     try:

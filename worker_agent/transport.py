@@ -173,6 +173,8 @@ class DealerTransport:
         on_error: called once if the socket fails for good.
         loop: the event loop; the running loop when omitted.
         backlog_max: bound of the local backlog (frames).
+        curve: ``(router public, own public, own secret)`` Z85 keys for CurveZMQ, or
+            ``None`` for plaintext.
 
     Raises:
         ValueError: the routing id is empty, too long or starts with a zero byte.
@@ -188,6 +190,7 @@ class DealerTransport:
         on_error: ErrorHandler | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         backlog_max: int = BACKLOG_MAX_FRAMES,
+        curve: tuple[bytes, bytes, bytes] | None = None,
     ) -> None:
         identity = routing_id.encode("utf-8")
         if not 0 < len(identity) <= 255 or identity[0] == 0:
@@ -214,6 +217,12 @@ class DealerTransport:
                 sock.setsockopt(int(zmq.ROUTING_ID), identity)
                 for option, value in _OPTIONS:
                     sock.setsockopt(option, value)
+                if curve is not None:
+                    # CurveZMQ: the router's public key, then this worker's key pair (whose
+                    # name in the router's allowlist must be this worker's name).
+                    sock.setsockopt(int(zmq.CURVE_SERVERKEY), curve[0])
+                    sock.setsockopt(int(zmq.CURVE_PUBLICKEY), curve[1])
+                    sock.setsockopt(int(zmq.CURVE_SECRETKEY), curve[2])
                 sock.connect(endpoint)
                 fd = sock.fileno()  # ZMQ_FD: the edge-triggered notification descriptor
             except zmq.ZMQError:

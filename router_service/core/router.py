@@ -170,6 +170,7 @@ class RouterCore:
         spawn_affinity_slack: float | None = None,
         queue_timeout_s: float | None = None,
         observe_latency: bool = True,
+        sticky: bool = True,
         now: float = 0.0,
     ) -> None:
         """Create an empty router.
@@ -192,6 +193,9 @@ class RouterCore:
             queue_timeout_s: if set, a credit that waited this long in the router for a worker
                 ends ``rejected: queue_timeout`` (``None``: it waits until cancelled).
             observe_latency: keep the delay histograms (off only to measure what they cost).
+            sticky: route sessions to the worker holding them (routing.md). ``False`` is the
+                baseline that shows what stickiness is worth: every credit is routed as a new
+                session to the least-loaded worker, FORK children too, and no entry is made.
             now: the clock at creation.
         """
         if max_sessions < 1 or queue_limit < 0 or worker_queue_limit < 0:
@@ -210,6 +214,7 @@ class RouterCore:
         self.spawn_affinity_slack = spawn_affinity_slack
         self.stats = CoreStats()
         self.observe_latency = observe_latency
+        self.sticky = sticky
         self.queue_timeout_s = queue_timeout_s
         self.workers: dict[str, Worker] = {}
         self.index = LoadIndex()
@@ -674,6 +679,10 @@ class RouterCore:
     def _route(self, ticket: Ticket, now: float) -> None:
         credit = ticket.credit
         table = self.table
+        if not self.sticky:  # every credit is a new session
+            self.stats.sticky_misses += 1
+            self._to_least_loaded(ticket, now)
+            return
         if credit.branch_mode is _FORK:
             parent = credit.parent_correlation_id
             entry = table.resolve(parent)  # type: ignore[arg-type]
@@ -714,7 +723,10 @@ class RouterCore:
             if target is not None:
                 self._dispatch(ticket, target, now)
                 return
-        # A new session: the least-loaded worker, unless others already wait (FIFO).
+        self._to_least_loaded(ticket, now)
+
+    def _to_least_loaded(self, ticket: Ticket, now: float) -> None:
+        """A new session: the least-loaded worker, unless others already wait (FIFO)."""
         queue = self.queue
         best = self.index.peek() if not queue else None
         if best is not None and len(best.tickets) < best.capacity:
@@ -741,8 +753,8 @@ class RouterCore:
     def _dispatch(self, ticket: Ticket, worker: Worker, now: float) -> None:
         """Hand ``ticket`` to ``worker``: entry book-keeping of §3, then load accounting."""
         credit = ticket.credit
-        if ticket.booked:
-            pass  # handed back undelivered once: its book-keeping stands
+        if ticket.booked or not self.sticky:
+            pass  # handed back undelivered once: its book-keeping stands (or there is none)
         elif credit.branch_mode is _FORK:
             self._book_fork(credit, worker, now)
         elif credit.turn_index + 1 < credit.num_turns or credit.fork_count:

@@ -82,11 +82,11 @@ class Cluster:
         self.router = subprocess.Popen(cmd, stdout=self._log("router"), stderr=subprocess.STDOUT)
         return self.router
 
-    def start_worker(self, name: str, capacity: int = 4) -> subprocess.Popen[bytes]:
+    def start_worker(self, name: str, *extra: str, capacity: int = 4) -> subprocess.Popen[bytes]:
         cmd = [
             sys.executable, "-m", "worker_agent", "--router", self.worker_endpoint,
             "--name", name, "--capacity", str(capacity), "--executor", "sim",
-            "--drain-deadline-s", "10", "--log-level", "DEBUG",
+            "--drain-deadline-s", "10", "--log-level", "DEBUG", *extra,
         ]  # fmt: skip
         proc = subprocess.Popen(cmd, stdout=self._log(name), stderr=subprocess.STDOUT)
         self.workers[name] = proc
