@@ -1,0 +1,149 @@
+"""What the opaque bytes of a credit carry for the bundled executors: request in, metrics out.
+
+The router never reads ``Credit.payload`` or ``Completion.result`` (PROTOCOL.md §3: ``bin``,
+opaque). Producers and workers agree on their meaning among themselves; this module is that
+agreement for the producers and executors shipped here (the replayer, ``SimExecutor``,
+``OpenAIExecutor``), so that any of them can be paired with any other:
+
+* ``TurnRequest`` goes in ``Credit.payload``: what one turn sends (its new messages, or a token
+  count to synthesise a prompt from), how many tokens to generate, and the producer's estimate of
+  the session's history so a worker that lacks that history can rebuild a prompt of its size.
+* ``RequestResult`` comes back in ``Completion.result`` and therefore ``Outcome.result``: what
+  the request measured (time to first token, mean inter-token latency, end-to-end time) and the
+  token counts the server reported, including prompt tokens served from its prefix cache.
+
+Both are msgpack **maps** (field names on the wire, unlike the array-encoded protocol messages):
+they are small next to a request, self-describing in a records file, and they evolve by adding
+keys. Readers ignore keys they do not know and take the default for keys that are missing, so a
+newer executor's result decodes with an older reader and the other way round. Fields that equal
+their default are left out of the bytes. A JSON object with the same keys is accepted as a
+payload too (``decode_request`` looks at the first byte).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final
+
+import msgspec
+
+__all__ = [
+    "RequestResult",
+    "TurnRequest",
+    "decode_request",
+    "decode_result",
+    "encode_request",
+    "encode_result",
+]
+
+_Count = Annotated[int, msgspec.Meta(ge=0, le=10_000_000)]
+_Seconds = Annotated[float, msgspec.Meta(ge=0.0)]
+
+
+class TurnRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One turn's request, as a producer describes it in ``Credit.payload``.
+
+    A turn gives either ``messages`` or a token count (``input_tokens``, optionally made of shared
+    ``hash_ids`` blocks); an executor that needs text synthesises it from the count. The session's
+    history (earlier turns and their answers, or a FORK parent's) is the worker's: the payload
+    carries only what is new.
+    """
+
+    messages: list[dict[str, Any]] | None = None
+    """The turn's new messages, OpenAI chat format (``{"role": …, "content": …}``)."""
+    input_tokens: _Count | None = None
+    """Without ``messages``: a synthetic user message of about this many tokens."""
+    hash_ids: list[int] | None = None
+    """Synthetic prompt made of these blocks, in order (Mooncake ``hash_ids``): the same id
+    always gives the same text, so traces that share ids share prompt prefixes."""
+    block_tokens: _Count | None = None
+    """Tokens per ``hash_ids`` block (Mooncake traces use 512)."""
+    output_tokens: _Count | None = None
+    """Tokens to generate (``max_tokens``); the executor's default when absent."""
+    model: str | None = None
+    """Overrides the executor's model name for this turn."""
+    tools: list[dict[str, Any]] | None = None
+    """OpenAI tool definitions, sent as they are."""
+    extra: dict[str, Any] | None = None
+    """Merged into the top level of the request body (``temperature``, ``ignore_eos``…)."""
+    context_tokens: _Count = 0
+    """The producer's estimate of the tokens already in the session's history (for a FORK
+    child's first turn: its parent's). A worker that does not hold that history (a migrated
+    session, or routing that ignores stickiness) pads the prompt with this many filler tokens,
+    so the prompt keeps its size and pays its full prefill."""
+
+
+class RequestResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What one executed turn measured, in ``Completion.result`` (and ``Outcome.result``).
+
+    Times are measured by the worker, from just before the request is sent. Token counts are the
+    server's (``usage``) when it reports them, else the executor's own count.
+    """
+
+    input_tokens: _Count = 0
+    """Prompt tokens: the whole prompt, history included."""
+    cached_tokens: _Count | None = None
+    """Prompt tokens served from the server's prefix cache (OpenAI
+    ``usage.prompt_tokens_details.cached_tokens``); ``None`` when the server does not say."""
+    output_tokens: _Count = 0
+    """Generated tokens."""
+    ttft_s: _Seconds | None = None
+    """Time to the first generated token (``None`` without streaming, or if none came)."""
+    itl_s: _Seconds | None = None
+    """Mean inter-token latency: (last token − first token) / (output tokens − 1)."""
+    e2e_s: _Seconds | None = None
+    """End-to-end request time: request sent to last byte received."""
+    http_status: int | None = None
+    """The HTTP status of the response, for HTTP executors."""
+    endpoint: str = ""
+    """Which server ran it (an executor may spread sessions over several)."""
+    rebuilt: bool = False
+    """The worker lacked the session's history and padded the prompt instead (see
+    ``TurnRequest.context_tokens``)."""
+    error: str = ""
+    """For a failed request: detail beyond the completion's short reason (a server message)."""
+
+
+_request_msgpack: Final = msgspec.msgpack.Decoder(TurnRequest)
+_request_json: Final = msgspec.json.Decoder(TurnRequest)
+_result_msgpack: Final = msgspec.msgpack.Decoder(RequestResult)
+_encoder: Final = msgspec.msgpack.Encoder()
+
+
+def encode_request(request: TurnRequest) -> bytes:
+    """``request`` as payload bytes (a msgpack map)."""
+    return _encoder.encode(request)
+
+
+def decode_request(payload: bytes) -> TurnRequest:
+    """A payload's ``TurnRequest`` (msgpack map, or JSON object if it starts with ``{``).
+
+    Empty bytes are an empty request (every field at its default).
+
+    Raises:
+        msgspec.DecodeError: the payload is neither, or a field has the wrong type (the message
+            names the field, e.g. ``$.input_tokens``).
+    """
+    if not payload:
+        return TurnRequest()
+    if payload[:1] == b"{":
+        return _request_json.decode(payload)
+    return _request_msgpack.decode(payload)
+
+
+def encode_result(result: RequestResult) -> bytes:
+    """``result`` as result bytes (a msgpack map)."""
+    return _encoder.encode(result)
+
+
+def decode_result(data: bytes) -> RequestResult | None:
+    """The ``RequestResult`` in result bytes, or ``None`` if empty or not one.
+
+    Results come from workers the reader does not control, so a bad one is not an error here:
+    the caller counts the credit without metrics.
+    """
+    if not data:
+        return None
+    try:
+        return _result_msgpack.decode(data)
+    except msgspec.DecodeError:
+        return None
