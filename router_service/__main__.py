@@ -90,6 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         queue_limit=settings.queue_limit,
         worker_queue_limit=settings.worker_queue_limit,
         queue_timeout_s=settings.queue_timeout_s,
+        observe_latency=settings.latency_histograms,
         heartbeat_interval_s=settings.heartbeat_interval_s,
         suspect_after_missed=settings.suspect_after_missed,
         lost_after_s=settings.lost_after_s,

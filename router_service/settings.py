@@ -99,6 +99,9 @@ class RouterSettings(BaseSettings):
     """``sticky`` (routing.md); ``least_loaded`` routes every credit as a new session, FORK
     children too: a baseline for measuring what stickiness is worth (``credit-router run
     --compare``), never for production."""
+    latency_histograms: bool = True
+    """Keep the submit->dispatch and completion histograms (set false only to measure what
+    they cost: every other metric is computed at scrape time and costs nothing per credit)."""
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
     insecure: bool = False

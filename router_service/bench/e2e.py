@@ -60,9 +60,16 @@ def _cpu_s(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def _processes(commands: list[list[str]]) -> Iterator[list[subprocess.Popen[bytes]]]:
+def _processes(
+    commands: list[list[str]], env: dict[str, str] | None = None
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     procs = [
-        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
         for cmd in commands
     ]
     try:
@@ -212,7 +219,18 @@ def _raw_commands(producers: str, workers: str, k: int) -> list[list[str]]:
 def _router_commands(producers: str, workers: str, k: int, capacity: int) -> list[list[str]]:
     cli = [sys.executable, "-m", "router_service"]
     cmds = [
-        [*cli, "serve", "--producers", producers, "--workers", workers, "--log-level", "warning"]
+        [
+            *cli,
+            "serve",
+            "--producers",
+            producers,
+            "--workers",
+            workers,
+            "--log-level",
+            "warning",
+            "--http-port",
+            "0",
+        ]
     ]
     cmds += [
         [
@@ -243,11 +261,15 @@ def _measure(
     window: int,
     duration_s: float,
     half_rate: float | None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
-        with _processes(commands) as procs:
+        with _processes(commands, env) as procs:
             time.sleep(1.0)
+            dead = [c[:5] for c, p in zip(commands, procs, strict=True) if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{name}: processes exited at start: {dead}")
             row: dict[str, Any] = {"system": name}
             row.update(_closed_loop(ctx, producers, procs[0].pid, window, 1.0, duration_s))
             rate = half_rate if half_rate is not None else row["credits_per_s"] / 2
@@ -268,18 +290,25 @@ def run(*, workers: int = 2, window: int = 2048, duration_s: float = 3.0) -> lis
         "router", _router_commands(p, w, workers, window), p, window, duration_s, None
     )
     p, w = endpoints()
-    raw = _measure(
-        "raw", _raw_commands(p, w, workers), p, window, duration_s, router["offered_per_s"]
-    )
+    bare = _measure(
+        "router_without_histograms", _router_commands(p, w, workers, window), p, window,
+        duration_s, router["offered_per_s"], env={"CREDIT_ROUTER_LATENCY_HISTOGRAMS": "false"},
+    )  # fmt: skip
+    p, w = endpoints()
+    raw = _measure("raw", _raw_commands(p, w, workers), p, window, duration_s,
+                   router["offered_per_s"])  # fmt: skip
     summary = {
         "system": "ratio",
+        "metrics_throughput_cost": 1 - router["credits_per_s"] / bare["credits_per_s"],
+        "metrics_router_cpu_us_per_credit": router["router_cpu_us_per_credit"]
+        - bare["router_cpu_us_per_credit"],
         "throughput_vs_raw": router["credits_per_s"] / raw["credits_per_s"],
         "target_throughput_vs_raw": 0.6,
         "target_credits_per_s": 250_000,
         "p99_half_load_vs_raw": router["p99_us"] / raw["p99_us"],
         "target_p99_half_load_vs_raw": 1.5,
     }
-    rows = [raw, router, summary]
+    rows = [raw, router, bare, summary]
     for row in rows:
         for k, v in row.items():
             if isinstance(v, float):
