@@ -23,7 +23,9 @@ import uvloop
 from worker_agent.agent import StopReason, TransportFactory, WorkerAgent
 from worker_agent.errors import RefusedError, TransportError
 from worker_agent.executor import SimExecutor
+from worker_agent.settings import SettingsError, WorkerSettings
 from worker_agent.transport import DealerTransport, ErrorHandler, FrameHandler, Transport
+from worker_agent.web import WorkerHttp
 
 __all__ = ["build_parser", "main"]
 
@@ -43,13 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="worker_agent",
         description="Join a credit router and execute its credits.",
     )
-    parser.add_argument(
-        "--router", required=True, help="the router's worker endpoint, e.g. tcp://HOST:PORT"
-    )
-    parser.add_argument(
-        "--name", default=socket.gethostname(), help="the worker's name (default: hostname)"
-    )
-    parser.add_argument("--capacity", type=int, default=64, help="credits executed at once")
+    parser.add_argument("--config", type=Path, help="TOML file of settings")
+    parser.add_argument("--router", help="the router's worker endpoint, e.g. tcp://HOST:PORT")
+    parser.add_argument("--name", help="the worker's name (default: hostname)")
+    parser.add_argument("--capacity", type=int, help="credits executed at once (default 64)")
     parser.add_argument("--executor", choices=["sim"], default="sim", help="what runs credits")
     parser.add_argument(
         "--sim-zero-latency",
@@ -65,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--drain-deadline-s",
         type=float,
-        default=30.0,
         help="on SIGTERM, leave after at most this long (default 30)",
     )
+    parser.add_argument("--http-host", help="HTTP endpoints bind address (default 127.0.0.1)")
+    parser.add_argument("--http-port", type=int, help="serve /metrics, /livez, /readyz here")
+    parser.add_argument("--log-format", choices=["text", "json"], help="log lines (default text)")
     parser.add_argument(
         "--curve-server-key",
         type=Path,
@@ -80,11 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        default="INFO",
+        type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging level (default INFO)",
     )
+    parser.set_defaults(first_token_events=None)
     return parser
+
+
+def _settle(args: argparse.Namespace) -> WorkerSettings:
+    """Merge flags over environment over the TOML file, and write the result back into args."""
+    fields = WorkerSettings.model_fields
+    settings = WorkerSettings.load(
+        args.config, **{k: getattr(args, k, None) for k in fields if hasattr(args, k)}
+    )
+    for key in fields:
+        setattr(args, key, getattr(settings, key))
+    return settings
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -99,12 +112,10 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--name must be 1-255 bytes of UTF-8")
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(level: str, fmt: str = "text") -> None:
+    from router_service.logs import configure
+
+    configure(level, fmt)
 
 
 def _install_signals(agent: WorkerAgent, deadline_s: float) -> None:
@@ -151,13 +162,16 @@ async def _run(args: argparse.Namespace) -> int:
         name=args.name,
         executor=executor,
         capacity=args.capacity,
-        labels={"host": socket.gethostname()},
+        labels={**args.labels, "host": socket.gethostname()},
         first_token_events=args.first_token_events,
         drain_deadline_s=args.drain_deadline_s,
         transport_factory=_transport_factory(args),
     )
     _install_signals(agent, args.drain_deadline_s)
+    http = WorkerHttp(agent, args.http_host, args.http_port) if args.http_port is not None else None
     try:
+        if http is not None:
+            await http.start()
         reason = await agent.serve()
     except RefusedError as exc:
         logger.error("%s", exc)
@@ -165,6 +179,9 @@ async def _run(args: argparse.Namespace) -> int:
     except TransportError as exc:
         logger.error("%s", exc)
         return EXIT_FORCED
+    finally:
+        if http is not None:
+            await http.stop()
     return EXIT_FORCED if reason is StopReason.FORCED else EXIT_OK
 
 
@@ -180,10 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        _settle(args)
         _check(parser, args)
+    except SettingsError as exc:
+        print(f"worker_agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except SystemExit as exc:  # argparse exits on --help and on usage errors; we return
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    _configure_logging(args.log_level)
+    _configure_logging(args.log_level, args.log_format)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_run(args))
 

@@ -84,6 +84,7 @@ from protocol.messages import (
     Welcome,
     WorkerToRouter,
 )
+from router_service.core.histogram import Histogram
 from worker_agent.core import (
     MAX_BLOB,
     MAX_ID,
@@ -182,10 +183,28 @@ class AgentStats:
         self.first_tokens_sent = 0
         self.first_tokens_coalesced = 0
         """First tokens not sent because the completion left in the same frame batch."""
+        self.ttft_s = Histogram()
+        """Time to first token of completed credits (as the executor measured it)."""
+        self.duration_s = Histogram()
+        """Execution time of every credit that started."""
+        self.errors: dict[str, int] = {}
+        """Failed credits by kind: the reason up to its first ':' (bounded, see ``_kind``)."""
 
     def snapshot(self) -> dict[str, object]:
         """A copy of every counter."""
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self).items()}
+
+
+MAX_ERROR_KINDS: Final = 32
+"""Distinct error kinds kept as metric labels; later ones are counted as ``other``."""
+
+
+def _kind(reason: str, seen: Mapping[str, int]) -> str:
+    """A bounded label for a failure reason (``http_503: Service Unavailable`` -> ``http_503``)."""
+    kind = reason.split(":", 1)[0].strip()[:64] or "unknown"
+    if kind in seen or len(seen) < MAX_ERROR_KINDS:
+        return kind
+    return "other"
 
 
 class _Held:
@@ -855,7 +874,17 @@ class WorkerAgent:
             result,
             end.child_release,
         )
-        self.stats.completions[status] += 1  # a StrEnum member finds its str key
+        stats = self.stats
+        stats.completions[status] += 1  # a StrEnum member finds its str key
+        if started is not None:
+            stats.duration_s.observe(now - started)
+        if status is _COMPLETED:
+            ttft = ttft_s if ttft_s is not None else held.ttft_s
+            if ttft is not None:
+                stats.ttft_s.observe(ttft)
+        elif status is _FAILED:
+            kind = _kind(reason, stats.errors)
+            stats.errors[kind] = stats.errors.get(kind, 0) + 1
         self._outbox.append(entry)
         if not self._flush_scheduled:
             self._flush_scheduled = True

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -441,3 +442,31 @@ async def test_sigterm_router_drains_and_every_credit_ends(cluster: Cluster) -> 
         assert all(o.status in (Status.LOST, Status.REJECTED, Status.COMPLETED) for o in rest)
         assert {o.reason for o in rest if o.status is not Status.COMPLETED} <= {"router_shutdown"}
     assert cluster.router.wait(timeout=15) == 0
+
+
+async def test_worker_metrics_and_readiness(cluster: Cluster) -> None:
+    cluster.start_router()
+    port = _port()
+    cluster.start_worker("metered", "--http-port", str(port))
+    await cluster.workers_active("metered")
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, ""
+
+    async with producer(cluster) as client:
+        outcomes = await gather(
+            await client.submit_many(
+                Credit(id=i, x_correlation_id=f"s{i}", payload=payload(2)) for i in range(3)
+            ),
+            10,
+        )
+    assert {o.status for o in outcomes} == {Status.COMPLETED}
+    status, text = await asyncio.to_thread(get, "/metrics")
+    assert status == 200
+    assert 'credit_worker_requests_total{status="completed"} 3.0' in text
+    assert "credit_worker_ttft_seconds_count 3.0" in text
+    assert (await asyncio.to_thread(get, "/readyz"))[0] == 200

@@ -22,7 +22,7 @@ from protocol.messages import (
     Refusal,
 )
 from tests.worker_agent.conftest import FakeRouter, credit
-from worker_agent.__main__ import build_parser, main
+from worker_agent.__main__ import _settle, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_defaults() -> None:
     args = build_parser().parse_args(["--router", "tcp://127.0.0.1:5555"])
+    _settle(args)
     assert args.capacity == 64
     assert args.executor == "sim"
     assert args.first_token_events is True
@@ -55,7 +56,21 @@ def test_defaults() -> None:
 )
 def test_usage_errors_return_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
-    assert "usage:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # argparse's usage line, or one line naming the setting (no traceback either way).
+    assert "usage:" in err or err.startswith("worker_agent: invalid setting"), err
+    assert "Traceback" not in err
+
+
+def test_settings_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text('router = "tcp://file:1"\ncapacity = 3\nname = "from-file"\n')
+    monkeypatch.setenv("CREDIT_ROUTER_WORKER_CAPACITY", "5")
+    monkeypatch.setenv("CREDIT_ROUTER_WORKER_LABELS", '{"gpu": "h100"}')
+    args = build_parser().parse_args(["--config", str(config), "--name", "from-flag"])
+    settings = _settle(args)
+    assert (args.router, args.capacity, args.name) == ("tcp://file:1", 5, "from-flag")
+    assert settings.labels == {"gpu": "h100"}
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,98 @@
+"""Prometheus metrics of a worker agent (``credit_worker_*``), read from the agent at scrape time.
+
+Like the router's, nothing here runs per credit: the agent keeps counters and cheap histograms
+(``AgentStats``) and this collector turns them into series when Prometheus scrapes, on the
+agent's own loop (``worker_agent.web``). Labels are bounded: status, error kind (at most 32
+distinct, see ``agent._kind``), reason; never a session or a credit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from router_service.core.histogram import Histogram
+
+if TYPE_CHECKING:
+    from worker_agent.agent import WorkerAgent
+
+__all__ = ["WorkerCollector", "make_registry"]
+
+PREFIX = "credit_worker"
+
+
+def _histogram(name: str, doc: str, histogram: Histogram) -> HistogramMetricFamily:
+    return HistogramMetricFamily(
+        f"{PREFIX}_{name}", doc, buckets=histogram.cumulative(), sum_value=histogram.sum
+    )
+
+
+def _labelled(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
+
+
+class WorkerCollector(Collector):
+    """Every worker series, computed from the live agent on each scrape."""
+
+    def __init__(self, agent: WorkerAgent) -> None:
+        self._agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the metric families."""
+        agent = self._agent
+        stats = agent.stats
+        yield _labelled(
+            "requests", "Credits executed, by completion status.", "status", stats.completions
+        )
+        yield _labelled("errors", "Failed credits, by kind.", "kind", stats.errors)
+        yield _histogram("ttft_seconds", "Time to first token of completed credits.", stats.ttft_s)
+        yield _histogram("request_duration_seconds", "Execution time of credits.", stats.duration_s)
+        yield GaugeMetricFamily(
+            f"{PREFIX}_in_flight", "Credits held.", value=sum(map(len, agent.in_flight().values()))
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_capacity", "Credits it executes at once.", value=agent.capacity
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_sessions", "Conversation sessions held (history).", value=len(agent.sessions)
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_credits_received", "Credits dispatched to it.", value=stats.credits_received
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_rehellos", "Hellos sent again after losing the router.", value=stats.rehellos
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_router_restarts", "Router restarts seen.", value=stats.router_restarts
+        )
+        yield _labelled(
+            "invalid_frames",
+            "Frames from the router that did not decode.",
+            "reason",
+            stats.bad_frames,
+        )
+        info = GaugeMetricFamily(
+            f"{PREFIX}_info",
+            "The agent's name, incarnation and state.",
+            labels=["name", "incarnation", "state"],
+        )
+        info.add_metric([agent.name, agent.incarnation, agent.state.value], 1)
+        yield info
+
+
+def make_registry(agent: WorkerAgent) -> CollectorRegistry:
+    """A fresh registry holding the agent's collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(WorkerCollector(agent))
+    return registry
