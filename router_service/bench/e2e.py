@@ -279,7 +279,45 @@ def _measure(
         ctx.destroy(linger=0)
 
 
-def run(*, workers: int = 2, window: int = 2048, duration_s: float = 3.0) -> list[dict[str, Any]]:
+def _scale(agents: int, processes: int, duration_s: float) -> dict[str, Any]:
+    """Router CPU with ``agents`` idle workers connected and beating (a few per process)."""
+    import json
+    import urllib.request
+
+    workers, producers, http = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}", _port()
+    cli = [sys.executable, "-m", "router_service"]
+    commands = [[*cli, "serve", "--workers", workers, "--producers", producers,
+                 "--http-port", str(http), "--log-level", "warning"]]  # fmt: skip
+    per = -(-agents // processes)
+    commands += [
+        [sys.executable, "-m", "router_service.bench.agents", "--router", workers,
+         "--prefix", f"a{i}", "--count", str(min(per, agents - i * per))]
+        for i in range(processes)
+    ]  # fmt: skip
+    with _processes(commands) as procs:
+        started = time.monotonic()
+        joined = 0
+        while time.monotonic() - started < 60 and joined < agents:
+            time.sleep(0.5)
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/status", timeout=5) as r:
+                    joined = json.load(r)["totals"]["workers"]
+        join_s = time.monotonic() - started
+        cpu0 = _cpu_s(procs[0].pid)
+        time.sleep(duration_s)
+        cores = (_cpu_s(procs[0].pid) - cpu0) / duration_s
+    return {
+        "system": "scale",
+        "agents_connected": joined,
+        "join_s": join_s,
+        "router_idle_cores": cores,
+        "heartbeat_interval_s": 1.0,
+    }
+
+
+def run(
+    *, workers: int = 2, window: int = 2048, duration_s: float = 3.0, scale_agents: int = 1000
+) -> list[dict[str, Any]]:
     """Measure raw and router in one run; the last row holds the ratios against the targets."""
 
     def endpoints() -> tuple[str, str]:
@@ -309,6 +347,8 @@ def run(*, workers: int = 2, window: int = 2048, duration_s: float = 3.0) -> lis
         "target_p99_half_load_vs_raw": 1.5,
     }
     rows = [raw, router, bare, summary]
+    if scale_agents:
+        rows.append(_scale(scale_agents, 4, duration_s))
     for row in rows:
         for k, v in row.items():
             if isinstance(v, float):
