@@ -299,9 +299,9 @@ def _scale(agents: int, processes: int, duration_s: float) -> dict[str, Any]:
         joined = 0
         while time.monotonic() - started < 60 and joined < agents:
             time.sleep(0.5)
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/status", timeout=5) as r:
-                    joined = json.load(r)["totals"]["workers"]
+            url = f"http://127.0.0.1:{http}/status"
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as r:
+                joined = json.load(r)["totals"]["workers"]
         join_s = time.monotonic() - started
         cpu0 = _cpu_s(procs[0].pid)
         time.sleep(duration_s)
