@@ -179,10 +179,14 @@ def _open_loop(
                 break
             producer.submit(per_slice, sent_at)
             next_slice += per_slice / rate
-        while producer.sock.poll(0):
+        # Sleep in poll until the next slice is due: a busy-waiting producer would take a whole
+        # core from the two the router and its workers share.
+        wait_ms = max(0, int((next_slice - time.perf_counter()) * 1000))
+        while producer.sock.poll(wait_ms):
             done = time.perf_counter()
             for o in producer.outcomes(0):
                 latencies.append(done - sent_at.pop(o.credit_id))
+            wait_ms = 0
     deadline = time.perf_counter() + 5
     while sent_at and time.perf_counter() < deadline:
         done = time.perf_counter()
