@@ -22,18 +22,36 @@ payload too (``decode_request`` looks at the first byte).
 
 from __future__ import annotations
 
+import random
+import zlib
 from typing import Annotated, Any, Final
 
 import msgspec
 
 __all__ = [
+    "WORDS",
     "RequestResult",
     "TurnRequest",
     "decode_request",
     "decode_result",
     "encode_request",
     "encode_result",
+    "synthetic_text",
 ]
+
+_WORD_TEXT: Final = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which "
+    "but have an they you were her she there one all we their can been has more if will would "
+    "other when what so no out up into them some could time these two may then do first any my "
+    "now such like our over man me even most made after also did many before must through back "
+    "years where much your way well down should because each just those people how too little "
+    "state good very make world still own see men work long get here between both life being "
+    "under never day same another know while last might us great old year off come since "
+    "against go came right used take three"
+)
+WORDS: Final = tuple(_WORD_TEXT.split())
+"""Common one-token English words: synthetic text is made of them, so that a real tokenizer
+counts about one token per word (and the mock server, which counts words, exactly one)."""
 
 _Count = Annotated[int, msgspec.Meta(ge=0, le=10_000_000)]
 _Seconds = Annotated[float, msgspec.Meta(ge=0.0)]
@@ -147,3 +165,31 @@ def decode_result(data: bytes) -> RequestResult | None:
         return _result_msgpack.decode(data)
     except msgspec.DecodeError:
         return None
+
+
+def synthetic_text(
+    tokens: int, *, seed: str = "", hash_ids: list[int] | None = None, block_tokens: int = 512
+) -> str:
+    """The text an executor sends for a turn given as a token count: ``tokens`` words.
+
+    Without ``hash_ids`` the words are drawn from a generator seeded with ``seed`` (executors
+    use the session id and the turn index, so every turn of every session is new text). With
+    ``hash_ids`` the text is the concatenation of one ``block_tokens``-word block per id, each
+    seeded by its id alone, cut to ``tokens`` words (and padded with fresh words if the blocks
+    fall short): two prompts with the same leading ids share that prefix, as in the trace.
+
+    Args:
+        tokens: words to produce.
+        seed: seeds the words when there are no ``hash_ids``.
+        hash_ids: Mooncake-style block ids.
+        block_tokens: words per block.
+    """
+    words: list[str] = []
+    for block in hash_ids or ():
+        if len(words) >= tokens:
+            break
+        words.extend(random.Random(block).choices(WORDS, k=block_tokens))
+    if len(words) < tokens:
+        rng = random.Random(zlib.crc32(seed.encode()))
+        words.extend(rng.choices(WORDS, k=tokens - len(words)))
+    return " ".join(words[:tokens])

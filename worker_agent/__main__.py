@@ -49,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--router", help="the router's worker endpoint, e.g. tcp://HOST:PORT")
     parser.add_argument("--name", help="the worker's name (default: hostname)")
     parser.add_argument("--capacity", type=int, help="credits executed at once (default 64)")
-    parser.add_argument("--executor", choices=["sim"], default="sim", help="what runs credits")
+    parser.add_argument(
+        "--executor", choices=["sim", "openai"], default="sim", help="what runs credits"
+    )
+    from worker_agent.openai import add_arguments as add_openai_arguments  # --endpoint …
+
+    add_openai_arguments(parser)
     parser.add_argument(
         "--sim-zero-latency",
         action="store_true",
@@ -156,7 +161,9 @@ def _transport_factory(args: argparse.Namespace) -> TransportFactory | None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    executor = SimExecutor(zero_latency=args.sim_zero_latency)
+    from worker_agent.openai import executor_from_args  # None unless --executor openai
+
+    executor = executor_from_args(args) or SimExecutor(zero_latency=args.sim_zero_latency)
     agent = WorkerAgent(
         router=args.router,
         name=args.name,

@@ -33,6 +33,7 @@ from typing import Annotated, Final, Protocol
 
 import msgspec
 
+from protocol.inference import RequestResult
 from protocol.messages import Credit, Status
 from worker_agent.core import Session, Turn
 
@@ -111,7 +112,11 @@ class SimRequest(msgspec.Struct, frozen=True):
 
 
 class SimResult(msgspec.Struct, frozen=True):
-    """The result bytes the simulator returns to the producer (msgpack map, self-describing)."""
+    """The result bytes the simulator returns to the producer (msgpack map, self-describing).
+
+    A view of ``protocol.inference.RequestResult``, which is what the simulator writes (with
+    its modelled ``itl_s`` and ``e2e_s`` too): these four keys are always present.
+    """
 
     input_tokens: int
     """Prompt tokens: the session's history plus the turn's new input."""
@@ -409,8 +414,13 @@ class SimExecutor:
             self._memo.clear()
         prompt, cached, output = key
         encoded = _result_encoder.encode(
-            SimResult(
-                input_tokens=prompt, cached_tokens=cached, output_tokens=output, ttft_s=ttft_s
+            RequestResult(  # the schema every bundled executor emits (protocol.inference)
+                input_tokens=prompt,
+                cached_tokens=cached,
+                output_tokens=output,
+                ttft_s=ttft_s,
+                itl_s=self.decode_s_per_token if output > 1 else None,
+                e2e_s=ttft_s + output * self.decode_s_per_token,
             )
         )
         self._memo[key] = encoded

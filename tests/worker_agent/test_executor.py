@@ -7,6 +7,7 @@ import asyncio
 import msgspec
 import pytest
 
+from protocol.inference import decode_result
 from protocol.messages import BranchMode, Credit, Status
 from worker_agent.core import Session, SessionTable, Turn
 from worker_agent.executor import (
@@ -98,7 +99,14 @@ def test_result_is_a_self_describing_map() -> None:
         "cached_tokens",
         "output_tokens",
         "ttft_s",
+        "itl_s",
+        "e2e_s",
     }
+    decoded = decode_result(result.result)  # protocol.inference's schema, read back
+    assert decoded is not None
+    assert (decoded.input_tokens, decoded.cached_tokens, decoded.output_tokens) == (256, 0, 32)
+    assert decoded.ttft_s is not None
+    assert decoded.e2e_s == pytest.approx(decoded.ttft_s + 32 * 0.004)
 
 
 # -------------------------------------------------------------------------------- prefix cache

@@ -1,0 +1,198 @@
+"""The mock inference server over real HTTP: OpenAI shapes, the prefix-cache model, records, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from router_service.mockserver import MockServer, MockSettings, block_hashes, tokenize
+
+pytestmark = pytest.mark.integration
+
+FAST = MockSettings(
+    base_ttft_s=0.005, prefill_s_per_token=0.0005, decode_s_per_token=0.001, block_tokens=4
+)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[MockServer]:
+    mock = MockServer(FAST)
+    await mock.start()
+    try:
+        yield mock
+    finally:
+        await mock.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def _url(server: MockServer, path: str = "/v1/chat/completions") -> str:
+    return f"http://127.0.0.1:{server.port}{path}"
+
+
+async def _stream(
+    http: aiohttp.ClientSession, server: MockServer, body: dict[str, Any], **headers: str
+) -> tuple[list[dict[str, Any]], bool]:
+    """The decoded events of a streamed completion, and whether ``[DONE]`` came."""
+    events = []
+    done = False
+    async with http.post(_url(server), json={**body, "stream": True}, headers=headers) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        async for line in r.content:
+            if not line.strip():
+                continue
+            data = line.removeprefix(b"data: ").strip()
+            if data == b"[DONE]":
+                done = True
+            else:
+                events.append(json.loads(data))
+    return events, done
+
+
+def _answer(events: list[dict[str, Any]]) -> str:
+    return "".join(e["choices"][0]["delta"]["content"] for e in events if e["choices"])
+
+
+def test_tokens_are_role_markers_and_words_and_blocks_chain() -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    assert tokenize(messages) == ["<|system|>", "be", "brief", "<|user|>", "hi", "there"]
+    a = block_hashes(["a", "b", "c", "d", "e"], 2)
+    b = block_hashes(["x", "b", "c", "d"], 2)
+    assert len(a) == 2  # the partial third block is not cacheable
+    assert a[1] != b[1]  # same block content, different prefix: different hash
+
+
+async def test_stream_has_openai_shape_usage_and_done(server, http) -> None:
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "one two three four five six seven"}],
+        "max_tokens": 5,
+        "stream_options": {"include_usage": True},
+    }
+    events, done = await _stream(http, server, body)
+    assert done
+    content = [e for e in events if e["choices"]]
+    assert len(content) == 5
+    assert content[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(_answer(events).split()) == 5
+    usage = events[-1]["usage"]
+    assert usage["prompt_tokens"] == 8
+    assert usage["completion_tokens"] == 5
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+async def test_next_turn_finds_its_history_cached_and_is_faster(server, http) -> None:
+    history = [{"role": "user", "content": " ".join(["word"] * 200)}]
+    first = {"messages": history, "max_tokens": 8, "stream_options": {"include_usage": True}}
+    events, _ = await _stream(http, server, first)
+    assert events[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    turn2 = [
+        *history,
+        {"role": "assistant", "content": _answer(events)},
+        {"role": "user", "content": "and now?"},
+    ]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with http.post(_url(server), json={"messages": turn2, "max_tokens": 1}) as r:
+        doc = await r.json()
+    warm = loop.time() - started
+    usage = doc["usage"]
+    # History (201 tokens) + answer (1 marker + 8 words) hit; only the new tail is prefilled.
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= 208
+    assert usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"] < 8
+    cold = server.settings.base_ttft_s + 212 * server.settings.prefill_s_per_token
+    assert warm < cold  # 0.111 s for the whole prompt uncached
+    assert doc["choices"][0]["message"]["role"] == "assistant"
+
+
+async def test_records_what_each_session_sent(server, http) -> None:
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
+    headers = {"X-Correlation-ID": "child", "X-Parent-Correlation-ID": "root"}
+    async with http.post(_url(server), json=body, headers=headers) as r:
+        assert r.status == 200
+    async with http.get(_url(server, "/mock/sessions/child")) as r:
+        records = (await r.json())["requests"]
+    assert records[0]["messages"] == body["messages"]
+    assert records[0]["parent"] == "root"
+    async with http.get(_url(server, "/mock/sessions/nobody")) as r:
+        assert r.status == 404
+    async with http.get(_url(server, "/mock/stats")) as r:
+        stats = await r.json()
+    assert (stats["requests"], stats["completed"], stats["prompt_tokens"]) == (1, 1, 2)
+    async with http.post(_url(server, "/mock/reset")) as r:
+        assert r.status == 200
+    assert server.stats.requests == 0
+    assert len(server.cache) == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"messages": []}, "must not be empty"),
+        ({"messages": [{"content": "x"}]}, "no role"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "mock_fault": "nope"}, "mock_fault"),
+    ],
+)
+async def test_bad_requests_get_400_with_an_openai_error(server, http, body, fragment) -> None:
+    async with http.post(_url(server), json=body) as r:
+        assert r.status == 400
+        doc = await r.json()
+    assert fragment in doc["error"]["message"]
+    assert doc["error"]["type"] == "invalid_request_error"
+
+
+async def test_injected_faults(server, http) -> None:
+    msg = [{"role": "user", "content": "x y z"}]
+    async with http.post(_url(server), json={"messages": msg, "mock_fault": "http_503"}) as r:
+        assert r.status == 503
+    events, done = await _stream(
+        http, server, {"messages": msg, "max_tokens": 6, "mock_fault": "truncate"}
+    )
+    assert not done
+    assert len(events) == 3
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await _stream(http, server, {"messages": msg, "max_tokens": 6, "mock_fault": "disconnect"})
+
+
+async def test_a_client_that_leaves_cancels_its_request(server, http) -> None:
+    msg = [{"role": "user", "content": "x"}]
+    body = {"messages": msg, "stream": True, "mock_fault": "stall"}
+    async with http.post(_url(server), json=body) as r:
+        assert r.status == 200
+    for _ in range(100):  # leaving the block closed the connection
+        if server.stats.disconnected:
+            break
+        await asyncio.sleep(0.01)
+    assert server.stats.disconnected == 1
+    assert server.stats.active == 0
+
+
+async def test_max_concurrency_queues_and_the_wait_counts_in_ttft(http) -> None:
+    mock = MockServer(MockSettings(base_ttft_s=0.05, decode_s_per_token=0.0, max_concurrency=1))
+    await mock.start()
+    try:
+        body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def one() -> None:
+            async with http.post(_url(mock), json=body) as r:
+                assert r.status == 200
+
+        await asyncio.gather(one(), one(), one())
+        assert loop.time() - started >= 0.15
+        assert mock.stats.max_active == 3
+    finally:
+        await mock.stop()
