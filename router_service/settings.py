@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -32,7 +32,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-__all__ = ["CurveSettings", "RouterSettings", "SettingsError", "describe_error"]
+__all__ = ["CurveSettings", "LayeredSettings", "RouterSettings", "SettingsError", "describe_error"]
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
@@ -56,7 +56,46 @@ class CurveSettings(BaseModel):
     """A directory of ``*.key`` files, or one file, listing the workers' public keys."""
 
 
-class RouterSettings(BaseSettings):
+class LayeredSettings(BaseSettings):
+    """Settings read from flags (init kwargs) > environment > a TOML file > defaults."""
+
+    config_file: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (passed as init kwargs) > environment > TOML file > defaults."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.config_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **flags: Any) -> Self:
+        """Build the effective settings; raises ``SettingsError`` with a one-line message.
+
+        Args:
+            config_file: a TOML file of settings, or ``None``.
+            flags: values given on the command line (``None`` means not given).
+        """
+        if config_file is not None and not config_file.is_file():
+            raise SettingsError(f"config file {config_file} does not exist")
+        cls.config_file = config_file
+        try:
+            return cls(**{k: v for k, v in flags.items() if v is not None})
+        except ValidationError as exc:
+            raise SettingsError(describe_error(exc)) from None
+        finally:
+            cls.config_file = None
+
+
+class RouterSettings(LayeredSettings):
     """Everything ``credit-router serve`` can be told."""
 
     model_config = SettingsConfigDict(
@@ -65,8 +104,6 @@ class RouterSettings(BaseSettings):
         frozen=True,
         extra="forbid",
     )
-
-    config_file: ClassVar[Path | None] = None
 
     worker_endpoint: str = "tcp://127.0.0.1:5557"
     """Where workers connect. A non-loopback address needs CURVE or ``insecure``."""
@@ -117,34 +154,6 @@ class RouterSettings(BaseSettings):
                 f"suspect_after_missed ({suspect:g})"
             )
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Flags (passed as init kwargs) > environment > TOML file > defaults."""
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls.config_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.config_file))
-        return tuple(sources)
-
-    @classmethod
-    def load(cls, config_file: Path | None = None, **flags: Any) -> RouterSettings:
-        """Build the effective settings; raises ``SettingsError`` with a one-line message."""
-        if config_file is not None and not config_file.is_file():
-            raise SettingsError(f"config file {config_file} does not exist")
-        cls.config_file = config_file
-        try:
-            return cls(**{k: v for k, v in flags.items() if v is not None})
-        except ValidationError as exc:
-            raise SettingsError(describe_error(exc)) from None
-        finally:
-            cls.config_file = None
 
     def redacted(self) -> dict[str, Any]:
         """The settings as plain data, fit to print (secrets show as ``**********``)."""
