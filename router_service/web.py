@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
 
 from router_service.metrics import make_registry
 
 if TYPE_CHECKING:
     from router_service.service import RouterService
 
-__all__ = ["StatusServer", "status"]
+__all__ = ["Endpoints", "StatusServer", "status"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +70,24 @@ def status(service: RouterService) -> dict[str, Any]:
     }
 
 
-class StatusServer:
-    """aiohttp application on ``host:port`` for the service's endpoints."""
+class Endpoints:
+    """aiohttp on the caller's loop: ``/metrics`` from a registry, ``/livez``, ``/readyz``.
 
-    def __init__(self, service: RouterService, host: str, port: int) -> None:
-        self._service = service
-        self._registry = make_registry(service)
+    Subclasses say what ready means (``not_ready``) and may add routes (``routes``).
+    """
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self._registry = registry
         self.host = host
         self.port = port
         self._runner: web.AppRunner | None = None
+
+    def routes(self, app: web.Application) -> None:
+        """Add routes beyond the three common ones."""
+
+    def not_ready(self) -> str | None:
+        """Why the process is not ready, or ``None`` when it is."""
+        return None
 
     async def start(self) -> None:
         """Bind and serve (``port`` 0 picks a free port, stored back in ``port``)."""
@@ -85,11 +95,10 @@ class StatusServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/livez", self._livez)
         app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/status", self._status)
+        self.routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        await web.TCPSite(self._runner, self.host, self.port).start()
         if self.port == 0:
             # aiohttp does not expose the bound port; the runner's addresses do.
             self.port = int(self._runner.addresses[0][1])
@@ -109,10 +118,28 @@ class StatusServer:
         return web.Response(text="ok\n")
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        if self._service.is_ready():
+        reason = self.not_ready()
+        if reason is None:
             return web.Response(text="ready\n")
-        reason = "draining" if self._service.draining else "starting"
         return web.Response(status=503, text=f"not ready: {reason}\n")
+
+
+class StatusServer(Endpoints):
+    """The router's endpoints, plus ``/status``."""
+
+    def __init__(self, service: RouterService, host: str, port: int) -> None:
+        super().__init__(make_registry(service), host, port)
+        self._service = service
+
+    def routes(self, app: web.Application) -> None:
+        """``/status``: the JSON status document."""
+        app.router.add_get("/status", self._status)
+
+    def not_ready(self) -> str | None:
+        """Ready = bound and accepting credits (not draining)."""
+        if self._service.is_ready():
+            return None
+        return "draining" if self._service.draining else "starting"
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(status(self._service))
