@@ -241,13 +241,17 @@ class RouterService:
             assert self._workers_sock is not None
             for name in self.core.workers:
                 self._workers_sock.send(self._identity(name), beat)
+            assert self._producers_sock is not None
             for identity, producer in list(self.producers.items()):
                 if now - producer.last_seen > self.producer_timeout_s:
                     logger.warning("producer gone producer=%s (silent)", producer.key)
                     del self.producers[identity]
                     self.core.producer_gone(producer.key, now)
                     continue
-                self._send_producer(identity, producer, beat)
+                self._retry_backlog(identity, producer)
+                if not producer.backlog:
+                    # A beat is never queued: a late one says nothing.
+                    self._producers_sock.send(identity, beat)
         self._flush(now)
 
     def request_exit(self, *, force: bool = False) -> None:
@@ -274,6 +278,13 @@ class RouterService:
         now = loop.time()
         self.core.shutdown(now)
         self._flush(now)
+        # The last outcomes must reach producers that are still there: give any held back
+        # a moment (bounded) before the sockets close.
+        give_up = loop.time() + 1.0
+        while loop.time() < give_up and any(p.backlog for p in self.producers.values()):
+            for identity, producer in list(self.producers.items()):
+                self._retry_backlog(identity, producer)
+            await asyncio.sleep(0.02)
         for sock in (self._workers_sock, self._producers_sock):
             if sock is not None:
                 sock.close()
@@ -571,6 +582,8 @@ class RouterService:
         assert self._producers_sock is not None
         if producer.backlog or not self._producers_sock.send(identity, frame):
             backlog = producer.backlog
+            if not backlog:
+                logger.info("producer not reading producer=%s: holding its frames", producer.key)
             backlog.append(frame)
             if len(backlog) > PRODUCER_BACKLOG:
                 backlog.popleft()
