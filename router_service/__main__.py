@@ -266,9 +266,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from router_service.simulate import main as simulate
+    from router_service.commands import run_command
 
-    return simulate(seed=args.seed, sessions=args.sessions, workers=args.workers)
+    return run_command(args)
 
 
 def _worker(argv: list[str]) -> int:
@@ -323,11 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--duration-s", type=float, default=3.0, help="e2e: measured seconds")
     bench.set_defaults(func=_bench)
 
-    run = sub.add_parser("run", help="route a built-in agentic workload and print a summary")
-    run.add_argument("--seed", type=int, default=7)
-    run.add_argument("--sessions", type=int, default=2_000, help="root agent sessions")
-    run.add_argument("--workers", type=int, default=8)
+    from router_service import commands  # argparse only: the work is imported when it runs
+
+    run = sub.add_parser(
+        "run", help="replay a workload through a router, workers and servers; print a report"
+    )
+    commands.add_run_arguments(run)
     run.set_defaults(func=_run)
+    mock = sub.add_parser(
+        "mock-server", help="serve a mock OpenAI-compatible endpoint with a prefix cache"
+    )
+    commands.add_mock_server_arguments(mock)
+    mock.set_defaults(func=commands.mock_server_command)
     return parser
 
 

@@ -56,8 +56,8 @@ class GeneratorParams:
     turns_max: int = 6
     child_turns_min: int = 1
     child_turns_max: int = 3
-    first_input_tokens: int = 600
-    turn_input_tokens: int = 150
+    first_input_tokens: int = 1_500
+    turn_input_tokens: int = 300
     output_tokens: int = 40
     shared_prefix_tokens: int = 0
     think_time_s: float = 0.3

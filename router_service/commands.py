@@ -1,0 +1,259 @@
+"""The command lines of ``credit-router run`` and ``credit-router mock-server``.
+
+Only argparse here: building the parser must stay cheap for every sub-command, so the modules
+that do the work (``run``, ``mockserver``, and through them aiohttp, ZeroMQ, the workloads) are
+imported when one of these commands actually runs. ``docs/RUN.md`` describes the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "add_mock_server_arguments",
+    "add_run_arguments",
+    "mock_server_command",
+    "run_command",
+]
+
+DEFAULT_DURATION_S = 30.0
+"""How long the built-in workload runs when no limit is given (``make run``)."""
+
+
+def _positive(kind: type[Any]) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``credit-router run``."""
+    parser.add_argument(
+        "workload",
+        nargs="?",
+        type=Path,
+        help="a workload file: credit-router JSONL, AIPerf dag_jsonl or a Mooncake trace "
+        "(default: the built-in agentic workload)",
+    )
+    parser.add_argument(
+        "--format", choices=["auto", "credit-router", "aiperf", "mooncake"], default="auto"
+    )
+    parser.add_argument("--block-tokens", type=_positive(int), help="tokens per hash_ids block")
+    load = parser.add_argument_group("load (one of)")
+    how = load.add_mutually_exclusive_group()
+    how.add_argument(
+        "--concurrency", type=_positive(int), help="agent trees live at once (default 16)"
+    )
+    how.add_argument("--rate", type=_positive(float), help="agent trees started per second")
+    how.add_argument(
+        "--timestamps", action="store_true", help="start roots at their trace times (start_s)"
+    )
+    load.add_argument("--arrival", choices=["poisson", "constant"], default="poisson")
+    load.add_argument(
+        "--speedup", type=_positive(float), default=1.0, help="--timestamps: time runs faster"
+    )
+    stop = parser.add_argument_group("stop")
+    stop.add_argument(
+        "--duration-s",
+        type=_positive(float),
+        help=f"stop issuing after this long (built-in workload: {DEFAULT_DURATION_S:g})",
+    )
+    stop.add_argument("--sessions", type=_positive(int), help="stop after this many trees")
+    stop.add_argument(
+        "--grace-s", type=float, default=5.0, help="then wait this long for in-flight credits"
+    )
+    where = parser.add_argument_group("cluster")
+    where.add_argument("--workers", type=_positive(int), default=3, help="local worker agents")
+    where.add_argument(
+        "--mock-servers", type=_positive(int), default=2, help="local mock inference servers"
+    )
+    where.add_argument("--capacity", type=_positive(int), default=32, help="credits per worker")
+    where.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="real OpenAI-compatible servers for the local workers (repeatable)",
+    )
+    where.add_argument("--model", default="mock", help="model name the workers send")
+    where.add_argument(
+        "--worker-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for every local worker, e.g. --worker-arg=--no-stream",
+    )
+    where.add_argument(
+        "--router", metavar="ENDPOINT", help="a running router's producer endpoint (no cluster)"
+    )
+    policy = parser.add_argument_group("routing")
+    policy.add_argument("--routing-policy", choices=["sticky", "least_loaded"], default="sticky")
+    policy.add_argument(
+        "--compare", action="store_true", help="run sticky, then least_loaded; print both"
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument("--records", type=Path, help="write one JSON line per credit here")
+    output.add_argument("--json", action="store_true", help="print the report as JSON")
+    output.add_argument("--no-progress", action="store_true", help="no progress line")
+    output.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
+    output.add_argument("--log-level", default="warning", choices=["debug", "info", "warning"])
+    gen = parser.add_argument_group("built-in workload")
+    gen.add_argument("--seed", type=int, default=7, help="generator and arrival seed")
+    gen.add_argument(
+        "--gen",
+        action="append",
+        default=[],
+        metavar="PARAM=VALUE",
+        help="a generator parameter (docs/WORKLOADS.md), e.g. --gen fork_prob=0.3",
+    )
+    parser.add_argument(
+        "--simulate",
+        action="store_true",
+        help="instead: the in-process simulation of the routing core (no sockets)",
+    )
+
+
+def _generator(args: argparse.Namespace) -> Any:
+    from router_service.workload import GeneratorParams
+
+    defaults = GeneratorParams(seed=args.seed)
+    changes: dict[str, Any] = {}
+    names = set(GeneratorParams.names())
+    for item in args.gen:
+        key, sep, text = item.partition("=")
+        if not sep or key not in names:
+            raise ValueError(f"--gen {item!r}: expected PARAM=VALUE, PARAM one of {sorted(names)}")
+        current = getattr(defaults, key)
+        if isinstance(current, tuple):
+            changes[key] = tuple(text.split(","))
+        elif current is None or isinstance(current, float):
+            changes[key] = float(text)
+        else:
+            changes[key] = type(current)(text)
+    return defaults.with_(**changes)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from router_service.replay import Mode, ReplayOptions
+    from router_service.run import RunSettings
+
+    mode: Mode = "timestamps" if args.timestamps else "rate" if args.rate else "concurrency"
+    duration = args.duration_s
+    if duration is None and args.workload is None and args.sessions is None:
+        duration = DEFAULT_DURATION_S
+    replay = ReplayOptions(
+        mode=mode,
+        concurrency=args.concurrency or 16,
+        rate=args.rate or 4.0,
+        arrival=args.arrival,
+        speedup=args.speedup,
+        duration_s=duration,
+        sessions=args.sessions,
+        grace_s=args.grace_s,
+        seed=args.seed,
+    )
+    return RunSettings(
+        workload=args.workload,
+        fmt=args.format,
+        block_tokens=args.block_tokens,
+        generator=_generator(args),
+        replay=replay,
+        workers=args.workers,
+        mock_servers=args.mock_servers,
+        capacity=args.capacity,
+        endpoints=tuple(args.endpoint),
+        model=args.model,
+        worker_args=tuple(args.worker_arg),
+        router=args.router,
+        policy=args.routing_policy,
+        compare=args.compare,
+        records=args.records,
+        json=args.json,
+        progress=not args.no_progress,
+        keep_logs=args.keep_logs,
+    )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``credit-router run``: returns the exit status (2 for bad options or workloads)."""
+    if args.simulate:
+        from router_service.simulate import main as simulate
+
+        return simulate(seed=args.seed, sessions=args.sessions or 2_000, workers=args.workers)
+    from router_service.logs import configure
+    from router_service.run import main
+
+    configure(args.log_level, "text")
+    try:
+        settings = _settings(args)
+    except ValueError as exc:
+        print(f"credit-router run: {exc}", file=sys.stderr)
+        return 2
+    code: int = main(settings)
+    return code
+
+
+def add_mock_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``credit-router mock-server`` (defaults: ``MockSettings``)."""
+    parser.add_argument("--host", default="127.0.0.1", help="bind address")
+    parser.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    parser.add_argument("--model", default="mock", help="the model name it reports")
+    for flag, kind, text in (
+        ("--base-ttft-s", float, "fixed part of the time to first token (0.02)"),
+        ("--prefill-s-per-token", float, "per uncached prompt token (0.00005)"),
+        ("--decode-s-per-token", float, "between generated tokens (0.008)"),
+        ("--block-tokens", int, "tokens per KV block (16)"),
+        ("--cache-blocks", int, "prefix-cache capacity in blocks (32768)"),
+        ("--tokens-per-chunk", int, "generated tokens per SSE event (1)"),
+        ("--max-concurrency", int, "requests served at once, 0 unbounded (0)"),
+        ("--default-max-tokens", int, "output when a request gives no max_tokens (64)"),
+        ("--fault-rate", float, "fraction of requests answered 503 (0)"),
+        ("--record-sessions", int, "sessions kept for /mock/sessions (1000)"),
+        ("--seed", int, "seeds the random faults (0)"),
+    ):
+        parser.add_argument(flag, type=kind, help=text)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+
+
+def mock_server_command(args: argparse.Namespace) -> int:
+    """``credit-router mock-server``: serve until SIGTERM or SIGINT."""
+    import asyncio
+    import dataclasses
+    import signal
+
+    import uvloop
+
+    from router_service.logs import configure
+    from router_service.mockserver import MockSettings, serve
+
+    configure(args.log_level, "text")
+    names = {f.name for f in dataclasses.fields(MockSettings)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    try:
+        settings = MockSettings(**given)
+    except ValueError as exc:
+        print(f"credit-router mock-server: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(settings, args.host, args.port, stop)
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    except OSError as exc:
+        print(f"credit-router mock-server: {exc}", file=sys.stderr)
+        return 1
+    return 0
