@@ -664,6 +664,10 @@ class RouterCore:
                 worker.state = WorkerState.SUSPECT
                 self.index.discard(worker)
         self._expire_sessions(now)
+        # A ledger per producer incarnation would pile up over a long-lived daemon: drop the
+        # empty ones (an active producer's comes back with its next credit).
+        for producer in [p for p, ledger in self.ledgers.items() if not ledger]:
+            del self.ledgers[producer]
         if self.queue_timeout_s is not None:
             self._expire_queued(now - self.queue_timeout_s)
 
