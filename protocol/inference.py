@@ -18,6 +18,9 @@ keys. Readers ignore keys they do not know and take the default for keys that ar
 newer executor's result decodes with an older reader and the other way round. Fields that equal
 their default are left out of the bytes. A JSON object with the same keys is accepted as a
 payload too (``decode_request`` looks at the first byte).
+
+``synthetic_text`` is how a turn given as a token count becomes text, so that every executor
+sends the same words for the same turn (and shared ``hash_ids`` blocks share a prefix).
 """
 
 from __future__ import annotations

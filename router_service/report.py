@@ -79,7 +79,8 @@ class Collector:
         if status != _COMPLETED:
             self.reasons[(status, record.reason)] += 1
         if record.turn_index == 0:
-            self.modes[record.branch_mode or "root"] += 1
+            mode = record.branch_mode or ("root" if record.session == record.root else "pre")
+            self.modes[mode] += 1
         if record.worker:
             self.workers[record.worker] += 1
             self.sessions.setdefault(record.worker, set()).add(record.session)
@@ -247,7 +248,12 @@ def _balance(workers: Counter[str]) -> float | None:
 
 
 def _modes(c: Collector) -> str:
-    names = {"root": "roots", "fork": "FORK children", "spawn": "SPAWN children"}
+    names = {
+        "root": "roots",
+        "fork": "FORK children",
+        "spawn": "SPAWN children",
+        "pre": "pre-session SPAWN children",
+    }
     order = sorted(
         c.modes.items(), key=lambda kv: list(names).index(kv[0]) if kv[0] in names else 9
     )

@@ -143,9 +143,9 @@ class LocalCluster:
     def topology(self) -> str:
         """For the report's title."""
         s = self.settings
-        where = (
-            f"{s.mock_servers} mock servers" if not s.endpoints else f"{len(s.endpoints)} endpoints"
-        )
+        n = len(s.endpoints) or s.mock_servers
+        kind = "endpoint" if s.endpoints else "mock server"
+        where = f"{n} {kind}{'s' if n > 1 else ''}"
         return f"local router + {s.workers} workers + {where}"
 
     async def __aenter__(self) -> LocalCluster:
@@ -189,7 +189,19 @@ class LocalCluster:
                 port = _free_port()
                 self._spawn(
                     f"mock-{i}",
-                    ["mock-server", "--port", str(port), "--model", s.model, "--seed", str(i)],
+                    [
+                        "mock-server",
+                        "--port",
+                        str(port),
+                        "--model",
+                        s.model,
+                        "--seed",
+                        str(i),
+                        "--record-sessions",  # full messages: keep a few for inspection
+                        "64",
+                        "--log-level",
+                        "warning",
+                    ],
                 )
                 self.servers.append(f"http://127.0.0.1:{port}/v1")
         router = [

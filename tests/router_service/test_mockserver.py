@@ -1,4 +1,4 @@
-"""The mock inference server over real HTTP: OpenAI shapes, the prefix-cache model, records, faults."""
+"""The mock inference server over real HTTP: OpenAI shapes, prefix-cache model, records, faults."""
 
 from __future__ import annotations
 

@@ -240,3 +240,19 @@ def test_unknown_and_empty_files(tmp_path: Path) -> None:
         load_workload(write(tmp_path, ""))
     with pytest.raises(WorkloadError, match="cannot read"):
         load_workload(tmp_path / "missing.jsonl", "credit-router")
+
+
+def test_the_example_in_the_docs_is_a_valid_workload(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "WORKLOADS.md").read_text()
+    example = doc.split("### An example", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    # The sessions span several lines in the doc: one JSON value after another.
+    decoder, text, values = json.JSONDecoder(), example.strip(), []
+    while text:
+        value, end = decoder.raw_decode(text)
+        values.append(value)
+        text = text[end:].strip()
+    w = load_workload(write(tmp_path, *values))
+    assert w.roots == ["agent"]
+    assert w.fork_count("agent", 1) == 2
+    assert [b.join_at for b in w.branches[("agent", 0)]] == [1]
+    assert w.credits_in_tree("agent") == 3 + 2 + 1 + 1 + 1 + 1
