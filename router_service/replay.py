@@ -423,6 +423,7 @@ class Replayer:
 
     def _begin(self, inst: _Instance) -> None:
         inst.task = asyncio.get_running_loop().create_task(self._session(inst))
+        inst.task.add_done_callback(_log_failure)
 
     # ------------------------------------------------------------------ one session
 
@@ -602,3 +603,9 @@ class Replayer:
             record.rebuilt = result.rebuilt
         if self.on_record is not None:
             self.on_record(record)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A session task that died of a bug: say so (its session was finished in ``finally``)."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("session task failed", exc_info=task.exception())

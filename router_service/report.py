@@ -128,6 +128,8 @@ class Report:
     unfinished: int = 0
     servers: list[dict[str, Any]] = field(default_factory=list)
     """The mock servers' own counters, when the run started them."""
+    problems: list[str] = field(default_factory=list)
+    """What went wrong with the cluster during the run (a process that exited)."""
 
     def latency(self) -> dict[str, dict[str, float | None]]:
         """p50/p90/p99/mean in seconds, per metric."""
@@ -181,6 +183,7 @@ class Report:
             },
             "balance_max_over_mean": balance,
             "servers": self.servers,
+            "problems": self.problems,
         }
 
     def render(self) -> str:
@@ -219,6 +222,8 @@ class Report:
             "(prompt padded to size)",
             f"  balance       {_workers(c)}",
         ]
+        for problem in self.problems:
+            lines.append(f"  PROBLEM       {problem.splitlines()[0]}")
         for server in self.servers:
             lines.append(
                 f"  server        {server['server']}: {server['completed']:,} requests, "

@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -291,6 +292,17 @@ class LocalCluster:
                 )
         return "".join(parts)
 
+    async def watch(self, on_failure: Callable[[str], None], period_s: float = 0.5) -> None:
+        """Call ``on_failure`` (once) if one of the processes exits while the run goes on."""
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                self._check_alive()
+            except ClusterError as exc:
+                self.failed = True
+                on_failure(str(exc))
+                return
+
     async def server_stats(self) -> list[dict[str, Any]]:
         """The mock servers' counters (none for real endpoints)."""
         if self.settings.endpoints:
@@ -388,6 +400,7 @@ async def _one(
         RemoteRouter(settings) if settings.router else LocalCluster(settings, policy)
     )
     records: IO[bytes] | None = None
+    problems: list[str] = []
     if settings.records is not None:
         path = settings.records
         if settings.compare:
@@ -407,10 +420,21 @@ async def _one(
                         replayer.progress, duration_s=settings.replay.duration_s, label=label
                     )
                     progress.start()
+                watchdog = None
+                if isinstance(cluster, LocalCluster):
+
+                    def lost(message: str) -> None:
+                        logger.error("stopping the replay: %s", message)
+                        problems.append(message)
+                        replayer.stop()
+
+                    watchdog = loop.create_task(cluster.watch(lost))
                 started = loop.time()
                 try:
                     await replayer.run()
                 finally:
+                    if watchdog is not None:
+                        watchdog.cancel()
                     if progress is not None:
                         await progress.stop()
                 duration = loop.time() - started
@@ -427,6 +451,7 @@ async def _one(
         trees_started=replayer.trees_started,
         unfinished=replayer.unfinished,
         servers=servers,
+        problems=problems,
     )
 
 
@@ -458,7 +483,7 @@ async def run(settings: RunSettings, out: IO[str] | None = None) -> int:
         return 1
     _print(settings, reports, out)
     completed = sum(r.collector.statuses.get("completed", 0) for r in reports)
-    return 0 if completed else 1
+    return 0 if completed and not any(r.problems for r in reports) else 1
 
 
 def _print(settings: RunSettings, reports: list[Report], out: IO[str]) -> None:

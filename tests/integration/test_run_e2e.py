@@ -180,3 +180,16 @@ def test_credit_router_run_reports_a_bad_workload_by_line_and_field(tmp_path: Pa
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 2
     assert f"{workload}:1: turns[0].max_tokens: unknown field" in done.stderr
+
+
+async def test_the_watchdog_reports_a_cluster_process_that_exits() -> None:
+    cluster = LocalCluster(RunSettings(), "sticky")
+    cluster._spawn("router", ["no-such-command"])  # exits at once with a usage error
+    messages: list[str] = []
+    await asyncio.wait_for(cluster.watch(messages.append, period_s=0.05), 20)
+    assert cluster.failed
+    assert messages[0].startswith("router exited with status 2")
+    assert "invalid choice" in messages[0]  # the log's tail comes with it
+    cluster.failed = False  # nothing to keep: the test saw the log
+    await cluster.stop()
+    assert not cluster.log_dir.exists()

@@ -237,11 +237,11 @@ async def test_rate_and_timestamps_pace_the_roots(tmp_path: Path) -> None:
     fake = FakeProducer(latency_s=0.001)
     await replay(w, fake, mode="rate", rate=20, arrival="constant", sessions=4)
     gaps = [b - a for a, b in itertools.pairwise(sorted(fake.submitted_at.values()))]
-    assert all(0.04 <= g <= 0.1 for g in gaps)  # 50 ms apart
+    assert all(0.045 <= g <= 0.15 for g in gaps)  # 50 ms apart (late wake-ups allowed)
     fake = FakeProducer(latency_s=0.001)
     await replay(w, fake, mode="timestamps", speedup=2)
     starts = sorted(fake.submitted_at.values())
-    assert starts[-1] - starts[0] == pytest.approx(0.15, abs=0.03)  # 0.3 s of trace, 2x
+    assert starts[-1] - starts[0] == pytest.approx(0.15, abs=0.06)  # 0.3 s of trace, 2x
 
 
 async def test_a_duration_stops_issuing_then_cancels_what_is_left(tmp_path: Path) -> None:
