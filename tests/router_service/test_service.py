@@ -7,6 +7,8 @@ The workers here are raw DEALER sockets driven by the test, so every frame is un
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -361,6 +363,14 @@ async def test_http_endpoints_and_metrics(ctx) -> None:
         assert doc["workers"][0]["capacity"] == 4
         async with http.get(f"{base}/metrics") as r:
             text = await r.text()
+    table = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "router_service", "status", "--url", base],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert "WORKER" in table.stdout
+    assert table.stdout.splitlines()[-1].split()[:4] == ["w1", "active", "0", "4"]
+    assert "completed 1" in table.stdout
     assert 'credit_router_credit_outcomes_total{status="completed"} 1.0' in text
     assert "credit_router_sticky_entries 1.0" in text
     assert 'credit_router_workers{state="active"} 1.0' in text
