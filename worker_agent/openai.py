@@ -13,9 +13,10 @@ new messages and the endpoint that answered, msgpack) and ``Turn.response`` the 
 reply, so a request carries every earlier user message and every captured answer, in order. A
 FORK child's session starts as a copy of its parent's history (the agent copies it), so its
 first request carries the parent's conversation; a SPAWN child starts empty. A session the
-worker should hold but does not (``Session.rebuilt``: a migrated session, or routing that
-ignores stickiness) is padded with ``TurnRequest.context_tokens`` filler tokens, so its prompt
-keeps its size but shares no prefix with anything a server has cached.
+worker should hold but does not (a migrated session, or routing that ignores stickiness), or
+holds only in part (it ran turns elsewhere and came back), is padded up to the producer's
+``TurnRequest.context_tokens`` with filler tokens, so its prompt keeps its size but the missing
+part shares no prefix with anything a server has cached.
 
 Endpoints. A session keeps the endpoint its history was built on (its KV prefix lives there),
 and a FORK child inherits its parent's; a new session takes the endpoint with the fewest
@@ -65,6 +66,8 @@ __all__ = ["OpenAIExecutor", "add_arguments", "executor_from_args"]
 logger = logging.getLogger(__name__)
 
 _ERROR_BODY_BYTES: Final = 2_048
+_MIN_GAP_TOKENS: Final = 16
+"""A history shorter than the producer's estimate by more than this (and 5 %) is padded."""
 _FORK: Final = BranchMode.FORK
 
 
@@ -281,11 +284,16 @@ class OpenAIExecutor:
     ) -> tuple[list[dict[str, Any]], bool]:
         """The messages this turn adds, and whether a missing history was padded."""
         added: list[dict[str, Any]] = []
-        rebuilt = session.rebuilt and not session.history and request.context_tokens > 0
+        # The producer's estimate and the history held here are both the server's token
+        # counts, so they agree when this worker holds the whole history. Short of it: the
+        # history is missing (a migrated session, a FORK child without its parent) or stale (a
+        # session that ran turns elsewhere and came back); pad the gap after what is here.
+        gap = request.context_tokens - session.history_tokens
+        rebuilt = gap > max(_MIN_GAP_TOKENS, request.context_tokens // 20)
         xid = credit.x_correlation_id
         if rebuilt:
             self.rebuilt += 1
-            filler = synthetic_text(request.context_tokens, seed=f"{xid}/context")
+            filler = synthetic_text(gap, seed=f"{xid}/{credit.turn_index}/context")
             added.append({"role": "user", "content": filler})
         if request.messages:
             added.extend(request.messages)

@@ -159,9 +159,29 @@ async def test_a_session_missing_here_is_padded_to_its_size(executor, mock) -> N
     assert m.input_tokens == 1 + 50 + 1 + 2
     filler = mock.records["lost"][0]["messages"][0]["content"]
     assert len(filler.split()) == 50
-    nxt = metrics(await d.run("lost", say("more"), turn_index=3, num_turns=4))
-    assert not nxt.rebuilt  # its own history now holds the filler
-    assert nxt.cached_tokens
+    nxt = TurnRequest(
+        messages=[{"role": "user", "content": "more"}], context_tokens=m.input_tokens + 128
+    )
+    again = metrics(await d.run("lost", nxt, turn_index=3, num_turns=4))
+    assert not again.rebuilt  # its own history now holds the filler
+    assert again.cached_tokens
+
+
+async def test_a_stale_history_is_padded_after_what_is_held(executor, mock) -> None:
+    d = Driver(executor)
+    first = metrics(await d.run("s", say("one " * 40), num_turns=3))
+    # Turn 1 ran on another worker (its tokens are in the producer's estimate, not here).
+    held = first.input_tokens + first.output_tokens
+    request = TurnRequest(messages=[{"role": "user", "content": "three"}], context_tokens=held + 60)
+    third = metrics(await d.run("s", request, turn_index=2, num_turns=3))
+    assert third.rebuilt
+    sent = mock.records["s"][1]["messages"]
+    assert sent[:2] == [*mock.records["s"][0]["messages"], sent[1]]  # the held history first
+    assert len(sent[2]["content"].split()) == 60  # then the gap
+    assert third.cached_tokens is not None
+    assert third.cached_tokens >= first.input_tokens  # the held part is still a cache hit
+    in_sync = TurnRequest(messages=[{"role": "user", "content": "x"}], context_tokens=0)
+    assert not metrics(await d.run("fresh", in_sync)).rebuilt
 
 
 @pytest.mark.parametrize(
