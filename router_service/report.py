@@ -218,7 +218,7 @@ class Report:
             "history ran on the worker holding it",
             f"  prefix cache  {_pct(d['prefix_cache_hit_rate'])} of {c.reported_prompt_tokens:,} "
             "prompt tokens were cached (server-reported)",
-            f"  rebuilt       {c.rebuilt:,} turns found no history on their worker "
+            f"  rebuilt       {c.rebuilt:,} turns lacked history on their worker "
             "(prompt padded to size)",
             f"  balance       {_workers(c)}",
         ]
