@@ -644,6 +644,10 @@ class RouterCore:
 
     # --------------------------------------------------------------------- time
 
+    def start_clock(self, now: float) -> None:
+        """The service starts ticking at ``now`` (so its first tick is not taken for a stall)."""
+        self._last_tick = now
+
     def tick(self, now: float) -> None:
         """Periodic duties: liveness (§6), idle TTL (§3), drain deadlines."""
         gap = now - self._last_tick
