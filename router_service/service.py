@@ -141,7 +141,7 @@ class RouterService:
         self._producers_sock: RouterSocket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.producers: dict[bytes, _Producer] = {}
-        self._errors: dict[bytes, _PeerErrors] = {}
+        self._errors: dict[tuple[str, bytes], _PeerErrors] = {}
         self._names: dict[str, bytes] = {}
         self.should_exit = False
         self.force_exit = False
@@ -323,9 +323,9 @@ class RouterService:
     def _on_auth_failure(self, identity: bytes, why: str) -> None:
         self.auth_failures += 1
         now = self.now()
-        errors = self._errors.get(b"\x00auth")
+        errors = self._errors.get(("auth", b""))
         if errors is None:
-            errors = self._errors[b"\x00auth"] = _PeerErrors(now)
+            errors = self._errors[("auth", b"")] = _PeerErrors(now)
         if now - errors.last_log >= LOG_EVERY_S:
             logger.warning(
                 "authentication failure %r: %s (%d more suppressed)",
@@ -418,8 +418,12 @@ class RouterService:
             case Completion():
                 core.complete(name, (msg,), now)
                 self._note_ack(acks, name, (msg,))
-            case Recovered(completions=completions):
-                core.recovered(name, completions, now)
+            case Recovered(router_incarnation=incarnation, completions=completions):
+                if incarnation == core.router_incarnation:
+                    # Ours after all (a confused worker): ordinary completions, de-duplicated.
+                    core.complete(name, completions, now)
+                else:
+                    core.recovered(name, completions, now)
                 self._note_ack(acks, name, completions)
             case FirstToken(producer=producer, credit_id=cid, ttft_s=ttft):
                 core.first_token(name, producer, cid, ttft)
@@ -668,14 +672,16 @@ class RouterService:
         self, identity: bytes, reason: str, text: str, now: float, *, worker: bool
     ) -> None:
         self._count(reason)
-        errors = self._errors.get(identity)
+        kind = "worker" if worker else "producer"
+        # Counted per endpoint: garbage on the producer socket under a worker's name must not
+        # bring that worker closer to being cut off.
+        errors = self._errors.get((kind, identity))
         if errors is None:
-            errors = self._errors[identity] = _PeerErrors(now)
+            errors = self._errors[(kind, identity)] = _PeerErrors(now)
         if now - errors.window_start > INVALID_WINDOW_S:
             errors.window_start = now
             errors.count = 0
         errors.count += 1
-        kind = "worker" if worker else "producer"
         if now - errors.last_log >= LOG_EVERY_S:
             logger.warning(
                 "invalid message from %s %r (%d more suppressed): %s",

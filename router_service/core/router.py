@@ -69,6 +69,8 @@ CANCELLED: Final = "cancelled"
 SHUTDOWN: Final = "router_shutdown"
 DRAINING: Final = "router_draining"
 
+_TAKEN: Final = "x_correlation_id is already another session's (each session needs its own)"
+
 #: Tombstone reason left by an eviction -> the rejection reason of the session's next credit.
 _EVICTION_REASONS: Final = {
     "worker_lost": SESSION_LOST,
@@ -525,14 +527,26 @@ class RouterCore:
         """Forward a first-token event to the producer if its credit is still in flight there."""
         ledger = self.ledgers.get(producer)
         ticket = ledger.get(credit_id) if ledger is not None else None
-        if ticket is None or ticket.worker is None or ticket.worker.name != name:
+        if (
+            ticket is None
+            or ticket.dispatched_at < 0
+            or ticket.worker is None
+            or ticket.worker.name != name
+        ):
             return
         self._effects.first_tokens.setdefault(producer, []).append(
             ProducerFirstToken(credit_id=credit_id, ttft_s=ttft_s)
         )
 
     def child_release(self, name: str, child: str, now: float) -> None:
-        """A FORK child session ended on worker ``name``: drop its count (idempotent)."""
+        """A FORK child session ended on worker ``name``: drop its count (idempotent).
+
+        Only the worker that holds the child's entry may end it.
+        """
+        alias = self.table.aliases.get(child)
+        if alias is not None and alias.entry.worker.name != name:
+            self.stats.misdirected_completions += 1
+            return
         entry = self.table.end_child(child)
         if entry is None:
             self.stats.unknown_child_releases += 1
@@ -692,19 +706,13 @@ class RouterCore:
             self._to_least_loaded(ticket, now)
             return
         if credit.branch_mode is _FORK:
-            parent = credit.parent_correlation_id
-            entry = table.resolve(parent)  # type: ignore[arg-type]
-            if entry is None:
-                reason = PARENT_UNAVAILABLE
-                if credit.x_correlation_id in table.tombstones:
-                    reason = _EVICTION_REASONS[table.tombstones[credit.x_correlation_id]]
-                self._end(ticket, Status.REJECTED, reason)
-                return
-            self.stats.sticky_hits += 1
-            self._to_worker(ticket, entry.worker, now)
+            self._route_fork(ticket, now)
             return
         key = credit.x_correlation_id
         entry = table.entries.get(key)
+        if entry is None and key in table.aliases:
+            self._end(ticket, Status.REJECTED, f"{INVALID_CREDIT}: {_TAKEN}")
+            return
         if entry is not None:
             worker = entry.worker
             gap = self.soft_affinity_gap
@@ -743,6 +751,25 @@ class RouterCore:
             queue.append(ticket)
         else:
             self._end(ticket, Status.REJECTED, QUEUE_FULL)
+
+    def _route_fork(self, ticket: Ticket, now: float) -> None:
+        """A FORK child goes to its parent's entry's worker, or ends with the reason why not."""
+        credit = ticket.credit
+        table = self.table
+        entry = table.resolve(credit.parent_correlation_id)  # type: ignore[arg-type]
+        child = credit.x_correlation_id
+        alias = table.aliases.get(child)
+        if child in table.entries or (alias is not None and entry is not alias.entry):
+            self._end(ticket, Status.REJECTED, f"{INVALID_CREDIT}: {_TAKEN}")
+            return
+        if entry is None:
+            reason = PARENT_UNAVAILABLE
+            if child in table.tombstones:
+                reason = _EVICTION_REASONS[table.tombstones[child]]
+            self._end(ticket, Status.REJECTED, reason)
+            return
+        self.stats.sticky_hits += 1
+        self._to_worker(ticket, entry.worker, now)
 
     def _to_worker(self, ticket: Ticket, worker: Worker, now: float) -> None:
         """Dispatch to ``worker`` now, or queue for it (full, suspect, or others waiting)."""
@@ -838,15 +865,18 @@ class RouterCore:
         tickets = worker.tickets
         while waiting and len(tickets) < worker.capacity:
             ticket = waiting.popleft()
-            if (
-                ticket.credit.branch_mode is _FORK
-                and self.table.resolve(
-                    ticket.credit.parent_correlation_id  # type: ignore[arg-type]
-                )
-                is None
+            credit = ticket.credit
+            fork = credit.branch_mode is _FORK
+            key: str = credit.parent_correlation_id if fork else credit.x_correlation_id  # type: ignore[assignment]
+            entry = self.table.resolve(key)
+            if (entry is not None and entry.worker is not worker) or (
+                entry is None and (fork or key in self.table.tombstones)
             ):
-                # The parent's entry went away while the child waited.
-                self._end(ticket, Status.REJECTED, PARENT_UNAVAILABLE)
+                # Its session moved (or ended) while it waited: route it afresh, which sends
+                # it where its session is now, or ends it with the reason.
+                ticket.worker = None
+                ticket.booked = False
+                self._route(ticket, now)
                 continue
             self._dispatch(ticket, worker, now)
         queue = self.queue
