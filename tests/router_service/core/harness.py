@@ -108,7 +108,11 @@ class Harness:
         self.core.complete(name, [done], self.now)
         self._collect()
 
-    def child_release(self, child: str, worker: str = "") -> None:
+    def child_release(self, child: str, worker: str | None = None) -> None:
+        """The child's worker releases it (another worker may be named to test refusals)."""
+        if worker is None:
+            alias = self.core.table.aliases.get(child)
+            worker = alias.entry.worker.name if alias is not None else ""
         self.core.child_release(worker, child, self.now)
         self._collect()
 
