@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 RUN := $(UV) run --frozen --extra dev
 
-.PHONY: help install run test lint typecheck format bench deploy-tools clean
+.PHONY: help install run test lint typecheck format bench fuzz fuzz-atheris deploy-tools clean
 
 help:  #? list targets
 	@grep -E '^[a-z-]+:.*#\?' $(MAKEFILE_LIST) | sed -E 's/:.*#\?/\t/'
@@ -43,6 +43,16 @@ typecheck: install  #? mypy --strict on the packages
 bench: install  #? benchmarks, printed as JSON lines
 	$(RUN) credit-router bench core --json
 	$(RUN) credit-router bench e2e --json
+
+# The fuzz tests run briefly in `make test`; here each gets FUZZ_EXAMPLES examples (default 5000).
+fuzz: install  #? long fuzz run of the decoders and the router (FUZZ_EXAMPLES=5000 per test)
+	HYPOTHESIS_PROFILE=fuzz-long $(RUN) pytest tests/fuzz -q --timeout=0
+
+# atheris is not a project dependency: installed into .venv on demand, for this target only.
+FUZZ_SECONDS ?= 300
+fuzz-atheris: install  #? coverage-guided decoder fuzz with atheris (FUZZ_SECONDS=300)
+	$(UV) pip install --quiet --python .venv/bin/python "atheris==3.0.0"
+	$(RUN) python tests/fuzz/atheris_decoders.py -max_total_time=$(FUZZ_SECONDS)
 
 # Debian packages the deploy/ tests run: prometheus + promtool (tests/integration/test_prometheus.py,
 # tests/deploy/test_prometheus_rules.py) and systemd-analyze (tests/deploy/test_systemd.py).

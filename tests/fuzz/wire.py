@@ -169,7 +169,7 @@ def _pack_int(v: int, choose: Width, out: bytearray) -> None:
     out += forms[min(choose("int", 0), len(forms) - 1)]
 
 
-def to_tree(msg: msgspec.Struct) -> list[typing.Any]:
+def to_tree(msg: object) -> list[typing.Any]:
     """A message as a tree of builtins (``[tag, fields…]``, bytes kept as bytes)."""
     tree = msgspec.to_builtins(msg, builtin_types=(bytes,))
     assert isinstance(tree, list)

@@ -1,0 +1,583 @@
+"""A RouterService on loopback whose handlers the fuzz feeds directly, and the judge of each step.
+
+``Rig.start`` binds a real ``RouterService`` (both endpoints ``tcp://127.0.0.1:0``) inside the
+running event loop and admits its workers through real ``Hello`` frames sent by real DEALER
+sockets, so that every dispatch really reaches a connected peer. After that the fuzz calls the
+service's own frame handlers (``_on_worker_frames``, ``_on_producer_frames``,
+``_on_malformed_worker``/``_producer``) with ``(identity, payload)`` lists, as the socket layer
+would on one wake-up, and never awaits in between: nothing else runs, so every change is the
+step's doing.
+
+The producers are not connected: everything the router sends them waits in the service's
+per-producer backlog, which is exactly the bytes a producer would read. The rig decodes them
+after every step (they must decode: the router must never write an invalid frame).
+
+``Rig.step`` judges each wake-up (see ``_judge``):
+
+* no exception escapes the handler, and the service counted no ``internal_error``;
+* ``check_invariants(core)`` (routing.md §7, 1–6) holds;
+* a worker's in-flight set lost a credit only for a reason the step gave: that worker's own
+  completion of it, its in-flight report leaving it out, or that worker leaving (``Goodbye``, a
+  new incarnation, or being cut off for invalid frames) — and each such credit got its one
+  outcome, with the status the completion said or ``lost``;
+* a worker gained credits only by dispatch of credits that were waiting, within its capacity;
+* a worker appears only by its hello and disappears only by one of the reasons above;
+* every outcome a producer receives ends a credit that was open (or submitted in this step),
+  except those ``Recovered`` forwarded for credits the router never had (their producer
+  de-duplicates them, docs/PROTOCOL.md); the producers receive exactly as many outcomes as the
+  core counts;
+* a first-token event reaches the producer only for a credit in flight on the worker that
+  reported it.
+
+The bugs this fuzz found are pinned by ``test_found_bugs.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+import zmq
+
+from protocol import PROTOCOL_VERSION
+from protocol.codec import (
+    decode_producer_to_router,
+    decode_router_to_producer,
+    decode_router_to_worker,
+    decode_worker_to_router,
+    encode,
+)
+from protocol.errors import DecodeError
+from protocol.messages import (
+    Completion,
+    CompletionBatch,
+    FirstToken,
+    Goodbye,
+    Hello,
+    InFlightReport,
+    Outcome,
+    OutcomeBatch,
+    ProducerFirstToken,
+    ProducerHello,
+    Recovered,
+    Status,
+    Submit,
+    SubmitBatch,
+    Welcome,
+)
+from router_service.core.invariants import check_invariants
+from router_service.core.router import RouterCore
+from router_service.core.workers import Worker
+from router_service.service import INVALID_LIMIT, RouterService
+
+Key = tuple[str, int]
+"""A credit's key: (producer key, credit id)."""
+
+ROUTER_INCARNATION: Final = "r-fuzz"
+
+
+class _Errors(logging.Handler):
+    """Keeps the exceptions the service logs with ``logger.exception``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.records.append(record)
+
+
+@dataclasses.dataclass
+class Frames:
+    """What one wake-up carried, decoded by the rig to know what the step may justify."""
+
+    claims: dict[str, dict[Key, set[Status]]] = dataclasses.field(
+        default_factory=lambda: defaultdict(dict)
+    )
+    """Worker name -> credits it reported finished (Completion, CompletionBatch, Recovered)."""
+    reports: dict[str, list[set[Key]]] = dataclasses.field(
+        default_factory=lambda: defaultdict(list)
+    )
+    """Worker name -> the in-flight sets it reported (InFlightReport, same-incarnation Hello)."""
+    leaves: set[str] = dataclasses.field(default_factory=set)
+    """Workers that said goodbye, came back as a new incarnation, or were cut off."""
+
+    hellos: set[str] = dataclasses.field(default_factory=set)
+    capacities: dict[str, int] = dataclasses.field(default_factory=dict)
+    """The largest capacity each worker announced in the wake-up (it may lower it again)."""
+    first_tokens: dict[str, set[Key]] = dataclasses.field(default_factory=lambda: defaultdict(set))
+    submitted: list[Key] = dataclasses.field(default_factory=list)
+
+
+class Rig:
+    """One RouterService, its connected workers, and the producers' view (module docstring)."""
+
+    def __init__(self, service: RouterService, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+        self.service = service
+        self.core = service.core
+        self.ctx = ctx
+        self.dealers: dict[str, zmq.Socket[bytes]] = {}
+        self.received: dict[Key, int] = defaultdict(int)
+        """Outcomes received per credit key."""
+        self.forwarded: int = 0
+        """Outcomes received that ``Recovered`` forwarded for credits the router never had."""
+        self.recoverable: set[Key] = set()
+        """Credits never submitted for which a ``Recovered`` was sent (forwarding is legal)."""
+        self.ever_submitted: set[Key] = set()
+        self.invalid: dict[tuple[bool, bytes], int] = defaultdict(int)
+        """(worker socket?, identity) -> invalid frames since that peer's last cut-off."""
+
+        self.producer_identities: dict[bytes, str] = {}
+
+        self.steps = 0
+        self.trace: list[tuple[str, list[tuple[bytes, bytes]]]] = []
+        self._errors = _Errors()
+
+    # ----------------------------------------------------------------- life cycle
+
+    @classmethod
+    async def start(
+        cls,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        workers: dict[str, int],
+        producers: Iterable[bytes],
+        **core_kwargs: Any,
+    ) -> Rig:
+        """Bind a service, admit ``workers`` (name -> capacity) through real hellos."""
+        core = RouterCore(
+            protocol_version=PROTOCOL_VERSION, router_incarnation=ROUTER_INCARNATION, **core_kwargs
+        )
+        service = RouterService(
+            core,
+            worker_endpoint="tcp://127.0.0.1:0",
+            producer_endpoint="tcp://127.0.0.1:0",
+            context=ctx,
+        )
+        service.startup()
+        rig = cls(service, ctx)
+        logging.getLogger("router_service.service").addHandler(rig._errors)
+        try:
+            for name, capacity in workers.items():
+                sock = ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.ROUTING_ID, name.encode())
+                sock.connect(service.worker_endpoint)
+                rig.dealers[name] = sock
+                sock.send(
+                    encode(
+                        Hello(
+                            name=name,
+                            incarnation=f"{name}-i0",
+                            protocol_version=PROTOCOL_VERSION,
+                            capacity=capacity,
+                        )
+                    )
+                )
+            for name, sock in rig.dealers.items():
+                await _await_welcome(sock, name)
+            for identity in producers:
+                rig.producer_frames(
+                    [(identity, encode(ProducerHello(producer="fuzz", protocol_version=1)))]
+                )
+                rig.producer_identities[identity] = identity.decode()
+        except BaseException:
+            await rig.close()
+            raise
+        check_invariants(core)
+        return rig
+
+    async def close(self) -> None:
+        """Shut the service down (no drain) and close every socket."""
+        logging.getLogger("router_service.service").removeHandler(self._errors)
+        for producer in self.service.producers.values():
+            producer.backlog.clear()  # nobody reads them: do not let the shutdown wait for it
+        self.service.request_exit(force=True)
+        await self.service.shutdown()
+        for sock in self.dealers.values():
+            sock.close(0)
+        self.dealers.clear()
+
+    async def finish(self) -> None:
+        """Shut down, judged like a step: every credit left ends, each exactly once."""
+        for sock in self.dealers.values():
+            while True:
+                try:
+                    frame = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                decode_router_to_worker(frame)  # the router never writes an invalid frame
+        self._judge_health("before shutdown", _Snapshot.of(self), shutdown=False)
+        # What ``RouterService.shutdown`` does once its drain is over (force: no drain here),
+        # judged before the sockets close: every credit left ends, rejected or lost.
+        self._run_judged("shutdown", Frames(), self._end_everything, shutdown=True)
+        core = self.core
+        # Not check_invariants: the shutdown ends credits without refreshing the load index
+        # (nothing routes afterwards), so invariant 6 no longer applies.
+        assert not any(core.ledgers.values()), "credits without an outcome after shutdown"
+        assert all(not w.tickets and not w.queue for w in core.workers.values())
+        assert not core.queue
+        received = sum(self.received.values())
+        assert received == sum(core.stats.outcomes.values()) == core.stats.submitted, (
+            f"producers received {received} outcomes, core counted {core.stats.outcomes}, "
+            f"submitted {core.stats.submitted}"
+        )
+
+    # ---------------------------------------------------------------------- steps
+
+    def worker_frames(self, frames: list[tuple[bytes, bytes]]) -> None:
+        """One wake-up of the worker socket."""
+        seen = self._decode_worker_frames(frames)
+        self._run_judged(
+            "workers", seen, lambda: self.service._on_worker_frames(frames), frames=frames
+        )
+
+    def producer_frames(self, frames: list[tuple[bytes, bytes]]) -> None:
+        """One wake-up of the producer socket."""
+        seen = Frames()
+        for identity, payload in frames:
+            try:
+                msg = decode_producer_to_router(payload)
+            except DecodeError:
+                self._count_invalid(False, identity, seen)
+                continue
+            credits = (
+                [msg.credit]
+                if isinstance(msg, Submit)
+                else msg.credits
+                if isinstance(msg, SubmitBatch)
+                else []
+            )
+            key = identity.decode("utf-8", "replace")
+            seen.submitted += [(key, c.id) for c in credits]
+
+        self._run_judged(
+            "producers", seen, lambda: self.service._on_producer_frames(frames), frames=frames
+        )
+
+    def malformed(self, identity: bytes, *, worker: bool) -> None:
+        """A multipart message arrived (the transport calls this and drops it)."""
+        seen = Frames()
+        self._count_invalid(worker, identity, seen)
+        handler = (
+            self.service._on_malformed_worker if worker else self.service._on_malformed_producer
+        )
+        # The transport's handler only counts; the effects go out with the next tick's flush.
+        now = self.service.now()
+        self._tick_leaves(now, seen)
+
+        def arrive() -> None:
+            handler(identity)
+            self.service.on_tick(now)
+
+        self._run_judged("multipart", seen, arrive)
+
+    def tick(self) -> None:
+        """The service's periodic duties, at the loop's current time."""
+        now = self.service.now()
+        seen = Frames()
+        self._tick_leaves(now, seen)
+        self._run_judged("tick", seen, lambda: self.service.on_tick(now))
+
+    def _tick_leaves(self, now: float, seen: Frames) -> None:
+        for name, worker in self.core.workers.items():
+            if worker.draining and now > worker.drain_deadline + self.core.lost_after_s:
+                seen.leaves.add(name)  # its drain deadline passed: lost, as documented
+
+    def _count_invalid(self, worker: bool, identity: bytes, seen: Frames) -> None:
+        """The cut-off rule: more than ``INVALID_LIMIT`` invalid frames from one peer."""
+        name = identity.decode("utf-8", "replace")
+        self.invalid[worker, identity] += 1
+        if self.invalid[worker, identity] > INVALID_LIMIT:
+            self.invalid[worker, identity] = 0
+            if worker:
+                seen.leaves.add(name)
+
+    def _decode_worker_frames(self, frames: list[tuple[bytes, bytes]]) -> Frames:
+        seen = Frames()
+        core = self.core
+        for identity, payload in frames:
+            name = identity.decode("utf-8", "replace")
+            try:
+                msg = decode_worker_to_router(payload)
+            except DecodeError:
+                self._count_invalid(True, identity, seen)
+                continue
+            if isinstance(msg, Hello):
+                seen.hellos.add(name)
+                top = seen.capacities.get(name, 0)
+                seen.capacities[name] = max(top, msg.capacity)
+                known = core.workers.get(name)
+                if known is not None and msg.name == name and msg.protocol_version == 1:
+                    if msg.capacity >= 1 and msg.incarnation != known.incarnation:
+                        seen.leaves.add(name)
+                    elif msg.capacity >= 1:
+                        seen.reports[name].append(_held(msg.in_flight))
+                continue
+            if isinstance(msg, Completion | CompletionBatch | Recovered):
+                done = [msg] if isinstance(msg, Completion) else msg.completions
+                for c in done:
+                    seen.claims[name].setdefault((c.producer, c.credit_id), set()).add(c.status)
+            elif isinstance(msg, InFlightReport):
+                seen.reports[name].append(_held(msg.credits))
+            elif isinstance(msg, Goodbye):
+                seen.leaves.add(name)
+            elif isinstance(msg, FirstToken):
+                seen.first_tokens[name].add((msg.producer, msg.credit_id))
+        return seen
+
+    # -------------------------------------------------------------------- judging
+
+    def _end_everything(self) -> None:
+        service = self.service
+        service.request_exit(force=True)
+        now = service.now()
+        service.core.shutdown(now)
+        service._flush(now)
+
+    def _run_judged(
+        self,
+        what: str,
+        seen: Frames,
+        handle: Callable[[], object],
+        *,
+        shutdown: bool = False,
+        frames: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        self.trace.append((what, frames or []))
+        before = _Snapshot.of(self)
+        handle()
+        try:
+            self._judge(what, seen, before, shutdown=shutdown)
+        except AssertionError as exc:
+            exc.add_note(self.describe())
+            raise
+
+    def describe(self, last: int = 12) -> str:
+        """The last wake-ups, decoded, for a failure report."""
+        lines = [f"last {min(last, len(self.trace))} of {len(self.trace)} wake-ups:"]
+        for what, frames in self.trace[-last:]:
+            lines.append(f"  {what}:")
+            for identity, payload in frames[:8]:
+                try:
+                    decode = (
+                        decode_producer_to_router
+                        if what == "producers"
+                        else decode_worker_to_router
+                    )
+                    text = repr(decode(payload))
+                except DecodeError as err:
+                    text = f"<undecodable: {err.reason}>"
+                lines.append(f"    {identity!r}: {text[:300]}")
+            if len(frames) > 8:
+                lines.append(f"    … {len(frames) - 8} more")
+        return "\n".join(lines)
+
+    def _judge_health(self, what: str, before: _Snapshot, *, shutdown: bool) -> None:
+        """No exception was swallowed by the service, and routing.md §7 holds."""
+        internal = self.service.invalid_messages.get("internal_error", 0)
+        if internal != before.internal_errors:
+            record = self._errors.records[-1]
+            assert record.exc_info is not None
+            raise AssertionError(f"{what}: internal error in the service") from record.exc_info[1]
+        if not shutdown:
+            check_invariants(self.core)
+
+    def _judge(self, what: str, seen: Frames, before: _Snapshot, *, shutdown: bool = False) -> None:
+        self.steps += 1
+        core = self.core
+        self._judge_health(what, before, shutdown=shutdown)
+        outcomes, first_tokens = self.read_producers()
+        self.ever_submitted.update(seen.submitted)
+        ended: dict[Key, Outcome] = {}
+        counted: dict[Key, int] = defaultdict(int)
+        for key, outcome in outcomes:
+            if key in before.open or key in seen.submitted:
+                counted[key] += 1
+                allowed = (key in before.open) + seen.submitted.count(key)
+                assert counted[key] <= allowed, f"{what}: {counted[key]} outcomes for {key}"
+                ended[key] = outcome
+                self.received[key] += 1
+            elif key in self.recoverable and key not in self.ever_submitted:
+                self.forwarded += 1
+            else:
+                raise AssertionError(f"{what}: outcome {outcome!r} for {key}, which was not open")
+        emitted = sum(core.stats.outcomes.values()) - before.emitted
+        assert emitted == sum(counted.values()), (
+            f"{what}: producers got {sum(counted.values())} outcomes, the core emitted {emitted}"
+        )
+        self._judge_workers(what, seen, before, ended, shutdown=shutdown)
+        for key, outcome in ended.items():
+            if outcome.worker:
+                continue  # judged with its worker
+            assert outcome.status in (Status.REJECTED, Status.CANCELLED), (
+                f"{what}: {key} never dispatched but ended {outcome.status}"
+            )
+        self._judge_first_tokens(what, seen, before, first_tokens)
+
+    def _judge_first_tokens(
+        self, what: str, seen: Frames, before: _Snapshot, first_tokens: list[tuple[Key, object]]
+    ) -> None:
+        core = self.core
+        for (producer, cid), token in first_tokens:
+            key = (producer, cid)
+            senders = [w for w, keys in seen.first_tokens.items() if key in keys]
+            assert any(
+                key in before.held.get(w, ()) or key in _keys(core.workers.get(w)) for w in senders
+            ), f"{what}: first token {token!r} for {key}, not in flight on a worker that said so"
+
+    def _judge_workers(
+        self,
+        what: str,
+        seen: Frames,
+        before: _Snapshot,
+        ended: dict[Key, Outcome],
+        *,
+        shutdown: bool,
+    ) -> None:
+        core = self.core
+        for name, worker in before.workers.items():
+            gone = core.workers.get(name) is not worker
+            if gone and not shutdown:
+                assert name in seen.leaves, f"{what}: worker {name} vanished without a reason"
+            after = set() if gone else _keys(worker)
+            for key in before.held[name] - after:
+                self._judge_removal(what, seen, name, key, ended.get(key), gone, shutdown)
+        held_before = set().union(*before.held.values()) if before.held else set()
+        for name, worker in core.workers.items():
+            if name not in before.workers:
+                assert name in seen.hellos, f"{what}: worker {name} appeared without a hello"
+            gained = _keys(worker) - before.held.get(name, set())
+            if gained:  # (a hello later in the wake-up may have lowered the capacity since)
+                capacity = max(
+                    worker.capacity, before.capacities.get(name, 0), seen.capacities.get(name, 0)
+                )
+                assert len(worker.tickets) <= capacity, f"{what}: {worker!r} over capacity"
+            for key in gained:
+                assert key not in held_before, f"{what}: {key} moved to {name} while in flight"
+                assert key in before.queued or key in seen.submitted, (
+                    f"{what}: {key} dispatched to {name} but was not waiting"
+                )
+        for key, outcome in ended.items():
+            if outcome.worker and not any(key in held for held in before.held.values()):
+                # Dispatched and ended within this one step.
+                w = outcome.worker
+                claimed = key in seen.claims.get(w, {})
+                assert claimed or w in seen.leaves or shutdown, (
+                    f"{what}: {key} dispatched and ended {outcome!r} in one step without cause"
+                )
+
+    @staticmethod
+    def _judge_removal(
+        what: str,
+        seen: Frames,
+        name: str,
+        key: Key,
+        outcome: Outcome | None,
+        gone: bool,
+        shutdown: bool,
+    ) -> None:
+        """``key`` is no longer in flight on ``name``: the step must say why."""
+        assert outcome is not None, f"{what}: {key} left {name} without an outcome"
+        assert outcome.worker == name, f"{what}: {key} ended on {outcome.worker}"
+        if shutdown:
+            assert (outcome.status, outcome.reason) == (Status.LOST, "router_shutdown")
+        elif key in seen.claims.get(name, {}) and outcome.status in seen.claims[name][key]:
+            pass  # completed by its worker (which may have left later in the same wake-up)
+        elif gone:
+            assert outcome.status is Status.LOST, f"{what}: {name} left, {outcome!r}"
+            assert outcome.reason in ("worker_lost", "worker_left"), outcome
+        elif any(key not in report for report in seen.reports.get(name, [])):
+            assert (outcome.status, outcome.reason) == (Status.LOST, "orphaned"), outcome
+        else:
+            raise AssertionError(
+                f"{what}: {key} left {name} ({outcome!r}) with no completion, report "
+                "or departure of that worker"
+            )
+
+    def read_producers(self) -> tuple[list[tuple[Key, Outcome]], list[tuple[Key, object]]]:
+        """Take every frame waiting for a producer: (outcomes, first tokens), by credit key."""
+        outcomes: list[tuple[Key, Outcome]] = []
+        tokens: list[tuple[Key, object]] = []
+        for producer in self.service.producers.values():
+            while producer.backlog:
+                msg = decode_router_to_producer(producer.backlog.popleft())
+                if isinstance(msg, Outcome):
+                    outcomes.append(((producer.key, msg.credit_id), msg))
+                elif isinstance(msg, OutcomeBatch):
+                    outcomes += [((producer.key, o.credit_id), o) for o in msg.outcomes]
+                elif isinstance(msg, ProducerFirstToken):
+                    tokens.append(((producer.key, msg.credit_id), msg))
+        return outcomes, tokens
+
+    # ---------------------------------------------------------------------- views
+
+    def held(self, name: str) -> list[Key]:
+        """Credits in flight on worker ``name`` (sorted, for drawing)."""
+        return sorted(_keys(self.core.workers.get(name)))
+
+    def open_credits(self) -> list[Key]:
+        return sorted((p, cid) for p, ledger in self.core.ledgers.items() for cid in ledger)
+
+    def queued_on(self, name: str) -> list[Key]:
+        worker = self.core.workers.get(name)
+        return sorted((t.producer, t.credit.id) for t in worker.queue) if worker else []
+
+
+@dataclasses.dataclass
+class _Snapshot:
+    workers: dict[str, Worker]
+    capacities: dict[str, int]
+    held: dict[str, set[Key]]
+    open: set[Key]
+    queued: set[Key]
+    emitted: int
+    forwarded: int
+    internal_errors: int
+
+    @classmethod
+    def of(cls, rig: Rig) -> _Snapshot:
+        core = rig.core
+        tickets = [t for ledger in core.ledgers.values() for t in ledger.values()]
+        return cls(
+            workers=dict(core.workers),
+            capacities={n: w.capacity for n, w in core.workers.items()},
+            held={n: _keys(w) for n, w in core.workers.items()},
+            open={(t.producer, t.credit.id) for t in tickets},
+            queued={(t.producer, t.credit.id) for t in tickets if t.dispatched_at < 0},
+            emitted=sum(core.stats.outcomes.values()),
+            forwarded=rig.forwarded,
+            internal_errors=rig.service.invalid_messages.get("internal_error", 0),
+        )
+
+
+def _keys(worker: Worker | None) -> set[Key]:
+    if worker is None:
+        return set()
+    return {(t.producer, t.credit.id) for t in worker.tickets}
+
+
+def _queued(worker: Worker) -> set[Key]:
+    return {(t.producer, t.credit.id) for t in worker.queue}
+
+
+def _held(report: dict[str, list[int]]) -> set[Key]:
+    return {(p, cid) for p, ids in report.items() for cid in ids}
+
+
+async def _await_welcome(sock: zmq.Socket[bytes], name: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5.0
+    while loop.time() < deadline:
+        try:
+            msg = decode_router_to_worker(sock.recv(zmq.NOBLOCK))
+        except zmq.Again:
+            await asyncio.sleep(0.001)
+            continue
+        if isinstance(msg, Welcome):
+            return
+    raise TimeoutError(f"{name} was not welcomed")
