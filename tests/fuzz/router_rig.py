@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import zmq
+from hypothesis import event
 
 from protocol import PROTOCOL_VERSION
 from protocol.codec import (
@@ -397,12 +398,14 @@ class Rig:
         counted: dict[Key, int] = defaultdict(int)
         for key, outcome in outcomes:
             if key in before.open or key in seen.submitted:
+                event(f"outcome {outcome.status.value} {_short(outcome.reason)}")
                 counted[key] += 1
                 allowed = (key in before.open) + seen.submitted.count(key)
                 assert counted[key] <= allowed, f"{what}: {counted[key]} outcomes for {key}"
                 ended[key] = outcome
                 self.received[key] += 1
             elif key in self.recoverable and key not in self.ever_submitted:
+                event("outcome forwarded from Recovered")
                 self.forwarded += 1
             else:
                 raise AssertionError(f"{what}: outcome {outcome!r} for {key}, which was not open")
@@ -553,6 +556,12 @@ class _Snapshot:
             forwarded=rig.forwarded,
             internal_errors=rig.service.invalid_messages.get("internal_error", 0),
         )
+
+
+def _short(reason: str) -> str:
+    """A reason as a low-cardinality label (workers' own reasons are free text)."""
+    head = reason.split(":")[0]
+    return head if len(head) < 40 else "(long)"
 
 
 def _keys(worker: Worker | None) -> set[Key]:

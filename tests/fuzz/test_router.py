@@ -140,6 +140,7 @@ class Fuzzer:
                 "recovered",
                 "multipart",
                 "flood",
+                "reports",
                 "tick",
             ],
             "step",
@@ -167,6 +168,12 @@ class Fuzzer:
                 rig.malformed(identity, worker=worker)
         elif kind == "flood":
             self.flood()
+        elif kind == "reports":
+            # Two in-flight reports that leave the same credits out: they end lost: orphaned.
+            name = self.pick(WORKERS)
+            frame = (name.encode(), self.inflight(name, "subset"))
+            rig.worker_frames([frame])
+            rig.worker_frames([frame])
         else:
             rig.tick()
 
@@ -435,9 +442,10 @@ class Fuzzer:
         ttft = self.pick([0.25, *ODD_FLOATS])
         return encode(FirstToken(producer=producer, credit_id=cid, ttft_s=ttft))
 
-    def inflight(self, name: str) -> bytes:
+    def inflight(self, name: str, mode: str | None = None) -> bytes:
         held = self.rig.held(name)
-        mode = self.pick(["truth", "truth+bogus", "subset", "bogus"], "report")
+        if mode is None:
+            mode = self.pick(["truth", "truth+bogus", "subset", "bogus"], "report")
         mask = self.draw(st.integers(0, 2**16 - 1), "kept")
         bogus = [self.hostile_key() for _ in range(self.draw(st.integers(1, 3)))]
         keys = list(held)
