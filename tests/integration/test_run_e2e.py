@@ -149,7 +149,10 @@ def test_credit_router_run_compare_prints_both_policies_and_writes_records(
     records = tmp_path / "records.jsonl"
     cmd = [
         sys.executable, "-m", "router_service", "run", str(workload),
-        "--compare", "--workers", "3", "--mock-servers", "3", "--concurrency", "6",
+        # One tree at a time: least-loaded then rotates by its tie-break (fewest credits sent),
+        # so a session's next turn lands elsewhere every time, not only when timing says so
+        # (with 6 at once, the worker just freed often won the tie and the test flaked in CI).
+        "--compare", "--workers", "3", "--mock-servers", "3", "--concurrency", "1",
         "--records", str(records), "--json", "--no-progress",
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=80, check=False)
