@@ -45,6 +45,7 @@ import msgspec
 from aiohttp import web
 
 from protocol.inference import WORDS
+from worker_agent.executor import PrefixCache
 
 __all__ = ["BlockCache", "MockServer", "MockSettings", "block_hashes", "tokenize"]
 
@@ -117,47 +118,8 @@ _chat_decoder: Final = msgspec.json.Decoder(_ChatRequest)
 _json: Final = msgspec.json.Encoder()
 
 
-class BlockCache:
-    """An LRU set of KV block hashes: what one server's prefix cache holds.
-
-    Args:
-        capacity_blocks: how many blocks fit; the least recently used go first.
-    """
-
-    def __init__(self, capacity_blocks: int) -> None:
-        self.capacity_blocks = capacity_blocks
-        self._blocks: OrderedDict[int, None] = OrderedDict()
-        self.evicted = 0
-
-    def __len__(self) -> int:
-        return len(self._blocks)
-
-    def match(self, hashes: list[int]) -> int:
-        """How many leading blocks are cached (a prefix match stops at the first miss)."""
-        blocks = self._blocks
-        hits = 0
-        for h in hashes:
-            if h not in blocks:
-                break
-            blocks.move_to_end(h)
-            hits += 1
-        return hits
-
-    def insert(self, hashes: list[int]) -> None:
-        """Cache these blocks as the most recently used, evicting beyond capacity."""
-        blocks = self._blocks
-        for h in hashes:
-            if h in blocks:
-                blocks.move_to_end(h)
-            else:
-                blocks[h] = None
-        while len(blocks) > self.capacity_blocks:
-            blocks.popitem(last=False)
-            self.evicted += 1
-
-    def clear(self) -> None:
-        """Forget every block."""
-        self._blocks.clear()
+# The server's prefix cache is the simulated GPU host's: one LRU of block hashes, one model.
+BlockCache = PrefixCache
 
 
 def _text(content: object) -> str:

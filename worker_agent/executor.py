@@ -176,6 +176,10 @@ class PrefixCache:
             blocks.popitem(last=False)
             self.evicted += 1
 
+    def clear(self) -> None:
+        """Forget every block."""
+        self._blocks.clear()
+
 
 def block_hashes(segments: list[tuple[int, int]], block_tokens: int) -> list[int]:
     """The hash chain of the full blocks of a token stream.
