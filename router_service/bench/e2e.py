@@ -166,6 +166,8 @@ def _open_loop(
     ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, rate: float, duration_s: float
 ) -> dict[str, float]:
     """Offer ``rate`` credits/s in 1 ms slices; latency is submit -> outcome per credit."""
+    if rate <= 0:
+        raise RuntimeError("no closed-loop throughput was measured to set the offered rate")
     producer = _Producer(ctx, endpoint)
     sent_at: dict[int, float] = {}
     latencies: list[float] = []
