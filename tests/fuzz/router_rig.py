@@ -42,7 +42,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import zmq
-from hypothesis import event
+from hypothesis import event as _event
+from hypothesis.control import currently_in_test_context
 
 from protocol import PROTOCOL_VERSION
 from protocol.codec import (
@@ -137,6 +138,13 @@ class Rig:
 
         self.steps = 0
         self.trace: list[tuple[str, list[tuple[bytes, bytes]]]] = []
+        # The two-strike orphan rule, modelled by step number (each step has its own ``now``).
+        self.dispatched_at: dict[Key, int] = {}
+        """Step at which each in-flight credit was dispatched."""
+        self.missed: set[Key] = set()
+        """In-flight credits missing from their worker's last judging report (first strike)."""
+        self.last_report: dict[str, int] = {}
+        """Worker -> step of its last in-flight report (or of its joining)."""
         self._errors = _Errors()
 
     # ----------------------------------------------------------------- life cycle
@@ -443,13 +451,22 @@ class Rig:
         shutdown: bool,
     ) -> None:
         core = self.core
+        step = len(self.trace)
         for name, worker in before.workers.items():
             gone = core.workers.get(name) is not worker
             if gone and not shutdown:
                 assert name in seen.leaves, f"{what}: worker {name} vanished without a reason"
             after = set() if gone else _keys(worker)
+            orphans = self._orphans(name, before.held[name], seen.reports.get(name, []), step)
             for key in before.held[name] - after:
-                self._judge_removal(what, seen, name, key, ended.get(key), gone, shutdown)
+                orphaned = key in orphans
+                self._judge_removal(what, seen, name, key, ended.get(key), gone, shutdown, orphaned)
+            if not gone:
+                for key in orphans & after:
+                    assert key in seen.claims.get(name, {}), (
+                        f"{what}: {key} missing from two reports of {name}, still in flight"
+                    )
+        self._update_orphan_model(seen, step)
         held_before = set().union(*before.held.values()) if before.held else set()
         for name, worker in core.workers.items():
             if name not in before.workers:
@@ -483,6 +500,7 @@ class Rig:
         outcome: Outcome | None,
         gone: bool,
         shutdown: bool,
+        orphaned: bool,
     ) -> None:
         """``key`` is no longer in flight on ``name``: the step must say why."""
         assert outcome is not None, f"{what}: {key} left {name} without an outcome"
@@ -494,13 +512,49 @@ class Rig:
         elif gone:
             assert outcome.status is Status.LOST, f"{what}: {name} left, {outcome!r}"
             assert outcome.reason in ("worker_lost", "worker_left"), outcome
-        elif any(key not in report for report in seen.reports.get(name, [])):
+        elif orphaned:
             assert (outcome.status, outcome.reason) == (Status.LOST, "orphaned"), outcome
         else:
             raise AssertionError(
                 f"{what}: {key} left {name} ({outcome!r}) with no completion, report "
                 "or departure of that worker"
             )
+
+    def _orphans(self, name: str, held: set[Key], reports: list[set[Key]], step: int) -> set[Key]:
+        """The credits of ``name`` its ``reports`` in this step make orphans (routing.md §6).
+
+        A report judges only credits dispatched before the previous report; a judged credit
+        missing twice in a row ends ``lost: orphaned``. Updates the first strikes.
+        """
+        orphans: set[Key] = set()
+        judged_before = self.last_report.get(name, 0)
+        for report in reports:
+            for key in held - orphans:
+                if self.dispatched_at.get(key, step) >= judged_before:
+                    continue
+                if key in report:
+                    self.missed.discard(key)
+                elif key in self.missed:
+                    orphans.add(key)
+                else:
+                    self.missed.add(key)
+            judged_before = step
+        if reports:
+            self.last_report[name] = step
+        return orphans
+
+    def _update_orphan_model(self, seen: Frames, step: int) -> None:
+        in_flight: set[Key] = set()
+        for name, worker in self.core.workers.items():
+            keys = _keys(worker)
+            in_flight |= keys
+            if name in seen.leaves or name not in self.last_report:
+                self.last_report[name] = step  # a new worker (or incarnation) joined now
+            for key in keys:
+                self.dispatched_at.setdefault(key, step)
+        for key in set(self.dispatched_at) - in_flight:
+            del self.dispatched_at[key]
+        self.missed &= in_flight
 
     def read_producers(self) -> tuple[list[tuple[Key, Outcome]], list[tuple[Key, object]]]:
         """Take every frame waiting for a producer: (outcomes, first tokens), by credit key."""
@@ -556,6 +610,12 @@ class _Snapshot:
             forwarded=rig.forwarded,
             internal_errors=rig.service.invalid_messages.get("internal_error", 0),
         )
+
+
+def event(label: str) -> None:
+    """Count ``label`` in ``--hypothesis-show-statistics`` (outside a Hypothesis test: no-op)."""
+    if currently_in_test_context():
+        _event(label)
 
 
 def _short(reason: str) -> str:

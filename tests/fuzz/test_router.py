@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import msgspec
 import pytest
 import zmq
 from hypothesis import given, strategies as st
@@ -141,6 +142,7 @@ class Fuzzer:
                 "multipart",
                 "flood",
                 "reports",
+                "misdirected",
                 "tick",
             ],
             "step",
@@ -168,6 +170,8 @@ class Fuzzer:
                 rig.malformed(identity, worker=worker)
         elif kind == "flood":
             self.flood()
+        elif kind == "misdirected":
+            rig.worker_frames(self.misdirected())
         elif kind == "reports":
             # Two in-flight reports that leave the same credits out: they end lost: orphaned.
             name = self.pick(WORKERS)
@@ -391,6 +395,24 @@ class Fuzzer:
             kind = "beat"  # keep workers around long enough to matter
         return identity, makers[kind](name)
 
+    def misdirected(self) -> list[tuple[bytes, bytes]]:
+        """A worker reports credits another worker holds, or that still wait in a queue."""
+        name = self.pick(WORKERS, "liar")
+        others = [k for w in WORKERS if w != name for k in self.rig.held(w)]
+        waiting = [k for w in WORKERS for k in self.rig.queued_on(w)]
+        waiting += [k for k in self.rig.open_credits() if k not in others and k not in waiting]
+        keys = [self.choose(self.pick([others, waiting, others + waiting]), None) for _ in range(2)]
+        own = self.choose(self.rig.held(name), None) if self.chance(30) else None
+        done = self.completions(name, [keys[0], own, keys[1]])
+        if self.chance(30):
+            done += [msgspec.structs.replace(c, producer=_other(c.producer)) for c in done]
+        frames = [(name.encode(), encode(CompletionBatch(completions=done)))]
+        tokens = [FirstToken(producer=k[0], credit_id=k[1], ttft_s=0.5) for k in keys if k]
+        at = self.draw(st.integers(0, 1))
+        if self.chance() and tokens:  # a first token for one of them, before or after
+            frames.insert(at, (name.encode(), encode(tokens[0])))
+        return frames
+
     def hostile_completions(self, name: str) -> bytes:
         n = self.draw(st.integers(1, 3))
         done = [self.completion(name, self.hostile_key()) for _ in range(n)]
@@ -510,6 +532,10 @@ class Fuzzer:
             at = self.draw(st.integers(0, len(frame) - 1))
             frame[at] = self.draw(st.integers(0, 255))
         return bytes(frame)
+
+
+def _other(producer: str) -> str:
+    return "q/1" if producer == "p/1" else "p/1"
 
 
 _CONFIGS = st.fixed_dictionaries(
