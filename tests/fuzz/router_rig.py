@@ -203,9 +203,9 @@ class Rig:
     async def close(self) -> None:
         """Shut the service down (no drain) and close every socket."""
         logging.getLogger("router_service.service").removeHandler(self._errors)
+        self._end_everything()
         for producer in self.service.producers.values():
-            producer.backlog.clear()  # nobody reads them: do not let the shutdown wait for it
-        self.service.request_exit(force=True)
+            producer.backlog.clear()  # nobody reads them: the shutdown must not wait for it
         await self.service.shutdown()
         for sock in self.dealers.values():
             sock.close(0)

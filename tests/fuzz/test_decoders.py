@@ -261,7 +261,7 @@ def test_every_structural_truncation(data: st.DataObject) -> None:
 
 
 @given(data=st.data())
-@budget(25, long_share=0.1)
+@budget(20, long_share=0.1)
 def test_every_wrong_value_at_every_position(data: st.DataObject) -> None:
     direction, tree = draw_case(data)
     own_tags = [tag_of(c) for c in members(direction)]

@@ -572,7 +572,7 @@ async def _run(ctx: zmq.Context[zmq.Socket[bytes]], data: st.DataObject, steps: 
 
 
 @given(data=st.data())
-@budget(60)
+@budget(100)
 def test_router_survives_hostile_peers(
     zmq_ctx: zmq.Context[zmq.Socket[bytes]], runner: asyncio.Runner, data: st.DataObject
 ) -> None:
