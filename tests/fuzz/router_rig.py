@@ -308,24 +308,19 @@ class Rig:
 
     def _decode_worker_frames(self, frames: list[tuple[bytes, bytes]]) -> Frames:
         seen = Frames()
-        core = self.core
+        # Who is known, as the wake-up goes on (a hello may admit a worker mid-batch).
+        incarnations = {n: w.incarnation for n, w in self.core.workers.items()}
         for identity, payload in frames:
             name = identity.decode("utf-8", "replace")
             try:
                 msg = decode_worker_to_router(payload)
             except DecodeError:
                 self._count_invalid(True, identity, seen)
+                if name in seen.leaves:
+                    incarnations.pop(name, None)
                 continue
             if isinstance(msg, Hello):
-                seen.hellos.add(name)
-                top = seen.capacities.get(name, 0)
-                seen.capacities[name] = max(top, msg.capacity)
-                known = core.workers.get(name)
-                if known is not None and msg.name == name and msg.protocol_version == 1:
-                    if msg.capacity >= 1 and msg.incarnation != known.incarnation:
-                        seen.leaves.add(name)
-                    elif msg.capacity >= 1:
-                        seen.reports[name].append(_held(msg.in_flight))
+                _note_hello(seen, incarnations, name, msg)
                 continue
             if isinstance(msg, Completion | CompletionBatch | Recovered):
                 done = [msg] if isinstance(msg, Completion) else msg.completions
@@ -333,8 +328,9 @@ class Rig:
                     seen.claims[name].setdefault((c.producer, c.credit_id), set()).add(c.status)
             elif isinstance(msg, InFlightReport):
                 seen.reports[name].append(_held(msg.credits))
-            elif isinstance(msg, Goodbye):
+            elif isinstance(msg, Goodbye) and name in incarnations:
                 seen.leaves.add(name)
+                del incarnations[name]
             elif isinstance(msg, FirstToken):
                 seen.first_tokens[name].add((msg.producer, msg.credit_id))
         return seen
@@ -630,8 +626,17 @@ def _keys(worker: Worker | None) -> set[Key]:
     return {(t.producer, t.credit.id) for t in worker.tickets}
 
 
-def _queued(worker: Worker) -> set[Key]:
-    return {(t.producer, t.credit.id) for t in worker.queue}
+def _note_hello(seen: Frames, incarnations: dict[str, str], name: str, msg: Hello) -> None:
+    """What a hello does: admit, re-admit (with an in-flight report), or replace a worker."""
+    seen.hellos.add(name)
+    seen.capacities[name] = max(seen.capacities.get(name, 0), msg.capacity)
+    if msg.name == name and msg.protocol_version == PROTOCOL_VERSION and msg.capacity >= 1:
+        known = incarnations.get(name)
+        if known is not None and msg.incarnation != known:
+            seen.leaves.add(name)  # a new incarnation: the old one is lost
+        elif known is not None:
+            seen.reports[name].append(_held(msg.in_flight))
+        incarnations[name] = msg.incarnation
 
 
 def _held(report: dict[str, list[int]]) -> set[Key]:

@@ -318,11 +318,14 @@ class Fuzzer:
         return name.encode(), encode(CompletionBatch(completions=done))
 
     def completion(self, name: str | None, key: Key) -> Completion:
-        if name in self.seq:
+        """A completion of ``key``: in ``seq`` order for a real worker, now and then not."""
+        edge = self.pick(EDGE_INTS)
+        odd = self.chance(10)  # a sequence number at the int64/uint64 edge, or going back
+        if name in self.seq and not odd:
             self.seq[name] += 1
             seq = self.seq[name]
         else:
-            seq = self.pick(EDGE_INTS)
+            seq = edge
         status = self.pick([Status.COMPLETED] * 3 + list(STATUSES), "status")
         return Completion(
             seq=seq,
