@@ -32,7 +32,7 @@ class DecodeError(ProtocolError):
             (``$.op`` is the tag, ``$`` the whole frame, ``[...]`` some value of a map).
         problem: what is wrong with it, in msgspec's words.
         reason: a stable, low-cardinality label for metrics (``malformed``, ``invalid``,
-            ``unknown_tag``, ``too_deep``, ``too_large``).
+            ``unknown_tag``, ``too_deep``).
         raw_path: msgspec's own path, by position (``$[1][0][0]``); equal to ``path`` when
             no names could be given.
     """

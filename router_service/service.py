@@ -243,6 +243,11 @@ class RouterService:
             for name in self.core.workers:
                 self._workers_sock.send(self._identity(name), beat)
             assert self._producers_sock is not None
+            # Forget error counts of peers that have been quiet (one per identity would grow
+            # without bound under a peer that keeps inventing identities).
+            for key, errors in list(self._errors.items()):
+                if now - max(errors.window_start, errors.last_log) > INVALID_WINDOW_S + LOG_EVERY_S:
+                    del self._errors[key]
             for identity, producer in list(self.producers.items()):
                 if now - producer.last_seen > self.producer_timeout_s:
                     logger.warning("producer gone producer=%s (silent)", producer.key)
@@ -387,7 +392,13 @@ class RouterService:
             except DecodeError as exc:
                 self._invalid(identity, exc.reason, str(exc), now, worker=True)
                 continue
-            name = identity.decode("utf-8", "replace")
+            try:
+                name = identity.decode()
+            except UnicodeDecodeError:
+                # Credits are sent to name.encode(): an identity that is not UTF-8 could never
+                # be reached, so such a peer is not admitted.
+                self._invalid(identity, "identity", "routing id is not UTF-8", now, worker=True)
+                continue
             if type(msg) is Hello:
                 self._hello(identity, name, msg, now)
                 continue

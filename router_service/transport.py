@@ -329,6 +329,7 @@ class RouterSocket(_Driven):
             # EHOSTUNREACH: not connected (ROUTER_MANDATORY). EAGAIN: its queue is full.
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("send to %r failed: %s", identity, exc)
+            self._sent()  # a failed send touches the socket too: it can eat the read edge
             return False
         self.bytes_out += len(frame)
         self._sent()
@@ -397,6 +398,7 @@ class DealerSocket(_Driven):
         try:
             self._sock.send(frame, NOBLOCK)
         except zmq.ZMQError:
+            self._sent()  # a failed send touches the socket too: it can eat the read edge
             return False
         self._sent()
         return True
