@@ -397,8 +397,10 @@ async def test_sigterm_worker_drains_without_losing_credits(cluster: Cluster) ->
     cluster.start_worker("leaving")
     await cluster.workers_active("leaving")
     async with producer(cluster) as client:
+        # Long enough (6 s) to still be running after the second worker has started on a slow
+        # machine, and short enough for the worker's 10 s drain deadline.
         futures = await client.submit_many(
-            Credit(id=i, x_correlation_id=f"s{i}", payload=payload(200)) for i in range(4)
+            Credit(id=i, x_correlation_id=f"s{i}", payload=payload(1500)) for i in range(4)
         )
         await cluster.until(lambda d: d["totals"]["in_flight"] == 4, what="4 in flight")
         cluster.start_worker("staying")
@@ -410,7 +412,7 @@ async def test_sigterm_worker_drains_without_losing_credits(cluster: Cluster) ->
         )
         fresh = await client.run(Credit(id=10, x_correlation_id="new", payload=payload(1)))
         assert fresh.worker == "staying", "no new session goes to a draining worker"
-        outcomes = await gather(futures, 15)
+        outcomes = await gather(futures, 20)
         assert {(o.status, o.worker) for o in outcomes} == {(Status.COMPLETED, "leaving")}
     assert cluster.workers["leaving"].wait(timeout=15) == 0
     doc = await cluster.until(
