@@ -320,9 +320,7 @@ class RouterCore:
             return
         table.unreserve(entry, session, entry.ref_count)
         if entry.key == session:
-            if not entry.parent_final_seen:
-                entry.parent_final_seen = True
-                entry.ref_count -= 1
+            table.end_own(entry)
         else:
             table.end_child(session)
         self._effects.to_worker.append(
@@ -799,9 +797,7 @@ class RouterCore:
             # for the dominant single-turn case).
             entry = self.table.entries.get(credit.x_correlation_id)
             if entry is not None and not entry.parent_final_seen:
-                entry.parent_final_seen = True
-                entry.ref_count -= 1
-                if entry.ref_count == 0:
+                if self.table.end_own(entry):
                     self.table.remove(entry, None)
                 else:
                     self.table.touch(entry, now)
@@ -851,11 +847,8 @@ class RouterCore:
         if credit.fork_count:
             # Reserve first, so a forking final turn never passes through zero.
             table.reserve(entry, key, credit.fork_count)
-        if credit.turn_index + 1 >= credit.num_turns and not entry.parent_final_seen:
-            entry.parent_final_seen = True
-            entry.ref_count -= 1
-            if entry.ref_count == 0:
-                table.remove(entry, None)
+        if credit.turn_index + 1 >= credit.num_turns and table.end_own(entry):
+            table.remove(entry, None)
 
     def _refill(self, worker: Worker, now: float) -> None:
         """A slot may have opened on ``worker``: serve its queue, then the global queue."""

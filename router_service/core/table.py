@@ -129,6 +129,14 @@ class SessionTable:
         del entries[key]
         entries[key] = entry
 
+    def end_own(self, entry: Entry) -> bool:
+        """The entry's own session has ended (its final turn went out, or the producer ended
+        it): its own count goes, once. Returns whether nothing holds the entry any more."""
+        if not entry.parent_final_seen:
+            entry.parent_final_seen = True
+            entry.ref_count -= 1
+        return entry.ref_count == 0
+
     def reserve(self, entry: Entry, node: str, count: int) -> None:
         """Node ``node`` (the entry key or an alias) declares ``count`` FORK children."""
         alias = self.aliases.get(node) if node != entry.key else None
