@@ -95,6 +95,23 @@ class _PeerErrors:
         self.last_log = -1e9
         self.suppressed = 0
 
+    def loggable(self, now: float) -> int | None:
+        """``None`` if a warning now would come too soon (it is counted as suppressed), else
+        how many were suppressed since the last one (the caller logs it)."""
+        if now - self.last_log < LOG_EVERY_S:
+            self.suppressed += 1
+            return None
+        suppressed, self.suppressed, self.last_log = self.suppressed, 0, now
+        return suppressed
+
+    def hit(self, now: float) -> int:
+        """One more invalid message in the current window; returns the window's count."""
+        if now - self.window_start > INVALID_WINDOW_S:
+            self.window_start = now
+            self.count = 0
+        self.count += 1
+        return self.count
+
 
 class RouterService:
     """The router daemon. Construct, then ``await serve()``.
@@ -331,17 +348,11 @@ class RouterService:
         errors = self._errors.get(("auth", b""))
         if errors is None:
             errors = self._errors[("auth", b"")] = _PeerErrors(now)
-        if now - errors.last_log >= LOG_EVERY_S:
+        suppressed = errors.loggable(now)
+        if suppressed is not None:
             logger.warning(
-                "authentication failure %r: %s (%d more suppressed)",
-                identity,
-                why,
-                errors.suppressed,
+                "authentication failure %r: %s (%d more suppressed)", identity, why, suppressed
             )
-            errors.last_log = now
-            errors.suppressed = 0
-        else:
-            errors.suppressed += 1
 
     def _on_worker_disconnect(self, identity: bytes) -> None:
         name = identity.decode("utf-8", "replace")
@@ -689,22 +700,16 @@ class RouterService:
         errors = self._errors.get((kind, identity))
         if errors is None:
             errors = self._errors[(kind, identity)] = _PeerErrors(now)
-        if now - errors.window_start > INVALID_WINDOW_S:
-            errors.window_start = now
-            errors.count = 0
-        errors.count += 1
-        if now - errors.last_log >= LOG_EVERY_S:
+        errors.hit(now)
+        suppressed = errors.loggable(now)
+        if suppressed is not None:
             logger.warning(
                 "invalid message from %s %r (%d more suppressed): %s",
                 kind,
                 identity,
-                errors.suppressed,
+                suppressed,
                 text,
             )
-            errors.last_log = now
-            errors.suppressed = 0
-        else:
-            errors.suppressed += 1
         report = ErrorReport(code="invalid_message", message=text[:512])
         if worker:
             self._reply_worker(identity, report)
