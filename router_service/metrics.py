@@ -26,7 +26,7 @@ from router_service.core.workers import WorkerState
 if TYPE_CHECKING:
     from router_service.service import RouterService
 
-__all__ = ["RouterCollector", "make_registry"]
+__all__ = ["RouterCollector", "histogram_family", "labelled_counter", "make_registry"]
 
 PREFIX = "credit_router"
 
@@ -39,18 +39,29 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
 
-def _labelled_counter(
+def labelled_counter(
     name: str, doc: str, label: str, values: dict[str, int]
 ) -> CounterMetricFamily:
-    family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=[label])
+    """A counter family with one series per key of ``values`` (``name`` is the full name)."""
+    family = CounterMetricFamily(name, doc, labels=[label])
     for key, value in sorted(values.items()):
         family.add_metric([key], value)
     return family
 
 
+def histogram_family(name: str, doc: str, histogram: Histogram) -> HistogramMetricFamily:
+    """A core ``Histogram`` as a Prometheus histogram family (``name`` is the full name)."""
+    return HistogramMetricFamily(name, doc, buckets=histogram.cumulative(), sum_value=histogram.sum)
+
+
+def _labelled_counter(
+    name: str, doc: str, label: str, values: dict[str, int]
+) -> CounterMetricFamily:
+    return labelled_counter(f"{PREFIX}_{name}", doc, label, values)
+
+
 def _histogram(name: str, doc: str, histogram: Histogram) -> HistogramMetricFamily:
-    buckets = histogram.cumulative()
-    return HistogramMetricFamily(f"{PREFIX}_{name}", doc, buckets=buckets, sum_value=histogram.sum)
+    return histogram_family(f"{PREFIX}_{name}", doc, histogram)
 
 
 class RouterCollector(Collector):

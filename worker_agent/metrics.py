@@ -20,6 +20,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from router_service.core.histogram import Histogram
+from router_service.metrics import histogram_family, labelled_counter
 
 if TYPE_CHECKING:
     from worker_agent.agent import WorkerAgent
@@ -30,16 +31,11 @@ PREFIX = "credit_worker"
 
 
 def _histogram(name: str, doc: str, histogram: Histogram) -> HistogramMetricFamily:
-    return HistogramMetricFamily(
-        f"{PREFIX}_{name}", doc, buckets=histogram.cumulative(), sum_value=histogram.sum
-    )
+    return histogram_family(f"{PREFIX}_{name}", doc, histogram)
 
 
 def _labelled(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
-    family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=[label])
-    for key, value in sorted(values.items()):
-        family.add_metric([key], value)
-    return family
+    return labelled_counter(f"{PREFIX}_{name}", doc, label, values)
 
 
 class WorkerCollector(Collector):
