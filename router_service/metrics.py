@@ -20,7 +20,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from router_service.core.histogram import Histogram
+from credit_common.histogram import Histogram
+from credit_common.metrics import histogram_family, labelled_counter
 from router_service.core.workers import WorkerState
 
 if TYPE_CHECKING:
@@ -37,21 +38,6 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
-
-
-def labelled_counter(
-    name: str, doc: str, label: str, values: dict[str, int]
-) -> CounterMetricFamily:
-    """A counter family with one series per key of ``values`` (``name`` is the full name)."""
-    family = CounterMetricFamily(name, doc, labels=[label])
-    for key, value in sorted(values.items()):
-        family.add_metric([key], value)
-    return family
-
-
-def histogram_family(name: str, doc: str, histogram: Histogram) -> HistogramMetricFamily:
-    """A core ``Histogram`` as a Prometheus histogram family (``name`` is the full name)."""
-    return HistogramMetricFamily(name, doc, buckets=histogram.cumulative(), sum_value=histogram.sum)
 
 
 def _labelled_counter(

@@ -17,7 +17,6 @@ public key, ``NAME.key_secret`` both; ``credit-router keys generate DIR NAME…`
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from pathlib import Path
 
 import zmq
@@ -25,47 +24,14 @@ import zmq.asyncio
 import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 
+from credit_common.keys import KeyError_, generate, load_public, load_secret
+
 __all__ = ["ZAP_DOMAIN", "Allowlist", "KeyError_", "ZapHandler", "generate", "load_secret"]
 
 logger = logging.getLogger(__name__)
 
 ZAP_DOMAIN = "credit-router"
 """The ZAP domain the router's sockets ask about (the handler answers for it only)."""
-
-
-class KeyError_(Exception):
-    """A key file is missing or malformed; the message names the file."""
-
-
-def generate(directory: Path, names: Iterable[str]) -> list[Path]:
-    """Write a key pair per name into ``directory``; returns the files written."""
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in names:
-        public, secret = zmq.auth.create_certificates(str(directory), name)
-        Path(secret).chmod(0o600)
-        written += [Path(public), Path(secret)]
-    return written
-
-
-def load_secret(path: Path) -> tuple[bytes, bytes]:
-    """``(public, secret)`` Z85 keys from a ``.key_secret`` file."""
-    try:
-        public, secret = zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as exc:
-        raise KeyError_(f"cannot read key pair {path}: {exc}") from None
-    if secret is None:
-        raise KeyError_(f"{path} holds no secret key (use the .key_secret file)")
-    return public, secret
-
-
-def load_public(path: Path) -> bytes:
-    """The Z85 public key of a ``.key`` (or ``.key_secret``) file."""
-    try:
-        public, _ = zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as exc:
-        raise KeyError_(f"cannot read public key {path}: {exc}") from None
-    return public
 
 
 class Allowlist:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -22,25 +22,19 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     SecretStr,
-    ValidationError,
     model_validator,
 )
 from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
+
+from credit_common.settings import LayeredSettings, SettingsError, describe_error
 
 __all__ = ["CurveSettings", "LayeredSettings", "RouterSettings", "SettingsError", "describe_error"]
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 RoutingPolicy = Literal["sticky", "least_loaded"]
-
-
-class SettingsError(Exception):
-    """A setting has a bad value; the message is one line naming it."""
 
 
 class CurveSettings(BaseModel):
@@ -54,45 +48,6 @@ class CurveSettings(BaseModel):
     """Or the Z85 secret key itself (e.g. from a Kubernetes secret in the environment)."""
     allowed_keys: Path | None = None
     """A directory of ``*.key`` files, or one file, listing the workers' public keys."""
-
-
-class LayeredSettings(BaseSettings):
-    """Settings read from flags (init kwargs) > environment > a TOML file > defaults."""
-
-    config_file: ClassVar[Path | None] = None
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Flags (passed as init kwargs) > environment > TOML file > defaults."""
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls.config_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.config_file))
-        return tuple(sources)
-
-    @classmethod
-    def load(cls, config_file: Path | None = None, **flags: Any) -> Self:
-        """Build the effective settings; raises ``SettingsError`` with a one-line message.
-
-        Args:
-            config_file: a TOML file of settings, or ``None``.
-            flags: values given on the command line (``None`` means not given).
-        """
-        if config_file is not None and not config_file.is_file():
-            raise SettingsError(f"config file {config_file} does not exist")
-        cls.config_file = config_file
-        try:
-            return cls(**{k: v for k, v in flags.items() if v is not None})
-        except ValidationError as exc:
-            raise SettingsError(describe_error(exc)) from None
-        finally:
-            cls.config_file = None
 
 
 class RouterSettings(LayeredSettings):
@@ -159,18 +114,3 @@ class RouterSettings(LayeredSettings):
         """The settings as plain data, fit to print (secrets show as ``**********``)."""
         data: dict[str, Any] = json.loads(self.model_dump_json())
         return data
-
-
-def describe_error(exc: ValidationError) -> str:
-    """One line per problem, naming the setting: ``invalid setting heartbeat_interval_s: …``."""
-    parts = []
-    for err in exc.errors():
-        name = ".".join(str(p) for p in err["loc"])
-        message = err["msg"].removeprefix("Value error, ")
-        if not name:  # a rule across several settings names them in its message
-            parts.append(f"invalid settings: {message}")
-            continue
-        given = err.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {given!r})"
-        parts.append(f"invalid setting {name}: {message}{shown}")
-    return "; ".join(parts)

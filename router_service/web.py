@@ -13,9 +13,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import CollectorRegistry
 
+from credit_common.web import Endpoints
 from router_service.metrics import make_registry
 
 if TYPE_CHECKING:
@@ -68,60 +67,6 @@ def status(service: RouterService) -> dict[str, Any]:
         },
         "workers": workers,
     }
-
-
-class Endpoints:
-    """aiohttp on the caller's loop: ``/metrics`` from a registry, ``/livez``, ``/readyz``.
-
-    Subclasses say what ready means (``not_ready``) and may add routes (``routes``).
-    """
-
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        self._registry = registry
-        self.host = host
-        self.port = port
-        self._runner: web.AppRunner | None = None
-
-    def routes(self, app: web.Application) -> None:
-        """Add routes beyond the three common ones."""
-
-    def not_ready(self) -> str | None:
-        """Why the process is not ready, or ``None`` when it is."""
-        return None
-
-    async def start(self) -> None:
-        """Bind and serve (``port`` 0 picks a free port, stored back in ``port``)."""
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/livez", self._livez)
-        app.router.add_get("/readyz", self._readyz)
-        self.routes(app)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
-        if self.port == 0:
-            # aiohttp does not expose the bound port; the runner's addresses do.
-            self.port = int(self._runner.addresses[0][1])
-        logger.info("http endpoints on http://%s:%d", self.host, self.port)
-
-    async def stop(self) -> None:
-        """Stop serving."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self._registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def _livez(self, request: web.Request) -> web.Response:
-        # Answering at all proves the event loop runs; that is what liveness means here.
-        return web.Response(text="ok\n")
-
-    async def _readyz(self, request: web.Request) -> web.Response:
-        reason = self.not_ready()
-        if reason is None:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text=f"not ready: {reason}\n")
 
 
 class StatusServer(Endpoints):

@@ -118,7 +118,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _configure_logging(level: str, fmt: str = "text") -> None:
-    from router_service.logs import configure
+    from credit_common.logs import configure
 
     configure(level, fmt)
 
@@ -148,7 +148,7 @@ def _transport_factory(args: argparse.Namespace) -> TransportFactory | None:
         return None
     if args.curve_server_key is None or args.curve_key is None:
         raise SystemExit("worker_agent: --curve-server-key and --curve-key go together")
-    from router_service.security import load_public, load_secret
+    from credit_common.keys import load_public, load_secret
 
     keys = (load_public(args.curve_server_key), *load_secret(args.curve_key))
 

@@ -60,6 +60,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Final
 
+from credit_common.histogram import Histogram
 from protocol import PROTOCOL_VERSION
 from protocol.codec import decode_router_to_worker, encode
 from protocol.errors import DecodeError
@@ -84,7 +85,6 @@ from protocol.messages import (
     Welcome,
     WorkerToRouter,
 )
-from router_service.core.histogram import Histogram
 from worker_agent.core import (
     MAX_BLOB,
     MAX_ID,

@@ -19,8 +19,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from router_service.core.histogram import Histogram
-from router_service.metrics import histogram_family, labelled_counter
+from credit_common.histogram import Histogram
+from credit_common.metrics import histogram_family, labelled_counter
 
 if TYPE_CHECKING:
     from worker_agent.agent import WorkerAgent

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, NonNegativeFloat, PositiveInt
 from pydantic_settings import SettingsConfigDict
 
-from router_service.settings import LayeredSettings, SettingsError
+from credit_common.settings import LayeredSettings, SettingsError
 
 __all__ = ["SettingsError", "WorkerSettings"]
 

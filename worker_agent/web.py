@@ -6,7 +6,7 @@ worker that lost its router or is on its way out.
 
 from __future__ import annotations
 
-from router_service.web import Endpoints
+from credit_common.web import Endpoints
 from worker_agent.agent import AgentState, WorkerAgent
 from worker_agent.metrics import make_registry
 

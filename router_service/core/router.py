@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Final
 
+from credit_common.histogram import Histogram
 from protocol.messages import (
     BranchMode,
     Cancel,
@@ -44,7 +45,6 @@ from protocol.messages import (
     Status,
     Welcome,
 )
-from router_service.core.histogram import Histogram
 from router_service.core.table import Entry, SessionTable
 from router_service.core.workers import LoadIndex, Ticket, Worker, WorkerState
 

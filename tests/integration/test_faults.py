@@ -73,7 +73,7 @@ class Cluster:
 
     def start_router(self, *extra: str) -> subprocess.Popen[bytes]:
         cmd = [
-            sys.executable, "-m", "router_service", "serve",
+            sys.executable, "-m", "credit_router", "serve",
             "--workers", self.worker_endpoint, "--producers", self.producer_endpoint,
             "--http-port", str(self.http_port),
             "--heartbeat-interval-s", str(BEAT_S), "--lost-after-s", str(LOST_AFTER_S),

@@ -19,11 +19,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from loadgen.replay import CreditRecord, Replayer, ReplayOptions
+from loadgen.run import LocalCluster, RunSettings
+from loadgen.workload import load_workload
 from router_service.client import RouterClient
-from router_service.replay import CreditRecord, Replayer, ReplayOptions
-from router_service.run import LocalCluster, RunSettings
-from router_service.workload import load_workload
-from tests.router_service.workload.test_format import write
+from tests.loadgen.workload.test_format import write
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -148,7 +148,7 @@ def test_credit_router_run_compare_prints_both_policies_and_writes_records(
     workload = write(tmp_path, *lines)
     records = tmp_path / "records.jsonl"
     cmd = [
-        sys.executable, "-m", "router_service", "run", str(workload),
+        sys.executable, "-m", "credit_router", "run", str(workload),
         # One tree at a time: least-loaded then rotates by its tie-break (fewest credits sent),
         # so a session's next turn lands elsewhere every time, not only when timing says so
         # (with 6 at once, the worker just freed often won the tie and the test flaked in CI).
@@ -179,7 +179,7 @@ def test_credit_router_run_compare_prints_both_policies_and_writes_records(
 
 def test_credit_router_run_reports_a_bad_workload_by_line_and_field(tmp_path: Path) -> None:
     workload = write(tmp_path, {"id": "s", "turns": [{"input_tokens": 1, "max_tokens": 3}]})
-    cmd = [sys.executable, "-m", "router_service", "run", str(workload), "--no-progress"]
+    cmd = [sys.executable, "-m", "credit_router", "run", str(workload), "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 2
     assert f"{workload}:1: turns[0].max_tokens: unknown field" in done.stderr

@@ -199,7 +199,7 @@ def test_plaintext_off_loopback_needs_insecure() -> None:
         [
             sys.executable,
             "-m",
-            "router_service",
+            "credit_router",
             "serve",
             "--workers",
             "tcp://0.0.0.0:0",

@@ -365,7 +365,7 @@ async def test_http_endpoints_and_metrics(ctx) -> None:
             text = await r.text()
     table = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "router_service", "status", "--url", base],
+        [sys.executable, "-m", "credit_router", "status", "--url", base],
         capture_output=True, text=True, timeout=30, check=True,
     )  # fmt: skip
     assert "WORKER" in table.stdout

@@ -14,7 +14,7 @@ from router_service.settings import RouterSettings, SettingsError
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "router_service", *args],
+        [sys.executable, "-m", "credit_router", *args],
         capture_output=True,
         text=True,
         env={"PATH": "/usr/bin:/bin", **(env or {})},

@@ -13,9 +13,9 @@ import aiohttp
 import msgspec
 import pytest
 
+from loadgen.mockserver import MockServer, MockSettings
 from protocol.inference import RequestResult, TurnRequest, decode_result, encode_request
 from protocol.messages import BranchMode, Completion, Credit, Dispatch, Status
-from router_service.mockserver import MockServer, MockSettings
 from tests.worker_agent.conftest import FakeRouter, StartAgent, until
 from worker_agent.core import SessionTable
 from worker_agent.executor import ExecResult

@@ -1,6 +1,6 @@
 """Many idle worker agents in one process, for the scale run of ``bench e2e``.
 
-``python -m router_service.bench.agents --router EP --prefix p --count N`` runs N real
+``python -m loadgen.bench.agents --router EP --prefix p --count N`` runs N real
 ``WorkerAgent``s (simulator executor) on one event loop until killed: they join, beat and
 report like any worker, which is the load the router's idle CPU is measured under.
 """
@@ -29,7 +29,7 @@ async def _run(router: str, prefix: str, count: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the agents until the process is killed."""
-    parser = argparse.ArgumentParser(prog="router_service.bench.agents")
+    parser = argparse.ArgumentParser(prog="loadgen.bench.agents")
     parser.add_argument("--router", required=True)
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--count", type=int, required=True)

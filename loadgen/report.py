@@ -24,7 +24,7 @@ from typing import IO, Any, Final
 
 import msgspec
 
-from router_service.replay import CreditRecord, ReplayProgress
+from loadgen.replay import CreditRecord, ReplayProgress
 
 __all__ = ["Collector", "Progress", "Report", "percentile", "render_comparison"]
 

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, fields
 from typing import Any
 
-from router_service.workload.model import Branch, SessionSpec, TurnSpec, Workload, compile_workload
+from loadgen.workload.model import Branch, SessionSpec, TurnSpec, Workload, compile_workload
 
 __all__ = ["GeneratorParams", "generate"]
 

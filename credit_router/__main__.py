@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from router_service.logs import configure as configure_logging
+from credit_common.logs import configure as configure_logging
 from router_service.settings import RouterSettings, SettingsError
 
 __all__ = ["build_parser", "main"]
@@ -175,7 +175,7 @@ def _exposed(endpoint: str) -> bool:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from router_service.security import generate
+    from credit_common.keys import generate
 
     for path in generate(args.directory, args.names):
         print(path)
@@ -250,11 +250,11 @@ def _top(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]]
     if args.what == "core":
-        from router_service.bench import core
+        from loadgen.bench import core
 
         rows = core.run(credits=args.credits, repeat=args.repeat)
     else:
-        from router_service.bench import e2e
+        from loadgen.bench import e2e
 
         rows = e2e.run(workers=args.workers, window=args.window, duration_s=args.duration_s)
     for row in rows:
@@ -266,7 +266,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from router_service.commands import run_command
+    from loadgen.commands import run_command
 
     return run_command(args)
 
@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--duration-s", type=float, default=3.0, help="e2e: measured seconds")
     bench.set_defaults(func=_bench)
 
-    from router_service import commands  # argparse only: the work is imported when it runs
+    from loadgen import commands  # argparse only: the work is imported when it runs
 
     run = sub.add_parser(
         "run", help="replay a workload through a router, workers and servers; print a report"
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["worker"]:
         return _worker(argv[1:])
     args = build_parser().parse_args(argv)
-    from router_service.security import KeyError_
+    from credit_common.keys import KeyError_
 
     try:
         code: int = args.func(args)

@@ -12,11 +12,11 @@ from typing import Any
 import msgspec
 import pytest
 
+from loadgen.replay import CreditRecord, Replayer, ReplayOptions
+from loadgen.workload import Workload, load_workload
 from protocol.inference import RequestResult, decode_request, encode_result
 from protocol.messages import BranchMode, Credit, Outcome, Status
-from router_service.replay import CreditRecord, Replayer, ReplayOptions
-from router_service.workload import Workload, load_workload
-from tests.router_service.workload.test_format import write
+from tests.loadgen.workload.test_format import write
 
 Script = Callable[[Credit], tuple[Status, float]]
 

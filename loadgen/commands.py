@@ -122,7 +122,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _generator(args: argparse.Namespace) -> Any:
-    from router_service.workload import GeneratorParams
+    from loadgen.workload import GeneratorParams
 
     defaults = GeneratorParams(seed=args.seed)
     changes: dict[str, Any] = {}
@@ -142,8 +142,8 @@ def _generator(args: argparse.Namespace) -> Any:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from router_service.replay import Mode, ReplayOptions
-    from router_service.run import RunSettings
+    from loadgen.replay import Mode, ReplayOptions
+    from loadgen.run import RunSettings
 
     mode: Mode = "timestamps" if args.timestamps else "rate" if args.rate else "concurrency"
     duration = args.duration_s
@@ -185,11 +185,11 @@ def _settings(args: argparse.Namespace) -> Any:
 def run_command(args: argparse.Namespace) -> int:
     """``credit-router run``: returns the exit status (2 for bad options or workloads)."""
     if args.simulate:
-        from router_service.simulate import main as simulate
+        from loadgen.simulate import main as simulate
 
         return simulate(seed=args.seed, sessions=args.sessions or 2_000, workers=args.workers)
-    from router_service.logs import configure
-    from router_service.run import main
+    from credit_common.logs import configure
+    from loadgen.run import main
 
     configure(args.log_level, "text")
     try:
@@ -231,8 +231,8 @@ def mock_server_command(args: argparse.Namespace) -> int:
 
     import uvloop
 
-    from router_service.logs import configure
-    from router_service.mockserver import MockSettings, serve
+    from credit_common.logs import configure
+    from loadgen.mockserver import MockSettings, serve
 
     configure(args.log_level, "text")
     names = {f.name for f in dataclasses.fields(MockSettings)}

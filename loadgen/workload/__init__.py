@@ -17,9 +17,9 @@ import json
 from pathlib import Path
 from typing import Final, Literal
 
-from router_service.workload.aiperf import read_aiperf_dag
-from router_service.workload.generator import GeneratorParams, generate
-from router_service.workload.model import (
+from loadgen.workload.aiperf import read_aiperf_dag
+from loadgen.workload.generator import GeneratorParams, generate
+from loadgen.workload.model import (
     FORMAT,
     Branch,
     BranchPlan,
@@ -32,7 +32,7 @@ from router_service.workload.model import (
     read_jsonl,
     read_workload,
 )
-from router_service.workload.mooncake import read_mooncake
+from loadgen.workload.mooncake import read_mooncake
 
 __all__ = [
     "FORMAT",

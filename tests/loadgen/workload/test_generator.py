@@ -6,8 +6,8 @@ import io
 
 import pytest
 
+from loadgen.workload import GeneratorParams, dump_workload, generate
 from protocol.messages import BranchMode
-from router_service.workload import GeneratorParams, dump_workload, generate
 
 
 def _dump(params: GeneratorParams) -> bytes:

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router_service.mockserver import MockServer, MockSettings, block_hashes, tokenize
+from loadgen.mockserver import MockServer, MockSettings, block_hashes, tokenize
 
 pytestmark = pytest.mark.integration
 

@@ -40,9 +40,9 @@ from typing import Literal, Protocol
 
 import msgspec
 
+from loadgen.workload import BranchPlan, SessionSpec, Workload
 from protocol.inference import TurnRequest, decode_result, encode_request
 from protocol.messages import BranchMode, Credit, Outcome, Status
-from router_service.workload import BranchPlan, SessionSpec, Workload
 
 __all__ = ["CreditRecord", "Mode", "Producer", "ReplayOptions", "ReplayProgress", "Replayer"]
 

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from protocol.messages import BranchMode
-from router_service.workload import (
+from loadgen.workload import (
     FORMAT,
     WorkloadError,
     detect_format,
     dump_workload,
     load_workload,
 )
+from protocol.messages import BranchMode
 
 FORK, SPAWN = BranchMode.FORK, BranchMode.SPAWN
 

@@ -1,6 +1,6 @@
 """The raw baseline for ``bench e2e``: the same hops, the same batching, the same codec, no routing.
 
-``python -m router_service.bench.raw router --producers EP --workers EP --workers-expected K``
+``python -m loadgen.bench.raw router --producers EP --workers EP --workers-expected K``
 forwards each ``SubmitBatch`` frame from the producer to the next worker (round robin) as one
 ``DispatchBatch``; ``... raw worker --router EP --name N`` answers each with a
 ``CompletionBatch``; the router turns that into one ``OutcomeBatch`` for the producer. Both
@@ -121,7 +121,7 @@ def _worker(router: str, name: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one side of the raw baseline until killed."""
-    parser = argparse.ArgumentParser(prog="router_service.bench.raw")
+    parser = argparse.ArgumentParser(prog="loadgen.bench.raw")
     sub = parser.add_subparsers(dest="role", required=True)
     r = sub.add_parser("router")
     r.add_argument("--producers", required=True)

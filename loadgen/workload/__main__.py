@@ -1,4 +1,4 @@
-"""``python -m router_service.workload``: generate, convert and check workload files.
+"""``python -m loadgen.workload``: generate, convert and check workload files.
 
 * ``generate [--sessions N --seed S --PARAM VALUE…] [-o FILE]`` writes a synthetic agentic
   workload in the credit-router format (every ``GeneratorParams`` field is a flag);
@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import IO, Any
 
-from router_service.workload import (
+from loadgen.workload import (
     GeneratorParams,
     Workload,
     WorkloadError,
@@ -59,7 +59,7 @@ def _print_summary(workload: Workload, out: IO[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m router_service.workload", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m loadgen.workload", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="write a synthetic agentic workload")
     _add_generator_flags(gen)

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from router_service.replay import CreditRecord, ReplayProgress
-from router_service.report import Collector, Progress, Report, percentile, render_comparison
-from router_service.run import deal
+from loadgen.replay import CreditRecord, ReplayProgress
+from loadgen.report import Collector, Progress, Report, percentile, render_comparison
+from loadgen.run import deal
 
 
 def record(i: int, **kw: object) -> CreditRecord:

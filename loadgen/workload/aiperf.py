@@ -31,7 +31,7 @@ from typing import Annotated, Any, Final
 
 import msgspec
 
-from router_service.workload.model import (
+from loadgen.workload.model import (
     Branch,
     SessionSpec,
     TurnSpec,

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Final
 
 import msgspec
 
-from router_service.workload.model import (
+from loadgen.workload.model import (
     SessionSpec,
     TurnSpec,
     Workload,

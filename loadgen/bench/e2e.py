@@ -205,7 +205,7 @@ def _open_loop(
 
 
 def _raw_commands(producers: str, workers: str, k: int) -> list[list[str]]:
-    raw = [sys.executable, "-m", "router_service.bench.raw"]
+    raw = [sys.executable, "-m", "loadgen.bench.raw"]
     cmds = [
         [
             *raw,
@@ -223,7 +223,7 @@ def _raw_commands(producers: str, workers: str, k: int) -> list[list[str]]:
 
 
 def _router_commands(producers: str, workers: str, k: int, capacity: int) -> list[list[str]]:
-    cli = [sys.executable, "-m", "router_service"]
+    cli = [sys.executable, "-m", "credit_router"]
     cmds = [
         [
             *cli,
@@ -291,12 +291,12 @@ def _scale(agents: int, processes: int, duration_s: float) -> dict[str, Any]:
     import urllib.request
 
     workers, producers, http = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}", _port()
-    cli = [sys.executable, "-m", "router_service"]
+    cli = [sys.executable, "-m", "credit_router"]
     commands = [[*cli, "serve", "--workers", workers, "--producers", producers,
                  "--http-port", str(http), "--log-level", "warning"]]  # fmt: skip
     per = -(-agents // processes)
     commands += [
-        [sys.executable, "-m", "router_service.bench.agents", "--router", workers,
+        [sys.executable, "-m", "loadgen.bench.agents", "--router", workers,
          "--prefix", f"a{i}", "--count", str(min(per, agents - i * per))]
         for i in range(processes)
     ]  # fmt: skip

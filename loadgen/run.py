@@ -9,7 +9,7 @@ with fewer, every worker uses them all (``deal``). With ``--router`` it submits 
 daemon, whose workers are already connected.
 
 The replay runs in this process (``Replayer`` on a ``RouterClient``) under a live progress
-line; then the report is printed (``router_service.report``). ``--compare`` runs the same
+line; then the report is printed (``loadgen.report``). ``--compare`` runs the same
 workload twice on fresh clusters (so every server starts with an empty cache), with
 ``sticky`` and with ``least_loaded`` routing, and prints the two side by side.
 
@@ -40,10 +40,9 @@ from typing import IO, Any, Literal
 import aiohttp
 import uvloop
 
-from router_service.client import RouterClient
-from router_service.replay import Replayer, ReplayOptions
-from router_service.report import Collector, Progress, Report, render_comparison
-from router_service.workload import (
+from loadgen.replay import Replayer, ReplayOptions
+from loadgen.report import Collector, Progress, Report, render_comparison
+from loadgen.workload import (
     FileFormat,
     GeneratorParams,
     Workload,
@@ -51,6 +50,7 @@ from router_service.workload import (
     generate,
     load_workload,
 )
+from router_service.client import RouterClient
 
 __all__ = ["ClusterError", "LocalCluster", "RunSettings", "main", "run"]
 
@@ -172,7 +172,7 @@ class LocalCluster:
         log = (self.log_dir / f"{name}.log").open("wb")
         self._logs.append(log)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "router_service", *args],
+            [sys.executable, "-m", "credit_router", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from loadgen.workload import WorkloadError, detect_format, load_workload
+from loadgen.workload.__main__ import main as workload_main
 from protocol.messages import BranchMode
-from router_service.workload import WorkloadError, detect_format, load_workload
-from router_service.workload.__main__ import main as workload_main
-from tests.router_service.workload.test_format import write
+from tests.loadgen.workload.test_format import write
 
 
 def user(text: str) -> list[dict[str, str]]:
