@@ -165,6 +165,10 @@ class Submit(Msg, frozen=True, kw_only=True, tag="submit"):
 
     credit: Credit
     """The credit; its ``id`` must be new on this connection."""
+    router_incarnation: Id = ""
+    """The router incarnation whose welcome this producer is answering; a router of another
+    incarnation drops the frame (``ErrorReport`` ``stale_incarnation``) so a credit meant for a
+    router that died is never also run by its successor. Empty: any router."""
 
 
 class SubmitBatch(Msg, frozen=True, kw_only=True, tag="submitb"):
@@ -172,6 +176,8 @@ class SubmitBatch(Msg, frozen=True, kw_only=True, tag="submitb"):
 
     credits: Annotated[list[Credit], msgspec.Meta(max_length=MAX_BATCH)]
     """At most ``ProducerWelcome.max_batch`` credits, in submission order."""
+    router_incarnation: Id = ""
+    """As ``Submit.router_incarnation``."""
 
 
 class CancelCredits(Msg, frozen=True, kw_only=True, tag="pcancel"):
@@ -191,6 +197,9 @@ class EndSession(Msg, frozen=True, kw_only=True, tag="endsess"):
     """The session to end."""
     reason: Text = ""
     """Free-form, for logs."""
+    producer: Id = ""
+    """Router → worker: the ``producer`` of the session's ``Dispatch`` frames (sessions belong
+    to the producer that started them). Producer → router: unused, leave empty."""
 
 
 class ReleaseReservation(Msg, frozen=True, kw_only=True, tag="release"):
@@ -221,6 +230,10 @@ class Refusal(Msg, frozen=True, kw_only=True, tag="refusal"):
     """The router's ``PROTOCOL_VERSION``."""
     peer_version: int
     """The ``protocol_version`` the hello carried."""
+    code: Text = ""
+    """Stable machine-readable reason (docs/PROTOCOL.md §7.2): ``version_mismatch``,
+    ``invalid_capacity``, ``name_mismatch``, ``name_in_use``, ``superseded``,
+    ``incarnation_in_use``. Empty from a router that predates the field."""
 
 
 class ErrorReport(Msg, frozen=True, kw_only=True, tag="error"):
@@ -366,6 +379,8 @@ class ChildRelease(Msg, frozen=True, kw_only=True, tag="childrel"):
 
     x_correlation_id: Id
     """The child session's id."""
+    producer: Id = ""
+    """The ``producer`` of the child's ``Dispatch`` frames (sessions are per producer)."""
 
 
 class InFlightReport(Msg, frozen=True, kw_only=True, tag="inflight"):
@@ -430,6 +445,11 @@ class Cancel(Msg, frozen=True, kw_only=True, tag="cancel"):
     """The producer the credits belong to."""
     credit_ids: IdList
     """Credits to abort; ids the worker no longer holds are ignored."""
+    revoked: bool = False
+    """``True``: the router has already ended these credits (a draining router at its deadline).
+    Stop them and never report them — not as a completion, not as ``Recovered``. Answer with an
+    ``InFlightReport`` once they are forgotten. ``False``: an ordinary cancel, answered by the
+    credits' completions (status ``cancelled`` unless they finished first)."""
 
 
 class Ack(Msg, frozen=True, kw_only=True, tag="ack"):

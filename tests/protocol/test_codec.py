@@ -216,7 +216,8 @@ def test_nesting_deeper_than_the_decoder_follows_is_too_deep() -> None:
     # An unknown trailing element is skipped, however deep; msgspec gives up with a
     # RecursionError at its depth limit, which must not escape as a bare traceback.
     credit = codec.encode(m.Credit(id=1, x_correlation_id="s"))
-    frame = b"\x93\xa6submit" + credit + b"\x91" * 5000 + b"\xc0"
+    # The tag, the credit, router_incarnation (""), then an unknown trailing element.
+    frame = b"\x94\xa6submit" + credit + b"\xa0" + b"\x91" * 5000 + b"\xc0"
     err = _decode_error("producer->router", frame)
     assert (err.path, err.reason) == ("$", "too_deep")
 

@@ -88,23 +88,23 @@ GOLDEN: list[tuple[Msg, str]] = [
     (
         Submit(credit=_CREDIT_FULL),
         (
-            "92a67375626d69749fcf0000010000000007aa736573732dc3bc2d30310304a6"
+            "93a67375626d69749fcf0000010000000007aa736573732dc3bc2d30310304a6"
             "636f6e762d39a67761726d7570a9736573732d726f6f74a9736573732d726f6f"
-            "74a4666f726b0202c0c3cb3fe8000000000000c40800ff70726f6d7074"
+            "74a4666f726b0202c0c3cb3fe8000000000000c40800ff70726f6d7074a0"
         ),
     ),
     (
         SubmitBatch(credits=[_CREDIT_MIN, _CREDIT_SPAWN]),
         (
-            "92a77375626d697462929f01a273310001a0a970726f66696c696e67c0c0c000"
+            "93a77375626d697462929f01a273310001a0a970726f66696c696e67c0c0c000"
             "00c0c2c0c4009fcd012ca8736573732d7375620001a0a970726f66696c696e67"
-            "a9736573732d726f6f74c0a5737061776e0001a74578706c6f7265c2c0c400"
+            "a9736573732d726f6f74c0a5737061776e0001a74578706c6f7265c2c0c400a0"
         ),
     ),
     (CancelCredits(credit_ids=[1, 300, 70000]), "92a77063616e63656c9301cd012cce00011170"),
     (
         EndSession(x_correlation_id="s1", reason="done early"),
-        "93a7656e6473657373a27331aa646f6e65206561726c79",
+        "94a7656e6473657373a27331aa646f6e65206561726c79a0",
     ),
     (
         ReleaseReservation(x_correlation_id="sess-root", count=2),
@@ -113,7 +113,7 @@ GOLDEN: list[tuple[Msg, str]] = [
     (Heartbeat(sent_at_s=1234.5), "92a26862cb40934a0000000000"),
     (
         Refusal(reason="version", router_version=1, peer_version=7),
-        "94a77265667573616ca776657273696f6e0107",
+        "95a77265667573616ca776657273696f6e0107a0",
     ),
     (
         ErrorReport(code="invalid_message", message="at $.op"),
@@ -219,7 +219,7 @@ GOLDEN: list[tuple[Msg, str]] = [
         FirstToken(producer="bench", credit_id=1, ttft_s=0.25),
         "94a26674a562656e636801cb3fd0000000000000",
     ),
-    (ChildRelease(x_correlation_id="sess-child"), "92a86368696c6472656caa736573732d6368696c64"),
+    (ChildRelease(x_correlation_id="sess-child"), "93a86368696c6472656caa736573732d6368696c64a0"),
     (
         InFlightReport(credits={"bench": [1, 2], "other": []}),
         "92a8696e666c6967687482a562656e6368920102a56f7468657290",
@@ -251,7 +251,7 @@ GOLDEN: list[tuple[Msg, str]] = [
             "6e67c0c0c00000c0c2c0c400"
         ),
     ),
-    (Cancel(producer="bench", credit_ids=[300]), "93a663616e63656ca562656e636891cd012c"),
+    (Cancel(producer="bench", credit_ids=[300]), "94a663616e63656ca562656e636891cd012cc2"),
     (Ack(seq=2**32), "92a361636bcf0000000100000000"),
     (Drain(deadline_s=60.0), "92a5647261696ecb404e000000000000"),
 ]
