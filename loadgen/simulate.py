@@ -153,7 +153,7 @@ class _Simulation:
             core.complete(worker, [done], self.clock)
             s, credit = self.by_credit[cid]
             if s.mode is BranchMode.FORK and credit.turn_index + 1 == credit.num_turns:
-                core.child_release(worker, s.sid, self.clock)
+                core.child_release(worker, "sim", s.sid, self.clock)
             self.pump(self.clock)
             if cid % 997 == 0:
                 check_invariants(core)

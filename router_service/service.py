@@ -3,13 +3,25 @@
 Life cycle (uvicorn's shape, STYLE R10): ``startup()`` binds both endpoints and starts reading;
 ``main_loop()`` ticks (liveness, heartbeats, idle expiry, loop-lag measurement) until asked to
 exit; ``shutdown()`` drains — no new credits, in-flight ones may finish until the deadline —
-then ends everything left with an outcome and closes the sockets.
+then ends everything left with an outcome, tells the workers which credits it ended
+(``Cancel(revoked=True)``: they stop them and never report them, so no credit gets a second
+outcome through the next router), and closes the sockets.
 
-One wake-up of a socket is handled as a unit: every frame is decoded (in
+Every peer has a link (``router_service.links``), keyed by its exact routing-id bytes: its
+handshake state, an ordered outbox (a ``Welcome`` precedes any ``Dispatch``; a frame the
+transport cannot take yet waits in order, so the core never takes a dispatch back) and, for
+workers, the completion sequence window that de-duplicates completions and ``Recovered`` in one
+place. One wake-up of a socket is handled as a unit: every frame is decoded (in
 ``protocol.codec``, nowhere else), applied to the core, and then the core's effects are sent
 once, coalesced: one frame per worker and producer, one ``Ack`` per worker. Bad input from a
 peer is counted, answered with an ``ErrorReport`` and costs only that peer; a peer that keeps
 sending it is cut off.
+
+Identity: a worker's routing id is ``NAME`` or ``NAME/ANYTHING`` (the agent uses
+``NAME/INCARNATION``), so two processes never share one; the name itself is held by one live
+incarnation at a time (the core arbitrates: a second live holder is refused ``name_in_use``, a
+superseded incarnation ``superseded``). A producer is known to the core by
+``PRODUCER_NAME/INCARNATION`` from its hello; its credits, ledger and sessions are its own.
 """
 
 from __future__ import annotations
@@ -30,10 +42,12 @@ from protocol.codec import decode_producer_to_router, decode_worker_to_router, e
 from protocol.errors import DecodeError
 from protocol.messages import (
     Ack,
+    Cancel,
     CancelCredits,
     ChildRelease,
     Completion,
     CompletionBatch,
+    Credit,
     Dispatch,
     DispatchBatch,
     Draining,
@@ -44,17 +58,21 @@ from protocol.messages import (
     Heartbeat,
     Hello,
     InFlightReport,
+    Outcome,
     OutcomeBatch,
     ProducerHello,
     ProducerWelcome,
     Recovered,
     Refusal,
     ReleaseReservation,
+    RouterToWorker,
+    Status,
     Submit,
     SubmitBatch,
 )
 from router_service import sdnotify
 from router_service.core.router import Effects, RouterCore
+from router_service.links import LinkState, ProducerLink, SeqWindows, WorkerLink
 from router_service.security import Allowlist, KeyError_, ZapHandler
 from router_service.transport import Curve, Frames, RouterSocket
 from router_service.web import StatusServer
@@ -68,20 +86,17 @@ INVALID_LIMIT: Final = 100
 INVALID_WINDOW_S: Final = 10.0
 LOG_EVERY_S: Final = 10.0
 """Repeated warnings about one peer are logged at most this often (with a count)."""
-PRODUCER_BACKLOG: Final = 1_000_000
-"""Outcome frames kept for a producer that is not reading or reconnecting."""
-
-
-class _Producer:
-    """A producer connection, by routing identity."""
-
-    __slots__ = ("backlog", "key", "last_seen", "name")
-
-    def __init__(self, key: str, name: str, now: float) -> None:
-        self.key = key
-        self.name = name
-        self.last_seen = now
-        self.backlog: deque[bytes] = deque()
+HELD_OUTCOMES: Final = 1_000_000
+"""Outcome frames kept for a producer key that has no link yet (e.g. ``Recovered`` outcomes
+that arrive at a restarted router before their producer said hello again)."""
+REVOKE_WAIT_S: Final = 1.0
+"""At shutdown, how long to wait for workers to confirm a ``Cancel(revoked=True)``."""
+STALE_INCARNATION: Final = "stale_incarnation"
+"""Outcome reason for credits addressed to an earlier router incarnation (they never ran)."""
+INVALID_STATUS: Final = "invalid_status"
+_ROUTER_OWNED: Final = frozenset({Status.LOST, Status.REJECTED})
+"""Statuses only the router may give (routing.md §6): a worker's completion with one of these
+is refused and counted; the credit ends by the in-flight report rule instead."""
 
 
 class _PeerErrors:
@@ -122,7 +137,8 @@ class RouterService:
         producer_endpoint: where producers connect (``ipc://PATH`` or ``tcp://…``).
         heartbeat_interval_s: the beat sent to every peer.
         drain_deadline_s: on shutdown, how long in-flight credits may still finish.
-        producer_timeout_s: a producer silent this long is gone: its credits are cancelled.
+        producer_timeout_s: a producer silent this long is gone: its credits are cancelled
+            and its sessions ended.
         http_host: where the HTTP endpoints listen (loopback by default).
         http_port: their port; ``None`` serves no HTTP, 0 picks a free port.
         curve: ``(public, secret)`` Z85 server keys to require CURVE (both endpoints when
@@ -157,15 +173,28 @@ class RouterService:
         self._workers_sock: RouterSocket | None = None
         self._producers_sock: RouterSocket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.producers: dict[bytes, _Producer] = {}
+        self.workers: dict[bytes, WorkerLink] = {}
+        """Worker links by routing id."""
+        self._names: dict[str, WorkerLink] = {}
+        """The link of each worker name the core knows (the live holder's)."""
+        self.producers: dict[bytes, ProducerLink] = {}
+        """Producer links by routing id."""
+        self._producer_keys: dict[str, ProducerLink] = {}
+        """Producer links by the key the core knows them by (``name/incarnation``)."""
+        self._held: dict[str, deque[bytes]] = {}
+        """Frames for producer keys with no link (yet)."""
+        self._held_since: dict[str, float] = {}
+        self._seqs = SeqWindows()
         self._errors: dict[tuple[str, bytes], _PeerErrors] = {}
-        self._names: dict[str, bytes] = {}
         self.should_exit = False
         self.force_exit = False
         self.ready = asyncio.Event()
         self.draining = False
         self.invalid_messages: dict[str, int] = {}
         """Invalid messages by reason (metrics read this)."""
+        self.peer_events: dict[str, int] = {}
+        """Peer-link events by kind (refusals by code, fenced, closed connections, stale
+        submits, duplicate completions, held frames): metrics read this."""
         self.loop_lag_s = 0.0
         """Lateness of the last tick: how far behind its schedule the event loop ran."""
         self._last_beat = 0.0
@@ -179,6 +208,7 @@ class RouterService:
         self._zap: ZapHandler | None = None
         self.version = _version()
         self.started_at = time.monotonic()
+        self._beat = encode(Heartbeat())
         self.http: StatusServer | None = (
             StatusServer(self, http_host, http_port) if http_port is not None else None
         )
@@ -188,8 +218,13 @@ class RouterService:
     async def serve(self) -> None:
         """Run until asked to exit, then drain and close."""
         self.startup()
-        if self.http is not None:
-            await self.http.start()
+        try:
+            if self.http is not None:
+                await self.http.start()
+        except BaseException:
+            # The HTTP port may be taken: close the sockets (and an ipc:// file) we bound.
+            self._close_sockets()
+            raise
         self.ready.set()
         sdnotify.notify(sdnotify.READY)  # systemd Type=notify: bound and serving
         try:
@@ -198,7 +233,12 @@ class RouterService:
             await self.shutdown()
 
     def startup(self) -> None:
-        """Bind both endpoints and start reading."""
+        """Bind both endpoints and start reading.
+
+        Raises:
+            router_service.transport.TransportError: an endpoint cannot be bound (in use, or
+                an ``ipc://`` path another live router serves).
+        """
         self._loop = asyncio.get_running_loop()
         self.core.start_clock(self.now())
         worker_curve = producer_curve = None
@@ -207,9 +247,9 @@ class RouterService:
             self._zap = ZapHandler(self._ctx, self.allowlist)
             self._zap.start_allowing()
             public, secret = self._curve_keys
-            worker_curve = Curve(public, secret, lambda: self._allowed_names, _worker_owner)
+            worker_curve = Curve(public, secret, lambda: self._allowed_names, _owner)
             if self.producer_endpoint.startswith("tcp://"):
-                producer_curve = Curve(public, secret, lambda: self._allowed_names, _producer_owner)
+                producer_curve = Curve(public, secret, lambda: self._allowed_names, _owner)
         self._workers_sock = RouterSocket(
             self._ctx,
             self.worker_endpoint,
@@ -219,14 +259,19 @@ class RouterService:
             on_auth_failure=self._on_auth_failure,
             on_disconnect=self._on_worker_disconnect,
         )
-        self._producers_sock = RouterSocket(
-            self._ctx,
-            self.producer_endpoint,
-            self._on_producer_frames,
-            self._on_malformed_producer,
-            curve=producer_curve,
-            on_auth_failure=self._on_auth_failure,
-        )
+        try:
+            self._producers_sock = RouterSocket(
+                self._ctx,
+                self.producer_endpoint,
+                self._on_producer_frames,
+                self._on_malformed_producer,
+                curve=producer_curve,
+                on_auth_failure=self._on_auth_failure,
+            )
+        except BaseException:
+            self._workers_sock.close()
+            self._workers_sock = None
+            raise
         self.worker_endpoint = self._workers_sock.endpoint
         self.producer_endpoint = self._producers_sock.endpoint
         self._workers_sock.attach(self._loop)
@@ -239,7 +284,7 @@ class RouterService:
         )
 
     async def main_loop(self) -> None:
-        """Tick until ``should_exit``: liveness, heartbeats, expiry, backlogs."""
+        """Tick until ``should_exit``: liveness, heartbeats, expiry, held frames."""
         loop = asyncio.get_running_loop()
         interval = min(0.25, self.heartbeat_interval_s / 4)
         expected = loop.time() + interval
@@ -253,29 +298,55 @@ class RouterService:
     def on_tick(self, now: float) -> None:
         """Periodic duties; public so tests can drive them with their own clock."""
         self.core.tick(now)
+        for link in list(self._names.values()):
+            if link.outbox:
+                self._flush_worker(link)
         if now - self._last_beat >= self.heartbeat_interval_s:
             self._last_beat = now
-            beat = encode(Heartbeat(sent_at_s=now))
-            assert self._workers_sock is not None
-            for name in self.core.workers:
-                self._workers_sock.send(self._identity(name), beat)
-            assert self._producers_sock is not None
+            self._beat_workers()
+            self._tick_producers(now)
             # Forget error counts of peers that have been quiet (one per identity would grow
             # without bound under a peer that keeps inventing identities).
-            for key, errors in list(self._errors.items()):
+            for peer, errors in list(self._errors.items()):
                 if now - max(errors.window_start, errors.last_log) > INVALID_WINDOW_S + LOG_EVERY_S:
-                    del self._errors[key]
-            for identity, producer in list(self.producers.items()):
-                if now - producer.last_seen > self.producer_timeout_s:
-                    logger.warning("producer gone producer=%s (silent)", producer.key)
-                    del self.producers[identity]
-                    self.core.producer_gone(producer.key, now)
-                    continue
-                self._retry_backlog(identity, producer)
-                if not producer.backlog:
-                    # A beat is never queued: a late one says nothing.
-                    self._producers_sock.send(identity, beat)
+                    del self._errors[peer]
+        elif self._producers_sock is not None:
+            psend = self._producers_sock.send
+            for producer in self.producers.values():
+                if producer.outbox:
+                    producer.flush(psend)
         self._flush(now)
+
+    def _beat_workers(self) -> None:
+        assert self._workers_sock is not None
+        send = self._workers_sock.send
+        beat = self._beat
+        for link in self._names.values():
+            if not link.outbox:  # a beat is never queued: a late one says nothing
+                send(link.identity, beat)
+
+    def _tick_producers(self, now: float) -> None:
+        """Beat, retry held frames, forget silent producers and frames nobody came for."""
+        assert self._producers_sock is not None
+        send = self._producers_sock.send
+        for identity, producer in list(self.producers.items()):
+            if now - producer.last_seen > self.producer_timeout_s:
+                logger.warning("producer gone producer=%s (silent)", producer.key or identity)
+                self._drop_producer(producer, now)
+                continue
+            if producer.outbox:
+                producer.flush(send)
+            elif producer.state is LinkState.JOINED:
+                send(identity, self._beat)
+        for key, since in list(self._held_since.items()):
+            if now - since > self.producer_timeout_s:
+                # Nobody came for them: their producer is gone for good.
+                dropped = len(self._held.pop(key, deque()))
+                del self._held_since[key]
+                self._event("held_outcomes_dropped", dropped)
+                logger.warning(
+                    "dropped %d frames held for producer %s: it never came back", dropped, key
+                )
 
     def request_exit(self, *, force: bool = False) -> None:
         """Ask the service to stop (SIGTERM: drain; a second SIGINT: force)."""
@@ -289,7 +360,7 @@ class RouterService:
         sdnotify.notify(sdnotify.STOPPING)
 
     async def shutdown(self) -> None:
-        """Drain, end every remaining credit with an outcome, close the sockets."""
+        """Drain, end every remaining credit with an outcome, tell the workers, close."""
         loop = asyncio.get_running_loop()
         self.draining = True
         self.core.accepting = False
@@ -301,23 +372,51 @@ class RouterService:
         now = self.now()
         self.core.shutdown(now)
         self._flush(now)
+        # The workers were told which credits this router ended (Cancel revoked=True): wait,
+        # bounded, for each to confirm (its InFlightReport), so that none of those credits is
+        # completed later and forwarded a second time by the next router.
+        give_up = loop.time() + REVOKE_WAIT_S
+        while loop.time() < give_up and any(
+            link.revoked for link in self.workers.values() if link.state is LinkState.JOINED
+        ):
+            await asyncio.sleep(0.02)
+            self._flush_all_outboxes()
+        unconfirmed = [link.name for link in self.workers.values() if link.revoked]
+        if unconfirmed:
+            logger.warning(
+                "workers did not confirm the credits this router ended: %s", sorted(unconfirmed)
+            )
         # The last outcomes must reach producers that are still there: give any held back
         # a moment (bounded) before the sockets close.
         give_up = loop.time() + 1.0
-        while loop.time() < give_up and any(p.backlog for p in self.producers.values()):
-            for identity, producer in list(self.producers.items()):
-                self._retry_backlog(identity, producer)
+        while loop.time() < give_up and any(p.outbox for p in self.producers.values()):
+            self._flush_all_outboxes()
             await asyncio.sleep(0.02)
-        for sock in (self._workers_sock, self._producers_sock):
-            if sock is not None:
-                sock.close()
-        if self._zap is not None:
-            self._zap.stop()
-        if self._own_context:
-            self._ctx.term()
+        self._close_sockets()
         if self.http is not None:
             await self.http.stop()
         logger.info("router stopped")
+
+    def _close_sockets(self) -> None:
+        for sock in (self._workers_sock, self._producers_sock):
+            if sock is not None:
+                sock.close()
+        self._workers_sock = self._producers_sock = None
+        if self._zap is not None:
+            self._zap.stop()
+            self._zap = None
+        if self._own_context:
+            self._ctx.term()
+
+    def _flush_all_outboxes(self) -> None:
+        if self._producers_sock is not None:
+            psend = self._producers_sock.send
+            for producer in self.producers.values():
+                if producer.outbox:
+                    producer.flush(psend)
+        for link in self.workers.values():
+            if link.outbox and self._workers_sock is not None:
+                link.flush(self._workers_sock.send)
 
     def reload_keys(self) -> None:
         """Re-read the allowlist (SIGHUP): peers whose key was removed are cut off and lost."""
@@ -336,13 +435,12 @@ class RouterService:
             if name in self.core.workers:
                 logger.warning("worker cut off name=%s (key removed)", name)
                 self.core.worker_unreachable(name, now)
-            for identity, producer in list(self.producers.items()):
-                if producer.key.split("/", 1)[0] == name:
-                    del self.producers[identity]
-                    self.core.producer_gone(producer.key, now)
+            for producer in list(self.producers.values()):
+                if producer.name == name:
+                    self._drop_producer(producer, now)
         self._flush(now)
 
-    def _on_auth_failure(self, identity: bytes, why: str) -> None:
+    def _on_auth_failure(self, who: str, why: str) -> None:
         self.auth_failures += 1
         now = self.now()
         errors = self._errors.get(("auth", b""))
@@ -351,15 +449,21 @@ class RouterService:
         suppressed = errors.loggable(now)
         if suppressed is not None:
             logger.warning(
-                "authentication failure %r: %s (%d more suppressed)", identity, why, suppressed
+                "authentication failure peer=%s: %s (%d more suppressed)", who, why, suppressed
             )
 
     def _on_worker_disconnect(self, identity: bytes) -> None:
-        name = identity.decode("utf-8", "replace")
-        if name in self.core.workers:
-            # Its connection closed: nothing more goes to that identity until the worker's
-            # key speaks again (whoever connects with the name next must prove it).
-            self.core.worker_disconnected(name, "", (), self.now())
+        link = self.workers.get(identity)
+        if link is None or link.state is not LinkState.JOINED:
+            return
+        # The monitor says a connection of this routing id closed; the same process may have
+        # reconnected already (a new connection takes the id over). A send tells which.
+        assert self._workers_sock is not None
+        gone = link.outbox or not self._workers_sock.send(identity, self._beat)
+        if gone and self._names.get(link.name) is link and link.name in self.core.workers:
+            self._event("worker_connection_closed")
+            logger.info("worker connection closed name=%s", link.name)
+            self.core.worker_closed(link.name, self.now())
             self._flush(self.now())
 
     def is_ready(self) -> bool:
@@ -383,75 +487,76 @@ class RouterService:
     def _credits_open(self) -> bool:
         return any(self.core.ledgers.values())
 
-    # ---------------------------------------------------------------- workers
+    def _event(self, kind: str, count: int = 1) -> None:
+        self.peer_events[kind] = self.peer_events.get(kind, 0) + count
 
-    def _identity(self, name: str) -> bytes:
-        identity = self._names.get(name)
-        if identity is None:
-            identity = self._names[name] = name.encode()
-        return identity
+    # ---------------------------------------------------------------- workers
 
     def _on_worker_frames(self, frames: Frames) -> None:
         assert self._loop is not None
         now = self.now()
         core = self.core
-        acks: dict[str, int] = {}
-        seen: set[bytes] = set()
+        acks: dict[WorkerLink, int] = {}
+        seen: set[WorkerLink] = set()
+        links = self.workers
         for identity, payload in frames:
             try:
                 msg = decode_worker_to_router(payload)
             except DecodeError as exc:
                 self._invalid(identity, exc.reason, str(exc), now, worker=True)
                 continue
-            try:
-                name = identity.decode()
-            except UnicodeDecodeError:
-                # Credits are sent to name.encode(): an identity that is not UTF-8 could never
-                # be reached, so such a peer is not admitted.
-                self._invalid(identity, "identity", "routing id is not UTF-8", now, worker=True)
-                continue
+            link = links.get(identity)
+            if link is None:
+                link = links[identity] = WorkerLink(identity, now)
+                assert self._workers_sock is not None
+                link.address = self._workers_sock.peer_address(identity)
+            link.last_seen = now
             if type(msg) is Hello:
-                self._hello(identity, name, msg, now)
+                self._hello(link, msg, now)
                 continue
-            if name not in core.workers:
-                self._reply_worker(
-                    identity, ErrorReport(code="unknown_worker", message="send Hello first")
+            if link.state is LinkState.FENCED:
+                self._refuse(link, "superseded", _fenced_reason(link), msg_version=PROTOCOL_VERSION)
+                continue
+            if link.state is not LinkState.JOINED or self._names.get(link.name) is not link:
+                self._to_worker_identity(
+                    link, ErrorReport(code="unknown_worker", message="send Hello first")
                 )
                 continue
-            if identity not in seen:
-                seen.add(identity)
-                core.worker_seen(name, now)
+            if link not in seen:
+                seen.add(link)
+                core.worker_seen(link.name, now)
+                if link.outbox:
+                    self._flush_worker(link)
             try:
-                self._worker_message(name, msg, now, acks)
+                self._worker_message(link, msg, now, acks)
             except Exception:
                 # A bug of ours must not take the router down with one peer's message.
-                logger.exception("internal error handling %s from %s", type(msg).__name__, name)
+                logger.exception(
+                    "internal error handling %s from %s", type(msg).__name__, link.name
+                )
                 self._count("internal_error")
-        for name, seq in acks.items():
-            self._reply_worker(self._identity(name), Ack(seq=seq))
+        for link, seq in acks.items():
+            self._to_worker_identity(link, Ack(seq=seq))
         self._flush(now)
 
-    def _worker_message(self, name: str, msg: object, now: float, acks: dict[str, int]) -> None:
+    def _worker_message(
+        self, link: WorkerLink, msg: object, now: float, acks: dict[WorkerLink, int]
+    ) -> None:
         core = self.core
+        name = link.name
         match msg:
             case CompletionBatch(completions=completions):
-                core.complete(name, completions, now)
-                self._note_ack(acks, name, completions)
+                self._completions(link, completions, None, now, acks)
             case Completion():
-                core.complete(name, (msg,), now)
-                self._note_ack(acks, name, (msg,))
+                self._completions(link, (msg,), None, now, acks)
             case Recovered(router_incarnation=incarnation, completions=completions):
-                if incarnation == core.router_incarnation:
-                    # Ours after all (a confused worker): ordinary completions, de-duplicated.
-                    core.complete(name, completions, now)
-                else:
-                    core.recovered(name, completions, now)
-                self._note_ack(acks, name, completions)
+                self._completions(link, completions, incarnation, now, acks)
             case FirstToken(producer=producer, credit_id=cid, ttft_s=ttft):
                 core.first_token(name, producer, cid, ttft)
-            case ChildRelease(x_correlation_id=child):
-                core.child_release(name, child, now)
+            case ChildRelease(x_correlation_id=child, producer=producer):
+                core.child_release(name, producer, child, now)
             case InFlightReport(credits=credits):
+                link.revoked = False
                 core.worker_report(name, credits, now)
             case Draining(deadline_s=deadline):
                 logger.info("worker draining name=%s deadline_s=%.1f", name, deadline)
@@ -462,29 +567,75 @@ class RouterService:
             case Heartbeat():
                 pass
 
-    @staticmethod
-    def _note_ack(acks: dict[str, int], name: str, completions: Iterable[Completion]) -> None:
-        top = acks.get(name, 0)
-        for done in completions:
-            if done.seq > top:
-                top = done.seq
-        acks[name] = top
+    def _completions(
+        self,
+        link: WorkerLink,
+        completions: Iterable[Completion],
+        recovered_from: str | None,
+        now: float,
+        acks: dict[WorkerLink, int],
+    ) -> None:
+        fresh = self._fresh(link, completions, acks)
+        if not fresh:
+            return
+        if recovered_from is None or recovered_from == self.core.router_incarnation:
+            # (A Recovered naming us is a confused worker: ordinary completions.)
+            self.core.complete(link.name, fresh, now)
+        else:
+            self.core.recovered(link.name, fresh, now)
 
-    def _hello(self, identity: bytes, name: str, msg: Hello, now: float) -> None:
-        if msg.name != name:
-            # The routing identity is what credits are sent to: a hello may not claim another.
-            self._reply_worker(
-                identity,
-                Refusal(
-                    reason=f"hello name {msg.name!r} does not match routing id {name!r}",
-                    router_version=PROTOCOL_VERSION,
-                    peer_version=msg.protocol_version,
-                ),
+    def _fresh(
+        self, link: WorkerLink, completions: Iterable[Completion], acks: dict[WorkerLink, int]
+    ) -> list[Completion]:
+        """The completions not seen before from this worker incarnation, with statuses a
+        worker may send; every one (seen or not) is acknowledged."""
+        window = self._seqs.get(link.name, link.incarnation)
+        top = acks.get(link, 0)
+        fresh = []
+        for done in completions:
+            seq = done.seq
+            if seq > top:
+                top = seq
+            if not window.fresh(seq):
+                self._event("duplicate_completions")
+                continue
+            if done.status in _ROUTER_OWNED:
+                self._count(INVALID_STATUS)
+                self._event("router_owned_status")
+                self._to_worker_identity(
+                    link,
+                    ErrorReport(
+                        code=INVALID_STATUS,
+                        message=f"credit {done.producer}/{done.credit_id}: a worker may not "
+                        f"report {done.status.value!r} (only completed, failed, cancelled)",
+                    ),
+                )
+                continue
+            fresh.append(done)
+        if top:
+            acks[link] = top
+        return fresh
+
+    def _hello(self, link: WorkerLink, msg: Hello, now: float) -> None:
+        identity = link.identity
+        owner = _owner(identity)
+        if msg.name != owner:
+            # The routing id is NAME or NAME/ANYTHING; under CURVE the key owns NAME.
+            self._refuse(
+                link,
+                "name_mismatch",
+                f"hello name {msg.name!r} does not match routing id {owner!r} "
+                "(the routing id must be NAME or NAME/INCARNATION)",
+                msg_version=msg.protocol_version,
             )
             return
-        known = name in self.core.workers
-        admitted = self.core.worker_hello(
-            name,
+        if link.state is LinkState.FENCED:
+            self._refuse(link, "superseded", _fenced_reason(link), msg_version=msg.protocol_version)
+            return
+        holder = self._names.get(msg.name)
+        known = msg.name in self.core.workers
+        refusal = self.core.worker_hello(
+            msg.name,
             incarnation=msg.incarnation,
             protocol_version=msg.protocol_version,
             capacity=msg.capacity,
@@ -492,26 +643,83 @@ class RouterService:
             in_flight=msg.in_flight,
             now=now,
         )
-        if admitted:
-            logger.info(
-                "worker %s name=%s incarnation=%s capacity=%d labels=%s",
-                "reconnected" if known else "joined",
-                name,
-                msg.incarnation,
-                msg.capacity,
-                msg.labels,
-            )
-        else:
+        if refusal is not None:
+            self._event(f"refused_{refusal.code or 'other'}")
+            if refusal.code == "name_in_use" and holder is not None:
+                logger.warning(
+                    "worker name conflict name=%s: %s (incarnation %s) holds it, %s "
+                    "(incarnation %s) refused",
+                    msg.name,
+                    holder.address,
+                    holder.incarnation,
+                    link.address,
+                    msg.incarnation,
+                )
+            else:
+                logger.warning(
+                    "worker refused name=%s peer=%s: %s", msg.name, link.address, refusal.reason
+                )
+            if refusal.code == "superseded":
+                link.state = LinkState.FENCED
+            self._to_worker_identity(link, refusal)
+            return
+        if holder is not None and holder is not link:
+            # A new incarnation took the name from one that was not live: fence the old
+            # process, so that it exits when it wakes up instead of taking the name back.
+            holder.state = LinkState.FENCED
+            holder.outbox.clear()
+            self._event("fenced")
             logger.warning(
-                "worker refused name=%s version=%d capacity=%d",
-                name,
-                msg.protocol_version,
-                msg.capacity,
+                "worker replaced name=%s: %s (incarnation %s) superseded by %s (incarnation %s)",
+                msg.name,
+                holder.address,
+                holder.incarnation,
+                link.address,
+                msg.incarnation,
             )
+        link.state = LinkState.JOINED
+        link.name = msg.name
+        link.incarnation = msg.incarnation
+        self._names[msg.name] = link
+        logger.info(
+            "worker %s name=%s incarnation=%s capacity=%d peer=%s labels=%s",
+            "reconnected" if known and holder is link else "joined",
+            msg.name,
+            msg.incarnation,
+            msg.capacity,
+            link.address,
+            msg.labels,
+        )
 
-    def _reply_worker(self, identity: bytes, msg: object) -> None:
+    def _refuse(self, link: WorkerLink, code: str, reason: str, *, msg_version: int) -> None:
+        self._event(f"refused_{code}")
+        self._to_worker_identity(
+            link,
+            Refusal(
+                reason=reason,
+                router_version=PROTOCOL_VERSION,
+                peer_version=msg_version,
+                code=code,
+            ),
+        )
+
+    def _to_worker_identity(self, link: WorkerLink, msg: object) -> None:
+        """Send a reply to this very link (not to whoever holds its name)."""
         assert self._workers_sock is not None
-        self._workers_sock.send(identity, encode(msg))
+        link.send(encode(msg), self._workers_sock.send)
+
+    def _flush_worker(self, link: WorkerLink) -> None:
+        assert self._workers_sock is not None
+        link.flush(self._workers_sock.send)
+        if link.overflowing and link.name in self.core.workers:
+            logger.warning(
+                "worker not reading name=%s: %d frames held; it is lost",
+                link.name,
+                len(link.outbox),
+            )
+            self._event("worker_outbox_overflow")
+            link.outbox.clear()
+            self.core.worker_unreachable(link.name, self.now())
 
     def _on_malformed_worker(self, identity: bytes) -> None:
         assert self._loop is not None
@@ -536,34 +744,58 @@ class RouterService:
         self._flush(now)
 
     def _producer_message(self, identity: bytes, msg: object, now: float) -> None:
-        producer = self.producers.get(identity)
         if type(msg) is ProducerHello:
             self._producer_hello(identity, msg, now)
             return
-        if producer is None:
-            self._send_raw_producer(
+        link = self.producers.get(identity)
+        if link is None or link.state is not LinkState.JOINED:
+            self._reply_producer(
                 identity, ErrorReport(code="hello_required", message="send ProducerHello first")
             )
             self._count("unknown_producer")
             return
-        producer.last_seen = now
+        link.last_seen = now
         core = self.core
-        key = producer.key
+        key = link.key
         match msg:
-            case SubmitBatch(credits=credits):
+            case SubmitBatch(credits=credits, router_incarnation=incarnation):
+                if self._stale(link, credits, incarnation):
+                    return
                 core.submit(key, credits, now)  # the decoder bounds its length
-            case Submit(credit=credit):
+            case Submit(credit=credit, router_incarnation=incarnation):
+                if self._stale(link, (credit,), incarnation):
+                    return
                 core.submit(key, (credit,), now)
             case CancelCredits(credit_ids=ids):
                 core.cancel(key, ids, now)
             case EndSession(x_correlation_id=session, reason=reason):
                 core.end_session(key, session, now, reason)
             case ReleaseReservation(x_correlation_id=session, count=count):
-                core.release_reservation(session, count, now)
+                core.release_reservation(key, session, count, now)
             case Heartbeat():
                 pass
-        if producer.backlog:
-            self._retry_backlog(identity, producer)
+        if link.outbox and self._producers_sock is not None:
+            link.flush(self._producers_sock.send)
+
+    def _stale(self, link: ProducerLink, credits: Iterable[Credit], incarnation: str) -> bool:
+        """Credits addressed to another router incarnation never ran anywhere: end them here
+        (``rejected: stale_incarnation``), once, rather than run them under a router their
+        producer does not expect to hear from. Returns whether the frame was stale."""
+        if not incarnation or incarnation == self.core.router_incarnation:
+            return False
+        outcomes = [
+            Outcome(credit_id=c.id, status=Status.REJECTED, reason=STALE_INCARNATION)
+            for c in credits
+        ]
+        self._event("stale_submits", len(outcomes))
+        logger.info(
+            "producer %s sent %d credits addressed to router incarnation %s: rejected",
+            link.key,
+            len(outcomes),
+            incarnation,
+        )
+        self._deliver_outcomes(link.key, outcomes)
+        return True
 
     def _producer_hello(self, identity: bytes, msg: ProducerHello, now: float) -> None:
         if msg.protocol_version != PROTOCOL_VERSION:
@@ -573,56 +805,77 @@ class RouterService:
                 msg.protocol_version,
                 PROTOCOL_VERSION,
             )
-            self._send_raw_producer(
+            self._event("refused_version_mismatch")
+            self._reply_producer(
                 identity,
                 Refusal(
                     reason=f"protocol version mismatch: router speaks {PROTOCOL_VERSION}, "
                     f"producer speaks {msg.protocol_version}",
                     router_version=PROTOCOL_VERSION,
                     peer_version=msg.protocol_version,
+                    code="version_mismatch",
                 ),
             )
             return
-        producer = self.producers.get(identity)
-        if producer is None:
-            # The routing identity keys the producer's credits: ``name/incarnation`` by the
-            # client's convention, so a restarted producer never shares keys with its past.
-            producer = _Producer(identity.decode("utf-8", "replace"), msg.producer, now)
-            self.producers[identity] = producer
-            logger.info("producer connected producer=%s key=%s", msg.producer, producer.key)
-        producer.last_seen = now
-        self._send_raw_producer(
-            identity,
-            ProducerWelcome(
-                router_incarnation=self.core.router_incarnation,
-                protocol_version=PROTOCOL_VERSION,
-                heartbeat_interval_s=self.heartbeat_interval_s,
-                max_batch=MAX_BATCH,
+        # The key the core knows this producer by: its name and this process's incarnation
+        # (a producer that gives none is one incarnation per routing id).
+        key = f"{msg.producer}/{msg.incarnation or identity.hex()}"
+        link = self.producers.get(identity)
+        if link is not None and link.key and link.key != key:
+            # A new incarnation under the same routing id: a new producer. The old one's
+            # credits and sessions end; none of its outcomes reach the new one.
+            logger.info("producer restarted producer=%s old=%s new=%s", msg.producer, link.key, key)
+            self._drop_producer(link, now)
+            link = None
+        if link is None:
+            previous = self._producer_keys.get(key)
+            link = ProducerLink(identity, now)
+            if previous is not None and previous.identity != identity:
+                # The same producer incarnation from another routing id (it reconnected with
+                # a fresh socket): it moves, keeping its credits and what was held for it.
+                del self.producers[previous.identity]
+                link.outbox.extend(previous.outbox)
+            self.producers[identity] = link
+            if previous is None:
+                logger.info("producer connected producer=%s key=%s", msg.producer, key)
+        link.state = LinkState.JOINED
+        link.name = msg.producer
+        link.incarnation = msg.incarnation
+        link.key = key
+        link.last_seen = now
+        self._producer_keys[key] = link
+        assert self._producers_sock is not None
+        link.send(
+            encode(
+                ProducerWelcome(
+                    router_incarnation=self.core.router_incarnation,
+                    protocol_version=PROTOCOL_VERSION,
+                    heartbeat_interval_s=self.heartbeat_interval_s,
+                    max_batch=MAX_BATCH,
+                )
             ),
+            self._producers_sock.send,
         )
-        self._retry_backlog(identity, producer)
+        held = self._held.pop(key, None)
+        self._held_since.pop(key, None)
+        if held:
+            link.outbox.extend(held)
+            link.flush(self._producers_sock.send)
 
-    def _send_raw_producer(self, identity: bytes, msg: object) -> None:
-        assert self._producers_sock is not None
-        self._producers_sock.send(identity, encode(msg))
+    def _drop_producer(self, link: ProducerLink, now: float) -> None:
+        """The producer is gone (silent, cut off, or replaced by a new incarnation)."""
+        self.producers.pop(link.identity, None)
+        if link.key and self._producer_keys.get(link.key) is link:
+            del self._producer_keys[link.key]
+            self.core.producer_gone(link.key, now)
 
-    def _send_producer(self, identity: bytes, producer: _Producer, frame: bytes) -> None:
-        """Send, or keep the frame until the producer reads again (outcomes are never lost)."""
+    def _reply_producer(self, identity: bytes, msg: object) -> None:
         assert self._producers_sock is not None
-        if producer.backlog or not self._producers_sock.send(identity, frame):
-            backlog = producer.backlog
-            if not backlog:
-                logger.info("producer not reading producer=%s: holding its frames", producer.key)
-            backlog.append(frame)
-            if len(backlog) > PRODUCER_BACKLOG:
-                backlog.popleft()
-                self._count("producer_backlog_overflow")
-
-    def _retry_backlog(self, identity: bytes, producer: _Producer) -> None:
-        assert self._producers_sock is not None
-        backlog = producer.backlog
-        while backlog and self._producers_sock.send(identity, backlog[0]):
-            backlog.popleft()
+        link = self.producers.get(identity)
+        if link is not None:
+            link.send(encode(msg), self._producers_sock.send)
+        else:
+            self._producers_sock.send(identity, encode(msg))
 
     def _on_malformed_producer(self, identity: bytes) -> None:
         assert self._loop is not None
@@ -637,53 +890,84 @@ class RouterService:
             fx = core.take_effects()
             if not fx:
                 break
-            self._send_to_workers(fx, now)
+            self._send_to_workers(fx)
             for key, outcomes in fx.outcomes.items():
-                for lo in range(0, len(outcomes), MAX_BATCH):
-                    chunk = outcomes[lo : lo + MAX_BATCH]
-                    self._deliver(key, OutcomeBatch(outcomes=chunk) if len(chunk) > 1 else chunk[0])
+                self._deliver_outcomes(key, outcomes)
             for key, tokens in fx.first_tokens.items():
                 for token in tokens:
-                    self._deliver(key, token)
+                    self._deliver(key, encode(token))
             for key, report in fx.to_producer:
-                self._deliver(key, report)
+                self._deliver(key, encode(report))
             for name in fx.disconnect:
+                link = self._names.pop(name, None)
+                if link is not None:
+                    # Whatever it still held is accounted for by the core (lost outcomes).
+                    link.outbox.clear()
+                    link.state = LinkState.NEW
                 logger.info("worker forgotten name=%s", name)
         assert self._workers_sock is not None
         self._workers_sock.recheck()
         if self._producers_sock is not None:
             self._producers_sock.recheck()
 
-    def _send_to_workers(self, fx: Effects, now: float) -> None:
-        core = self.core
+    def _send_to_workers(self, fx: Effects) -> None:
+        """Each worker's messages, in the order the core decided them."""
+        names = self._names
         sock = self._workers_sock
         assert sock is not None
-        for name, producer, credits in fx.dispatch:
-            identity = self._identity(name)
-            for lo in range(0, len(credits), MAX_BATCH):
-                chunk = credits[lo : lo + MAX_BATCH]
-                if len(chunk) == 1:
-                    frame = encode(Dispatch(producer=producer, credit=chunk[0]))
-                else:
-                    frame = encode(DispatchBatch(producer=producer, credits=chunk))
-                if not sock.send(identity, frame):
-                    # Never delivered: the core holds them for the worker's return (or its
-                    # loss, after the grace period); nothing is dropped.
-                    logger.warning("worker unreachable name=%s: holding its credits", name)
-                    core.worker_disconnected(name, producer, chunk, now)
-        for name, msg in fx.to_worker:
-            if not sock.send(self._identity(name), encode(msg)) and name in core.workers:
-                core.worker_disconnected(name, "", (), now)
+        send = sock.send
+        for name, item in fx.to_worker:
+            link = names.get(name)
+            if link is None:
+                continue  # a worker the core just forgot: nothing more goes to it
+            if isinstance(item, tuple):
+                producer, credits = item
+                for lo in range(0, len(credits), MAX_BATCH):
+                    chunk = credits[lo : lo + MAX_BATCH]
+                    if len(chunk) == 1:
+                        frame = encode(Dispatch(producer=producer, credit=chunk[0]))
+                    else:
+                        frame = encode(DispatchBatch(producer=producer, credits=chunk))
+                    if not link.send(frame, send):
+                        self._held_for(link)
+            else:
+                msg: RouterToWorker = item
+                if type(msg) is Cancel and msg.revoked:
+                    link.revoked = True
+                if not link.send(encode(msg), send):
+                    self._held_for(link)
 
-    def _deliver(self, key: str, msg: object) -> None:
-        identity = key.encode()
-        producer = self.producers.get(identity)
-        if producer is None:
-            # A producer we have not seen (e.g. after our restart): create its slot so its
-            # outcomes wait for it instead of vanishing.
-            assert self._loop is not None
-            producer = self.producers[identity] = _Producer(key, key, self.now())
-        self._send_producer(identity, producer, encode(msg))
+    def _held_for(self, link: WorkerLink) -> None:
+        if len(link.outbox) == 1:
+            self._event("worker_frames_held")
+            logger.info("worker not reachable now name=%s: holding its frames", link.name)
+        if link.overflowing:
+            self._flush_worker(link)
+
+    def _deliver_outcomes(self, key: str, outcomes: list[Outcome]) -> None:
+        for lo in range(0, len(outcomes), MAX_BATCH):
+            chunk = outcomes[lo : lo + MAX_BATCH]
+            self._deliver(key, encode(OutcomeBatch(outcomes=chunk) if len(chunk) > 1 else chunk[0]))
+
+    def _deliver(self, key: str, frame: bytes) -> None:
+        link = self._producer_keys.get(key)
+        if link is not None:
+            assert self._producers_sock is not None
+            if not link.send(frame, self._producers_sock.send) and link.overflowing:
+                link.outbox.popleft()
+                self._count("producer_backlog_overflow")
+            return
+        # No link for this key (yet): e.g. a Recovered outcome at a restarted router, before
+        # its producer said hello again. Hold it until it does (bounded, and forgotten if it
+        # never comes back).
+        held = self._held.get(key)
+        if held is None:
+            held = self._held[key] = deque()
+            self._held_since[key] = self.now()
+        held.append(frame)
+        if len(held) > HELD_OUTCOMES:
+            held.popleft()
+            self._count("producer_backlog_overflow")
 
     # ------------------------------------------------------------------ bad input
 
@@ -710,29 +994,41 @@ class RouterService:
                 suppressed,
                 text,
             )
-        report = ErrorReport(code="invalid_message", message=text[:512])
+        report = encode(ErrorReport(code="invalid_message", message=text[:512]))
         if worker:
-            self._reply_worker(identity, report)
+            link = self.workers.get(identity)
+            assert self._workers_sock is not None
+            if link is not None:
+                link.send(report, self._workers_sock.send)
+            else:
+                self._workers_sock.send(identity, report)
         else:
-            self._send_raw_producer(identity, report)
+            self._reply_producer(identity, ErrorReport(code="invalid_message", message=text[:512]))
         if errors.count > INVALID_LIMIT:
             logger.warning("cutting off %s %r: %d invalid messages", kind, identity, errors.count)
             errors.count = 0
-            name = identity.decode("utf-8", "replace")
-            if worker and name in self.core.workers:
-                self.core.worker_unreachable(name, now)
-            elif not worker and identity in self.producers:
-                self.core.producer_gone(self.producers.pop(identity).key, now)
+            if worker:
+                link = self.workers.get(identity)
+                if link is not None and self._names.get(link.name) is link:
+                    self.core.worker_unreachable(link.name, now)
+            else:
+                producer = self.producers.get(identity)
+                if producer is not None:
+                    self._drop_producer(producer, now)
 
 
-def _worker_owner(identity: bytes) -> str:
-    """A worker's routing identity is its name, which its key must be bound to."""
-    return identity.decode("utf-8", "replace")
+def _owner(identity: bytes) -> str:
+    """The name a routing identity belongs to: ``NAME`` of ``NAME`` or ``NAME/ANYTHING``.
+
+    Workers' and producers' keys are bound to that name under CURVE."""
+    return identity.split(b"/", 1)[0].decode("utf-8", "replace")
 
 
-def _producer_owner(identity: bytes) -> str:
-    """A producer's routing identity is ``name/incarnation``; its key is bound to ``name``."""
-    return identity.decode("utf-8", "replace").split("/", 1)[0]
+def _fenced_reason(link: WorkerLink) -> str:
+    return (
+        f"worker {link.name!r} incarnation {link.incarnation!r} was superseded by a newer "
+        "incarnation of the same name; this process must exit"
+    )
 
 
 def _version() -> str:

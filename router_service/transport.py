@@ -4,7 +4,7 @@ The rest of the code sees ``send(identity, frame) -> bool`` and a callback that 
 frames of one wake-up as a list; sockets never leave this module, and ``zmq.ZMQError`` never
 reaches the service or the core (STYLE R9).
 
-How the sockets are driven (``../shared/reference/zmq-throughput-limits.md``): not with
+How the sockets are driven: not with
 ``zmq.asyncio`` awaits (a per-message await costs ~50 µs here), but with ``loop.add_reader`` on
 the socket's ``FD`` and a non-blocking drain in the callback, with fixed-shape ``recv`` calls and
 plain-int flags (pyzmq's multipart sugar and IntFlag arithmetic cost ~4.5 µs a message). The FD
@@ -16,12 +16,16 @@ after sending, since a send can consume the edge.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import socket
 from collections.abc import Callable
 from typing import Final
 
 import zmq
 
+from credit_common.zmqmon import HANDSHAKE_FAILED, Monitor, handshake_failure, peer_address
 from router_service.security import ZAP_DOMAIN
 
 __all__ = ["Curve", "DealerSocket", "RouterSocket", "TransportError"]
@@ -41,8 +45,10 @@ ROUTER_MANDATORY: Final = 1
 (libzmq's default is a silent drop: AIPerf's defect [F]). The service ends that worker's
 credits as lost at once."""
 ROUTER_HANDOVER: Final = 1
-"""A restarted worker (same name) takes over its routing identity at once instead of being
-refused until the old TCP connection dies. Identity is authenticated separately (CURVE)."""
+"""A peer that reconnects (same process, same routing id) takes over its routing identity at
+once instead of being refused until the old TCP connection dies. Different processes never
+share a routing id (``NAME/INCARNATION``), so this never lets one process take another's
+place; names are arbitrated by the hello (a second live holder is refused)."""
 SNDHWM: Final = 100_000
 """Frames queued per peer. Credits are packed one frame per worker per loop turn and a worker's
 in-flight count is bounded by its capacity, so reaching this means the peer stopped reading:
@@ -62,8 +68,9 @@ HEARTBEAT_TTL_MS: Final = 5_000
 process (libzmq's I/O thread still answers), so application heartbeats stay the authority."""
 TCP_KEEPALIVE_IDLE_S: Final = 60
 RECONNECT_IVL_MS: Final = 100
-RECONNECT_IVL_MAX_MS: Final = 5_000
-"""Connecting sockets back off exponentially up to this."""
+RECONNECT_IVL_MAX_MS: Final = 500
+"""Connecting sockets back off exponentially up to this: short, so that a restarted router has
+its peers back within about a second (reconnecting to one loopback or LAN address is cheap)."""
 MAX_DRAIN: Final = 2_048
 """Frames handled per wake-up before yielding to the loop, so timers (heartbeats, liveness)
 are never starved by a busy socket."""
@@ -139,13 +146,11 @@ class _Driven:
 
     def close(self) -> None:
         """Stop reading and close the socket (bounded linger)."""
+        monitor: Monitor | None = getattr(self, "_monitor", None)
+        if monitor is not None:
+            monitor.close()
         if self._loop is not None:
             self._loop.remove_reader(self._fd)
-            monitor = getattr(self, "_monitor", None)
-            if monitor is not None:
-                self._loop.remove_reader(monitor.getsockopt(zmq.FD))
-                self._sock.disable_monitor()
-                monitor.close(0)
             self._loop = None
         self._sock.close()
 
@@ -187,10 +192,16 @@ class RouterSocket(_Driven):
         on_malformed: called with the identity of a peer that sent a message of the wrong
             shape (not exactly one payload frame); the message is dropped.
         curve: encrypt and authenticate (see ``Curve``); ``None`` for plaintext.
-        on_auth_failure: called with ``(identity, why)`` for each frame dropped because its
-            key does not own its routing identity, and for each failed handshake.
-        on_disconnect: called with the identity of an authenticated peer whose connection
-            closed (CURVE only: that is when connections can be told apart).
+        on_auth_failure: called with ``(who, why)`` — the peer's address (or routing id)
+            and the reason in words — for each frame dropped because its key does not own its
+            routing identity, and for each failed handshake (a key not in the allowlist, a
+            plaintext peer on a CURVE endpoint).
+        on_disconnect: called with the routing identity of a peer whose connection closed.
+            The identity may have reconnected meanwhile (a send to it tells).
+
+    Raises:
+        TransportError: the endpoint cannot be bound — in use, or an ``ipc://`` path that a
+            live process is serving (a second router must not silently take it over).
     """
 
     def __init__(
@@ -201,9 +212,10 @@ class RouterSocket(_Driven):
         on_malformed: Callable[[bytes], None],
         *,
         curve: Curve | None = None,
-        on_auth_failure: Callable[[bytes, str], None] | None = None,
+        on_auth_failure: Callable[[str, str], None] | None = None,
         on_disconnect: Callable[[bytes], None] | None = None,
     ) -> None:
+        _claim_ipc_path(endpoint)
         sock = ctx.socket(zmq.ROUTER)
         _common_options(sock)
         sock.setsockopt(zmq.ROUTER_MANDATORY, ROUTER_MANDATORY)
@@ -231,43 +243,56 @@ class RouterSocket(_Driven):
         self._on_auth_failure = on_auth_failure
         self._on_disconnect = on_disconnect
         self._fds: dict[int, bytes] = {}
-        """Connection fd -> the identity last seen on it (CURVE: frames carry their fd)."""
-        self._monitor: zmq.Socket[bytes] | None = None
-        if curve is not None:
-            self._monitor = sock.get_monitor_socket(
-                zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-            )  # fmt: skip
+        """Connection fd -> the identity seen on it. Learned from the first frame of each
+        identity (``SRCFD``; the one frame per peer read with ``copy=False``), so a closed
+        connection is noticed at once instead of after the silence timeout."""
+        self._fd_of: dict[bytes, int] = {}
+        self._accepted: dict[int, str] = {}
+        """Accepted connection fd -> remote address (until it is verified or closes)."""
+        self._failure: str | None = None
+        """The last failed handshake, reported with its connection's address when it closes."""
+        self._monitor: Monitor | None = Monitor(
+            sock,
+            int(zmq.EVENT_ACCEPTED) | int(zmq.EVENT_DISCONNECTED) | HANDSHAKE_FAILED,
+            self._on_event,
+        )
         self.bytes_in = 0
         self.bytes_out = 0
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start delivering frames (and, under CURVE, connection events) on ``loop``."""
+        """Start delivering frames and connection events on ``loop``."""
         super().attach(loop)
         if self._monitor is not None:
-            fd: int = self._monitor.getsockopt(zmq.FD)  # type: ignore[assignment]
-            loop.add_reader(fd, self._on_events)
-            loop.call_soon(self._on_events)
+            self._monitor.attach(loop)
 
-    def _on_events(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
-        monitor = self._monitor
-        if monitor is None:
-            return
-        while True:
-            try:
-                event = recv_monitor_message(monitor, NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:  # pragma: no cover - closed under us
-                return
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                identity = self._fds.pop(event["value"], None)
-                if identity is not None and self._on_disconnect is not None:
+    def _on_event(self, event: int, value: int, endpoint: str) -> None:
+        if event == zmq.EVENT_ACCEPTED:
+            self._accepted[value] = peer_address(value)
+        elif event == zmq.EVENT_DISCONNECTED:
+            address = self._accepted.pop(value, None)
+            identity = self._fds.pop(value, None)
+            if identity is not None:
+                if self._fd_of.get(identity) == value:
+                    del self._fd_of[identity]
+                if self._on_disconnect is not None:
                     self._on_disconnect(identity)
-            elif self._on_auth_failure is not None:
-                self._on_auth_failure(b"", f"handshake failed ({event['value']})")
+            elif self._failure is not None:
+                why, self._failure = self._failure, None
+                if self._on_auth_failure is not None:
+                    self._on_auth_failure(address or "unknown address", why)
+        elif event & HANDSHAKE_FAILED:
+            self._failure = handshake_failure(event, value)
+
+    def _learn_fd(self, identity: bytes, frame: zmq.Frame) -> None:
+        fd: int = frame.get(zmq.SRCFD)
+        self._fds[fd] = identity
+        self._fd_of[identity] = fd
+        self._accepted.pop(fd, None)
+
+    def peer_address(self, identity: bytes) -> str:
+        """The remote address of ``identity``'s connection, or ``"unknown address"``."""
+        fd = self._fd_of.get(identity)
+        return peer_address(fd) if fd is not None else "unknown address"
 
     def _verified(self, identity: bytes, frame: zmq.Frame) -> bool:
         """Under CURVE: does this frame's key own its routing identity (and still count)?"""
@@ -276,9 +301,17 @@ class RouterSocket(_Driven):
         user = frame.get("User-Id")
         if not user or user not in curve.allowed() or curve.owner(identity) != user:
             if self._on_auth_failure is not None:
-                self._on_auth_failure(identity, f"key of {user!r} may not use this identity")
+                who = identity.decode("utf-8", "replace")
+                why = (
+                    f"the key of {user!r} may not speak as {who!r}"
+                    if user and user in curve.allowed()
+                    else f"the key of {user or 'an unknown peer'!r} is no longer allowed"
+                )
+                fd = frame.get(zmq.SRCFD)
+                self._on_auth_failure(f"{peer_address(fd)} ({who})", why)
             return False
-        self._fds[frame.get(zmq.SRCFD)] = identity
+        if identity not in self._fd_of:
+            self._learn_fd(identity, frame)
         return True
 
     def _drain(self) -> bool:
@@ -288,6 +321,7 @@ class RouterSocket(_Driven):
         nbytes = 0
         more = True
         curve = self._curve is not None
+        known = self._fd_of
         try:
             for _ in range(MAX_DRAIN):
                 identity = recv(NOBLOCK)
@@ -297,6 +331,12 @@ class RouterSocket(_Driven):
                     # small).
                     frame = recv(NOBLOCK, copy=False)
                     payload = frame.bytes
+                elif identity not in known:
+                    # A peer's first frame tells which connection it came on (SRCFD), so the
+                    # monitor's "disconnected" can name the peer. Later frames pay nothing.
+                    frame = recv(NOBLOCK, copy=False)
+                    payload = frame.bytes
+                    self._learn_fd(identity, frame)
                 else:
                     payload = recv(NOBLOCK)
                 nbytes += len(payload)
@@ -346,6 +386,9 @@ class DealerSocket(_Driven):
         on_frames: called with the payloads of each wake-up.
         curve: ``(server public, own public, own secret)`` Z85 keys to encrypt and
             authenticate, or ``None`` for plaintext.
+        on_connected: called when a connection to the router is (re-)established.
+        on_handshake_failed: called with the reason in words when a handshake fails (the
+            router does not accept our key, or one side uses CURVE and the other not).
     """
 
     def __init__(
@@ -355,6 +398,9 @@ class DealerSocket(_Driven):
         identity: bytes,
         on_frames: Callable[[list[bytes]], None],
         curve: tuple[bytes, bytes, bytes] | None = None,
+        *,
+        on_connected: Callable[[], None] | None = None,
+        on_handshake_failed: Callable[[str], None] | None = None,
     ) -> None:
         sock = ctx.socket(zmq.DEALER)
         _common_options(sock)
@@ -376,6 +422,29 @@ class DealerSocket(_Driven):
         super().__init__(sock)
         self.endpoint = endpoint
         self._on_payloads = on_frames
+        self._on_connected = on_connected
+        self._on_handshake_failed = on_handshake_failed
+        # Connected comes after the handshake only for plaintext; under CURVE wait for the
+        # handshake to succeed, so "connected" means "the router can hear us".
+        self._up_event = int(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED if curve is not None else zmq.EVENT_CONNECTED
+        )
+        self._monitor: Monitor | None = Monitor(
+            sock, self._up_event | HANDSHAKE_FAILED, self._on_event
+        )
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start delivering frames and connection events on ``loop``."""
+        super().attach(loop)
+        if self._monitor is not None:
+            self._monitor.attach(loop)
+
+    def _on_event(self, event: int, value: int, endpoint: str) -> None:
+        if event == self._up_event:
+            if self._on_connected is not None:
+                self._on_connected()
+        elif event & HANDSHAKE_FAILED and self._on_handshake_failed is not None:
+            self._on_handshake_failed(handshake_failure(event, value))
 
     def _drain(self) -> bool:
         recv = self._sock.recv
@@ -402,3 +471,41 @@ class DealerSocket(_Driven):
             return False
         self._sent()
         return True
+
+
+def _claim_ipc_path(endpoint: str) -> None:
+    """Refuse an ``ipc://`` path that a live process serves; remove a stale one.
+
+    libzmq's bind on an existing path silently unlinks it and takes over, so a second router
+    started by mistake would steal the producers of the first, which would still look healthy.
+
+    Raises:
+        TransportError: a live process accepts connections on the path.
+    """
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return
+    path = endpoint.removeprefix("ipc://")
+    if path in ("", "*") or not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        # Nobody listens: a stale file left by a process that died. Remove it and go on.
+        try:
+            os.unlink(path)
+            logger.info("removed a stale socket file %s", path)
+        except FileNotFoundError:
+            pass
+        return
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSOCK, errno.EACCES, errno.EPERM):
+            raise TransportError(f"cannot bind {endpoint}: {os.strerror(exc.errno)}") from None
+        return
+    finally:
+        probe.close()
+    raise TransportError(
+        f"cannot bind {endpoint}: another process is serving it (a router already running?); "
+        "stop it or choose another endpoint"
+    )

@@ -136,7 +136,9 @@ class Effects:
         self.outcomes: dict[str, list[Outcome]] = {}
         """Outcomes by producer."""
         self.first_tokens: dict[str, list[ProducerFirstToken]] = {}
-        self.to_worker: list[tuple[str, RouterToWorker]] = []
+        self.to_worker: list[tuple[str, RouterToWorker | tuple[str, list[Credit]]]] = []
+        """Per worker, in causal order: control messages and ``(producer, credits)`` dispatch
+        chunks (a worker's ``Welcome`` precedes its first dispatch)."""
         self.to_producer: list[tuple[str, RouterToProducer]] = []
         self.disconnect: list[str] = []
         """Workers the transport should forget (lost or left)."""
@@ -236,10 +238,19 @@ class RouterCore:
     def take_effects(self) -> Effects:
         """Everything to send since the last call; the core starts a fresh ``Effects``."""
         effects = self._effects
+        control = effects.to_worker
+        # Interim order (until the core records one causal sequence per worker): a worker's
+        # Welcome first, then its dispatches, then its other control messages.
+        ordered: list[tuple[str, RouterToWorker | tuple[str, list[Credit]]]] = [
+            item for item in control if type(item[1]) is Welcome
+        ]
         for worker in self._dirty:
             for producer, credits in worker.pending.items():
                 effects.dispatch.append((worker.name, producer, credits))
+                ordered.append((worker.name, (producer, credits)))
             worker.pending = {}
+        ordered += [item for item in control if type(item[1]) is not Welcome]
+        effects.to_worker = ordered
         self._dirty = []
         self._effects = Effects()
         return effects
@@ -328,7 +339,7 @@ class RouterCore:
         )
         self._maybe_evict(entry, notify=session != entry.key)
 
-    def release_reservation(self, session: str, count: int, now: float) -> None:
+    def release_reservation(self, producer: str, session: str, count: int, now: float) -> None:
         """Give back FORK reservations that ``session``'s turns declared and will not use."""
         entry = self.table.resolve(session)
         if entry is None or count <= 0:
@@ -354,36 +365,27 @@ class RouterCore:
         labels: dict[str, str],
         in_flight: dict[str, list[int]],
         now: float,
-    ) -> bool:
-        """A worker says hello. Returns whether it was admitted (else a ``Refusal`` is queued)."""
+    ) -> Refusal | None:
+        """A worker says hello. Returns ``None`` if it was admitted, else the ``Refusal`` for
+        the caller to send to the peer that said it (not to the name's current holder)."""
         effects = self._effects
         if protocol_version != self.protocol_version:
             self.stats.refusals += 1
-            effects.to_worker.append(
-                (
-                    name,
-                    Refusal(
-                        reason=f"protocol version mismatch: router speaks {self.protocol_version}, "
-                        f"worker speaks {protocol_version}",
-                        router_version=self.protocol_version,
-                        peer_version=protocol_version,
-                    ),
-                )
+            return Refusal(
+                reason=f"protocol version mismatch: router speaks {self.protocol_version}, "
+                f"worker speaks {protocol_version}",
+                router_version=self.protocol_version,
+                peer_version=protocol_version,
+                code="version_mismatch",
             )
-            return False
         if capacity < 1:
             self.stats.refusals += 1
-            effects.to_worker.append(
-                (
-                    name,
-                    Refusal(
-                        reason=f"invalid capacity {capacity}: must be >= 1",
-                        router_version=self.protocol_version,
-                        peer_version=protocol_version,
-                    ),
-                )
+            return Refusal(
+                reason=f"invalid capacity {capacity}: must be >= 1",
+                router_version=self.protocol_version,
+                peer_version=protocol_version,
+                code="invalid_capacity",
             )
-            return False
         welcome = Welcome(
             router_incarnation=self.router_incarnation,
             protocol_version=self.protocol_version,
@@ -403,7 +405,7 @@ class RouterCore:
             self.worker_report(name, in_flight, now)
             self._reindex(known)
             self._refill(known, now)
-            return True
+            return None
         if known is not None:
             # A new incarnation of the same name is a new worker; the old one is lost. The
             # routing identity now belongs to the new one, so the transport keeps it.
@@ -417,7 +419,7 @@ class RouterCore:
         self.index.add(worker)
         effects.to_worker.append((name, welcome))
         self._refill(worker, now)
-        return True
+        return None
 
     def worker_seen(self, name: str, now: float) -> None:
         """Any message from ``name`` arrived: it is alive (§6: any message counts)."""
@@ -467,7 +469,7 @@ class RouterCore:
             if done.session_ended and credit.branch_mode is _FORK:
                 # The worker dropped this FORK child's session: that is its release (the
                 # ChildRelease message may be lost with a connection; this one is acked).
-                self.child_release(name, credit.x_correlation_id, now)
+                self.child_release(name, producer, credit.x_correlation_id, now)
             outcome = Outcome(
                 credit_id=done.credit_id,
                 status=status,
@@ -536,7 +538,7 @@ class RouterCore:
             ProducerFirstToken(credit_id=credit_id, ttft_s=ttft_s)
         )
 
-    def child_release(self, name: str, child: str, now: float) -> None:
+    def child_release(self, name: str, producer: str, child: str, now: float) -> None:
         """A FORK child session ended on worker ``name``: drop its count (idempotent).
 
         Only the worker that holds the child's entry may end it.
@@ -647,6 +649,10 @@ class RouterCore:
                 ticket.booked = True
                 back.append(ticket)
         worker.queue.extendleft(reversed(back))
+
+    def worker_closed(self, name: str, now: float) -> None:
+        """The transport saw ``name``'s connection close: it gets nothing new from now on."""
+        self.worker_disconnected(name, "", (), now)
 
     def worker_unreachable(self, name: str, now: float) -> None:
         """The transport cannot reach ``name`` any more (e.g. ``EHOSTUNREACH``): it is lost."""
@@ -1027,8 +1033,16 @@ class RouterCore:
             for ticket in list(worker.queue):
                 self._end(ticket, Status.REJECTED, SHUTDOWN)
             worker.queue.clear()
+            revoked: dict[str, list[int]] = {}
             for ticket in list(worker.tickets):
+                revoked.setdefault(ticket.producer, []).append(ticket.credit.id)
                 self._end(ticket, Status.LOST, SHUTDOWN)
+            for producer, ids in revoked.items():
+                # Tell the worker: it stops them and never reports them (so the next router
+                # incarnation never forwards a second outcome for them).
+                self._effects.to_worker.append(
+                    (worker.name, Cancel(producer=producer, credit_ids=ids, revoked=True))
+                )
 
     def __repr__(self) -> str:
         in_flight = sum(len(w.tickets) for w in self.workers.values())

@@ -190,9 +190,11 @@ class Rig:
             for name, sock in rig.dealers.items():
                 await _await_welcome(sock, name)
             for identity in producers:
-                rig.producer_frames(
-                    [(identity, encode(ProducerHello(producer="fuzz", protocol_version=1)))]
-                )
+                # The core knows a producer as NAME/INCARNATION from its hello: the rig's
+                # identities are written that way, so its keys are its identities.
+                name, _, incarnation = identity.decode().partition("/")
+                hello = ProducerHello(producer=name, protocol_version=1, incarnation=incarnation)
+                rig.producer_frames([(identity, encode(hello))])
                 rig.producer_identities[identity] = identity.decode()
         except BaseException:
             await rig.close()
@@ -205,7 +207,9 @@ class Rig:
         logging.getLogger("router_service.service").removeHandler(self._errors)
         self._end_everything()
         for producer in self.service.producers.values():
-            producer.backlog.clear()  # nobody reads them: the shutdown must not wait for it
+            producer.outbox.clear()  # nobody reads them: the shutdown must not wait for it
+        for link in self.service.workers.values():
+            link.revoked = False  # the rig's workers never confirm: do not wait for them
         await self.service.shutdown()
         for sock in self.dealers.values():
             sock.close(0)
@@ -556,15 +560,19 @@ class Rig:
         """Take every frame waiting for a producer: (outcomes, first tokens), by credit key."""
         outcomes: list[tuple[Key, Outcome]] = []
         tokens: list[tuple[Key, object]] = []
-        for producer in self.service.producers.values():
-            while producer.backlog:
-                msg = decode_router_to_producer(producer.backlog.popleft())
+        # Frames wait in each producer link's outbox (the rig's producers have no sockets), or,
+        # for a producer that was cut off, among the frames held for its key.
+        queues = [(p.key, p.outbox) for p in self.service.producers.values()]
+        queues += list(self.service._held.items())
+        for key, queue in queues:
+            while queue:
+                msg = decode_router_to_producer(queue.popleft())
                 if isinstance(msg, Outcome):
-                    outcomes.append(((producer.key, msg.credit_id), msg))
+                    outcomes.append(((key, msg.credit_id), msg))
                 elif isinstance(msg, OutcomeBatch):
-                    outcomes += [((producer.key, o.credit_id), o) for o in msg.outcomes]
+                    outcomes += [((key, o.credit_id), o) for o in msg.outcomes]
                 elif isinstance(msg, ProducerFirstToken):
-                    tokens.append(((producer.key, msg.credit_id), msg))
+                    tokens.append(((key, msg.credit_id), msg))
         return outcomes, tokens
 
     # ---------------------------------------------------------------------- views

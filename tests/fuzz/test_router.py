@@ -295,8 +295,12 @@ class Fuzzer:
             return identity, encode(msg)
         if kind == "hello":
             version = self.pick([PROTOCOL_VERSION, PROTOCOL_VERSION, 0, 2, 2**64 - 1])
-            name = self.pick(["fuzz", "other", ""])
-            return identity, encode(ProducerHello(producer=name, protocol_version=version))
+            # The same producer saying hello again (the rig's model keys a producer by its
+            # identity, NAME/INCARNATION); a new incarnation is a new producer, which the
+            # pair tier and the core's state machine cover.
+            name, _, incarnation = identity.decode("utf-8", "replace").partition("/")
+            hello = ProducerHello(producer=name, protocol_version=version, incarnation=incarnation)
+            return identity, encode(hello)
         if kind == "beat":
             return identity, encode(Heartbeat(sent_at_s=self.pick(ODD_FLOATS)))
         return identity, self.garbage(worker=False)

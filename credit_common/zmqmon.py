@@ -1,0 +1,145 @@
+"""ZeroMQ socket monitors, read on the event loop: connection events and handshake failures in
+words.
+
+libzmq reports a refused CURVE key or a plaintext peer on a CURVE endpoint only as monitor
+events with numeric codes (ZAP status 400, ``ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH``, …).
+This module turns them into one sentence a person can act on, and finds the remote address of
+an accepted connection (the monitor names only the local endpoint), so that both the router's
+log and a refused peer's exit message say who and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Final
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+__all__ = [
+    "HANDSHAKE_FAILED",
+    "Monitor",
+    "handshake_failure",
+    "peer_address",
+]
+
+logger = logging.getLogger(__name__)
+
+HANDSHAKE_FAILED: Final = (
+    int(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    | int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+    | int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+)
+"""Every kind of failed ZMTP handshake."""
+
+_ZAP_STATUS: Final = {
+    300: "the router's key check failed temporarily (ZAP 300)",
+    400: "the router does not accept this CURVE key (not in its allowlist, or revoked)",
+    500: "the router's key check failed (ZAP 500)",
+}
+
+_PROTOCOL: Final = {
+    int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH): (
+        "security mechanism mismatch: one side uses CURVE and the other plaintext "
+        "(give both the same --curve settings)"
+    ),
+    int(zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC): (
+        "CURVE handshake failed cryptographically: the router's public key given to this "
+        "peer is not the router's"
+    ),
+}
+
+
+def handshake_failure(event: int, value: int) -> str:
+    """One sentence for a failed-handshake monitor event (``event``, its ``value``)."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return _ZAP_STATUS.get(value, f"authentication failed (ZAP status {value})")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        words = _PROTOCOL.get(value)
+        if words is not None:
+            return words
+        if value & 0x10000000:
+            return f"ZMTP protocol error in the handshake (code {value:#x})"
+        return f"handshake failed (protocol error {value:#x})"
+    return f"handshake failed ({os.strerror(value) if value > 0 else 'no detail'})"
+
+
+def peer_address(fd: int) -> str:
+    """``HOST:PORT`` of the remote end of connection ``fd``, or ``"unknown address"``.
+
+    ``fd`` belongs to libzmq's I/O thread: it is duplicated, read and closed, never touched.
+    """
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return "unknown address"
+    try:
+        with socket.socket(fileno=dup) as sock:
+            name = sock.getpeername()
+    except OSError:
+        return "unknown address"
+    if isinstance(name, tuple) and len(name) >= 2:
+        host, port = name[0], name[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(name) or "local socket"
+
+
+EventHandler = Callable[[int, int, str], None]
+"""Called with ``(event, value, endpoint)`` for each monitor event."""
+
+
+class Monitor:
+    """A socket's monitor, drained on the event loop.
+
+    Args:
+        sock: the monitored socket.
+        events: the libzmq event mask.
+        on_event: called with ``(event, value, endpoint)`` for each event.
+    """
+
+    def __init__(self, sock: zmq.Socket[bytes], events: int, on_event: EventHandler) -> None:
+        self._sock = sock
+        self._monitor: zmq.Socket[bytes] | None = sock.get_monitor_socket(events)
+        self._on_event = on_event
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd: int = self._monitor.getsockopt(zmq.FD)  # type: ignore[assignment]
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start reading events on ``loop``."""
+        self._loop = loop
+        loop.add_reader(self._fd, self._read)
+        loop.call_soon(self._read)  # edge-triggered: read what came before registration
+
+    def _read(self) -> None:
+        monitor = self._monitor
+        if monitor is None:
+            return
+        while True:
+            try:
+                event = recv_monitor_message(monitor, int(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            except zmq.ZMQError:  # closed under us
+                return
+            endpoint = event.get("endpoint", b"")
+            where = endpoint.decode("utf-8", "replace") if isinstance(endpoint, bytes) else ""
+            try:
+                self._on_event(int(event["event"]), int(event["value"]), where)
+            except Exception:
+                logger.exception("monitor event handler failed")
+
+    def close(self) -> None:
+        """Stop monitoring (before the socket closes)."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is None:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(self._fd)
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
+        monitor.close(0)
