@@ -101,6 +101,9 @@ _AIPERF_TYPES: Final[dict[str, FileFormat]] = {
 _MOONCAKE_KEYS: Final = frozenset(
     {"input_length", "output_length", "hash_ids", "timestamp", "text_input", "messages", "payload"}
 )
+_MOONCAKE_INPUTS: Final = frozenset(
+    {"input_length", "text_input", "messages", "payload", "hash_ids"}
+)
 _CONTENT_KEYS: Final = frozenset(
     {"text", "texts", "image", "images", "audio", "audios", "video", "videos"}
 )
@@ -135,7 +138,7 @@ def _detect(first: dict[str, Any]) -> tuple[FileFormat, str] | None:
             return "aiperf", "`session_id` and `turns` with `messages`"
         if not dag:
             return "multi_turn", "`turns` without `messages`"
-    if _CONTENT_KEYS & first.keys() and not _MOONCAKE_KEYS - {"timestamp"} & first.keys():
+    if _CONTENT_KEYS & first.keys() and not _MOONCAKE_INPUTS & first.keys():
         return "single_turn", ", ".join(f"`{k}`" for k in sorted(_CONTENT_KEYS & first.keys()))
     if _MOONCAKE_KEYS & first.keys():
         return "mooncake", ", ".join(f"`{k}`" for k in sorted(_MOONCAKE_KEYS & first.keys()))
