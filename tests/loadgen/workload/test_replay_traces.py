@@ -40,7 +40,8 @@ async def test_sub_agents_run_as_spawn_children_between_their_parents_requests(
     await Replayer(w, producer, ReplayOptions(concurrency=1), on_record=records.append).run()
     root = producer.by_conversation("T")
     sub = producer.by_conversation("T::sa:agent_001")
-    assert len(root) == 2 and len(sub) == 2
+    assert len(root) == 2
+    assert len(sub) == 2
     assert {c.branch_mode for c in sub} == {BranchMode.SPAWN}
     assert {c.subagent_type for c in sub} == {"Explore"}
     assert {c.parent_correlation_id for c in sub} == {root[0].x_correlation_id}
@@ -51,7 +52,8 @@ async def test_sub_agents_run_as_spawn_children_between_their_parents_requests(
     assert done[root[1].id] <= at[tail.id]
     recorded = {r.credit_id: r.recorded for r in records}
     rec = recorded[root[1].id]
-    assert rec is not None and rec.ttft_s == pytest.approx(0.002)
+    assert rec is not None
+    assert rec.ttft_s == pytest.approx(0.002)
 
 
 async def test_orchestrator_children_have_no_parent(tmp_path: Path) -> None:

@@ -281,7 +281,8 @@ def test_hash_ids_are_checked_against_length_and_block_size(
         assert w.warnings == []
     else:
         [warning] = w.warnings
-        assert warning.startswith(f"{path}:2: turns[0].hash_ids: ") and words in warning
+        assert warning.startswith(f"{path}:2: turns[0].hash_ids: ")
+        assert words in warning
 
 
 def test_a_wrong_block_size_is_named_not_silent(tmp_path: Path) -> None:
@@ -422,7 +423,8 @@ def test_coding_agent_trace_with_a_sub_agent(tmp_path: Path) -> None:
     assert root.turns[1].delay_s == pytest.approx(0.8)
     # cumulative ids: 70 - 40 - 10 = 20 new tokens, in the prompt's last two blocks
     assert root.turns[1].input_tokens == 20
-    assert root.turns[1].hash_ids is not None and len(root.turns[1].hash_ids) == 2
+    assert root.turns[1].hash_ids is not None
+    assert len(root.turns[1].hash_ids) == 2
     assert [t.input_tokens for t in sub.turns] == [36, 9]
     # a prompt that does not extend the previous one (compaction) starts a new part
     assert [(p.children, p.join_at) for p in w.branches[("T", 1)]] == [(("T#1",), None)]
@@ -445,11 +447,15 @@ def test_coding_agent_ids_are_per_trace_but_the_tools_and_system_prefix_is_share
         (traces / f"{name}.json").write_text(json.dumps(coding_trace(name)))
     w = load_workload(traces)
     a0, b0 = w.sessions["A"].turns[0].hash_ids, w.sessions["B"].turns[0].hash_ids
-    assert a0 is not None and b0 is not None
-    assert a0[:2] == b0[:2] and a0[2] != b0[2]
+    assert a0 is not None
+    assert b0 is not None
+    assert a0[:2] == b0[:2]
+    assert a0[2] != b0[2]
     sub0 = w.sessions["A::sa:agent_001"].turns[0].hash_ids
-    assert sub0 is not None and sub0[:2] == a0[:2]
-    assert w.prefix is not None and w.prefix.distinct_blocks == 2 + 2 * 5
+    assert sub0 is not None
+    assert sub0[:2] == a0[:2]
+    assert w.prefix is not None
+    assert w.prefix.distinct_blocks == 2 + 2 * 5
 
 
 def test_coding_agent_errors_and_warnings_name_the_field(tmp_path: Path) -> None:
