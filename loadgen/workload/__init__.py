@@ -191,7 +191,9 @@ def detect_format(path: Path) -> FileFormat:
     return detect(path)[0]
 
 
-def load_workload(path: Path, fmt: str = "auto", *, block_tokens: int | None = None) -> Workload:
+def load_workload(
+    path: Path, fmt: str = "auto", *, block_tokens: int | None = None, log_warnings: bool = True
+) -> Workload:
     """Read a workload file of any supported format.
 
     Args:
@@ -199,6 +201,8 @@ def load_workload(path: Path, fmt: str = "auto", *, block_tokens: int | None = N
         fmt: its format (one of ``FORMATS``), or ``auto`` to recognise it (``detect``).
         block_tokens: tokens per ``hash_ids`` block, overriding the file's (Mooncake: 512,
             Bailian: 16, coding-agent: the trace's ``block_size``).
+        log_warnings: log how many warnings the file has, and the first (``Workload.warnings``
+            has them all).
 
     Raises:
         WorkloadError: naming the file, line and field of the first problem; when the format
@@ -221,7 +225,7 @@ def load_workload(path: Path, fmt: str = "auto", *, block_tokens: int | None = N
             line=exc.line,
             field=exc.field,
         ) from None
-    if workload.warnings:
+    if workload.warnings and log_warnings:
         logger.warning(
             "%s: %d warnings, the first: %s", path, len(workload.warnings), workload.warnings[0]
         )

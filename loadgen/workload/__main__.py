@@ -72,7 +72,7 @@ def _print_summary(workload: Workload, out: IO[str], fmt: str = "") -> None:
     if workload.prefix is not None:
         doc["prefix"] = workload.prefix.as_dict()
     doc["warnings"] = len(workload.warnings)
-    print(json.dumps(doc), file=out)
+    print(json.dumps(doc), file=out, flush=True)
     for warning in workload.warnings:
         print(f"warning: {warning}", file=sys.stderr)
 
@@ -115,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
         if fmt == "auto":
             found, why = detect(args.file)
             fmt = f"{found} ({why})"
-        workload = load_workload(args.file, args.format, block_tokens=args.block_tokens)
+        workload = load_workload(
+            args.file, args.format, block_tokens=args.block_tokens, log_warnings=False
+        )
     except WorkloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

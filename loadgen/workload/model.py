@@ -449,7 +449,6 @@ class _Checker:
         self.block_tokens = block_tokens
         self.names = names
         self.id_name = names.get("id", "id")
-        self.warnings: list[str] = []
         self.lines: dict[str, int] = {}
         self.sessions: dict[str, SessionSpec] = {}
         for number, spec in specs:
@@ -473,11 +472,6 @@ class _Checker:
 
     def fail(self, line: int | None, name: str | None, problem: str) -> None:
         raise WorkloadError(problem, path=self.source, line=line, field=self._field(name))
-
-    def warn(self, line: int | None, name: str | None, problem: str) -> None:
-        self.warnings.append(
-            str(WorkloadError(problem, path=self.source, line=line, field=self._field(name)))
-        )
 
     def check(self) -> None:
         for sid, spec in self.sessions.items():
@@ -523,10 +517,12 @@ class _Checker:
         if turn.hash_ids is not None and turn.input_tokens is None:
             self.fail(line, f"{where}.hash_ids", "hash_ids need input_tokens")
         if turn.hash_ids and turn.input_tokens is not None and self.block_tokens is not None:
+            # Too few ids is this format's documented prefix-only prompt (the generator's shared
+            # system prompt): only too many is a problem here. Trace readers, whose ids should
+            # cover the whole prompt, warn about too few on their own rows.
             found = hash_ids_problem(turn.input_tokens, len(turn.hash_ids), self.block_tokens)
-            if found is not None:
-                is_error, problem = found
-                (self.fail if is_error else self.warn)(line, f"{where}.hash_ids", problem)
+            if found is not None and found[0]:
+                self.fail(line, f"{where}.hash_ids", found[1])
         for k, message in enumerate(turn.messages or ()):
             if not isinstance(message.get("role"), str):
                 self.fail(line, f"{where}.messages[{k}]", "a message needs a role")
@@ -640,7 +636,7 @@ def compile_workload(
         description=description,
         source=source,
         fork_children=frozenset(checker.fork_parent),
-        warnings=[*warnings, *checker.warnings],
+        warnings=list(warnings),
         prefix=prefix
         or prefix_stats(t.hash_ids or [] for s in checker.sessions.values() for t in s.turns),
     )

@@ -258,7 +258,8 @@ def test_dag_files_aiperf_rejects_are_errors(
     [
         ({"input_tokens": 1024, "hash_ids": [1, 2, 3]}, True, "need more than 1024"),
         ({"input_tokens": 20, "hash_ids": [1, 2]}, True, "need more than 512"),
-        ({"input_tokens": 2000, "hash_ids": [1, 2]}, False, "cover 1024 of the prompt's 2000"),
+        # our format's documented prefix-only prompt (fresh text after the blocks)
+        ({"input_tokens": 2000, "hash_ids": [1, 2]}, None, ""),
         ({"input_tokens": 1000, "hash_ids": [1, 2]}, None, ""),
     ],
 )
@@ -286,17 +287,24 @@ def test_hash_ids_are_checked_against_length_and_block_size(
 
 
 def test_a_wrong_block_size_is_named_not_silent(tmp_path: Path) -> None:
-    """Why 6: a Mooncake trace of 16-token blocks replayed with 512 fails, naming the line."""
+    """Why 6: a Mooncake trace of 16-token blocks replayed with 512 fails, naming the line;
+    one of 512-token blocks replayed with 16 warns (its ids cover a prefix only)."""
     path = write(
         tmp_path,
         {"input_length": 40, "output_length": 2, "hash_ids": [1, 2, 3]},
         {"input_length": 48, "output_length": 2, "hash_ids": [1, 2, 3]},
     )
-    assert load_workload(path, block_tokens=16).prefix is not None
+    assert load_workload(path, block_tokens=16).warnings == []
     with pytest.raises(WorkloadError) as info:
         load_workload(path)
     assert (info.value.line, info.value.field) == (1, "hash_ids")
     assert "--block-tokens" in info.value.problem
+    w = load_workload(path, block_tokens=8)
+    assert w.warnings == [
+        f"{path}:{n}: hash_ids: 3 hash_ids of 8 tokens cover 24 of the prompt's {tokens} tokens;"
+        " the rest is not shared (wrong block size? give --block-tokens)"
+        for n, tokens in ((1, 40), (2, 48))
+    ]
 
 
 def test_check_prints_the_prefix_structure(
