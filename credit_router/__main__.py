@@ -330,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands.add_run_arguments(run)
     run.set_defaults(func=_run)
+    from loadgen.workload import __main__ as workload_cli
+
+    workload = sub.add_parser("workload", help="check, convert or generate workload files")
+    workload_cli.add_arguments(workload)
+    workload.set_defaults(func=workload_cli.run)
     mock = sub.add_parser(
         "mock-server", help="serve a mock OpenAI-compatible endpoint with a prefix cache"
     )

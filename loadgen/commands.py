@@ -36,16 +36,17 @@ def _positive(kind: type[Any]) -> Any:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``credit-router run``."""
+    from loadgen.workload import FORMATS
+
     parser.add_argument(
         "workload",
         nargs="?",
         type=Path,
-        help="a workload file: credit-router JSONL, AIPerf dag_jsonl or a Mooncake trace "
-        "(default: the built-in agentic workload)",
+        help="a workload file (or directory of coding-agent traces): credit-router JSONL, "
+        "Mooncake, AIPerf dag_jsonl/single_turn/multi_turn/random_pool, coding-agent or Bailian "
+        "traces (default: the built-in agentic workload)",
     )
-    parser.add_argument(
-        "--format", choices=["auto", "credit-router", "aiperf", "mooncake"], default="auto"
-    )
+    parser.add_argument("--format", choices=FORMATS, default="auto")
     parser.add_argument("--block-tokens", type=_positive(int), help="tokens per hash_ids block")
     load = parser.add_argument_group("load (one of)")
     how = load.add_mutually_exclusive_group()

@@ -40,7 +40,7 @@ from typing import Literal, Protocol
 
 import msgspec
 
-from loadgen.workload import BranchPlan, SessionSpec, Workload
+from loadgen.workload import BranchPlan, Recorded, SessionSpec, Workload
 from protocol.inference import TurnRequest, decode_result, encode_request
 from protocol.messages import BranchMode, Credit, Outcome, Status
 
@@ -141,6 +141,8 @@ class CreditRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     http_status: int | None = None
     endpoint: str | None = None
     rebuilt: bool = False
+    recorded: Recorded | None = None
+    """What the trace recorded for this request (its ``api_time_s``, ``ttft_s``…)."""
 
 
 @dataclass
@@ -497,6 +499,8 @@ class Replayer:
             context_tokens=inst.context_tokens,
         )
         parent = inst.parent
+        if parent is not None and parent.spec.orchestrator:
+            parent = None  # an orchestrator sends nothing: its children have no parent (AIPerf)
         return Credit(
             id=next(self._ids),
             x_correlation_id=inst.xid,
@@ -591,6 +595,7 @@ class Replayer:
             submit_to_dispatch_s=outcome.submit_to_dispatch_s,
             dispatch_to_outcome_s=outcome.dispatch_to_outcome_s,
             ttft_s=outcome.ttft_s if result is None or result.ttft_s is None else result.ttft_s,
+            recorded=inst.spec.turns[credit.turn_index].recorded,
         )
         if result is not None:
             record.itl_s = result.itl_s

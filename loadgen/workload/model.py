@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Annotated, Any, Final
@@ -38,12 +38,16 @@ __all__ = [
     "Branch",
     "BranchPlan",
     "Header",
+    "PrefixStats",
+    "Recorded",
     "SessionSpec",
     "TurnSpec",
     "Workload",
     "WorkloadError",
     "compile_workload",
     "dump_workload",
+    "hash_ids_problem",
+    "prefix_stats",
     "read_jsonl",
     "read_workload",
 ]
@@ -93,6 +97,22 @@ class Branch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defa
     """Never waited for (the parent goes on; ``join_at`` must not be given)."""
 
 
+class Recorded(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """What a trace recorded about a request, kept for comparison (copied into its record).
+
+    Not used to pace the replay: the turn's ``delay_s``/``offset_s`` do that.
+    """
+
+    t_s: float | None = None
+    """When the request started, in seconds from its trace's start."""
+    think_time_s: float | None = None
+    """The client's idle time before it, as recorded."""
+    api_time_s: float | None = None
+    """The server's time for it, as recorded (request start to last byte)."""
+    ttft_s: float | None = None
+    """Its time to first token, as recorded (streaming requests)."""
+
+
 class TurnSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     """One turn: what it sends, when, and the children it declares."""
 
@@ -122,6 +142,8 @@ class TurnSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_de
     """FORK children: a bare id, or a ``Branch``."""
     spawns: list[_Id | Branch] = []
     """SPAWN children: a bare id, or a ``Branch``."""
+    recorded: Recorded | None = None
+    """A trace's own measurements of this request (for comparison in the records)."""
 
     def think_time(self, rng: random.Random) -> float:
         """This turn's think time for one session instance."""
@@ -172,6 +194,95 @@ class BranchPlan:
     """The declaring session's turn that waits for these children (``None``: nobody waits)."""
 
 
+@dataclass(frozen=True)
+class PrefixStats:
+    """The prefix structure of a file's ``hash_ids`` (what ``check`` prints).
+
+    Attributes:
+        requests: prompts that have ``hash_ids``.
+        blocks: block references over all of them.
+        distinct_blocks: distinct block ids.
+        shared_blocks: references whose block *and every block before it in the prompt* an
+            earlier prompt already had: what an unbounded prefix cache would serve.
+    """
+
+    requests: int
+    blocks: int
+    distinct_blocks: int
+    shared_blocks: int
+
+    @property
+    def shared_prefix_ratio(self) -> float:
+        """``shared_blocks / blocks`` (0 when there are none)."""
+        return self.shared_blocks / self.blocks if self.blocks else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        """For JSON output."""
+        return {
+            "requests": self.requests,
+            "blocks": self.blocks,
+            "distinct_blocks": self.distinct_blocks,
+            "shared_prefix_blocks": self.shared_blocks,
+            "shared_prefix_ratio": round(self.shared_prefix_ratio, 4),
+        }
+
+
+def prefix_stats(prompts: Iterable[list[int]]) -> PrefixStats | None:
+    """The prefix structure of these prompts' ``hash_ids``, in order (``None`` if none has any).
+
+    A block counts as shared when an earlier prompt began with the same ids up to and including
+    it (a prefix cache matches whole prefixes, not loose blocks).
+    """
+    seen: set[tuple[int, ...]] = set()
+    distinct: set[int] = set()
+    requests = blocks = shared = 0
+    for ids in prompts:
+        if not ids:
+            continue
+        requests += 1
+        blocks += len(ids)
+        distinct.update(ids)
+        matching = True
+        for n in range(1, len(ids) + 1):
+            key = tuple(ids[:n])
+            if matching and key in seen:
+                shared += 1
+            else:
+                matching = False
+                seen.add(key)
+    if not requests:
+        return None
+    return PrefixStats(requests, blocks, len(distinct), shared)
+
+
+def hash_ids_problem(tokens: int, ids: int, block_tokens: int) -> tuple[bool, str] | None:
+    """Whether ``ids`` blocks of ``block_tokens`` fit a prompt of ``tokens``, as AIPerf checks.
+
+    Every block but the last is whole, the last holds the rest: ``tokens - (ids - 1) *
+    block_tokens`` must be in ``(0, block_tokens]``. Too many ids (the last block would be
+    empty) is an error in AIPerf's prompt synthesis, and so here. Too few ids (the blocks cover
+    only a prefix) is what AIPerf accepts as a prefix-only prompt, the rest unshared: a warning.
+
+    Returns:
+        ``None`` if they fit, else ``(is_error, problem)``.
+    """
+    if not ids:
+        return None
+    last = tokens - (ids - 1) * block_tokens
+    if last <= 0:
+        return True, (
+            f"{ids} hash_ids of {block_tokens} tokens need more than "
+            f"{(ids - 1) * block_tokens} tokens, the prompt has {tokens} "
+            "(wrong block size? give --block-tokens)"
+        )
+    if last > block_tokens:
+        return False, (
+            f"{ids} hash_ids of {block_tokens} tokens cover {ids * block_tokens} of the prompt's "
+            f"{tokens} tokens; the rest is not shared (wrong block size? give --block-tokens)"
+        )
+    return None
+
+
 @dataclass
 class Workload:
     """A checked workload, ready to replay (``compile_workload``)."""
@@ -185,6 +296,10 @@ class Workload:
     description: str = ""
     source: str = ""
     fork_children: frozenset[str] = field(default_factory=frozenset)
+    warnings: list[str] = field(default_factory=list)
+    """Problems that do not stop a replay, each naming the file, line and field."""
+    prefix: PrefixStats | None = None
+    """The prefix structure of the file's ``hash_ids`` (``None``: it has none)."""
     _credits: dict[str, int] = field(default_factory=dict, repr=False)
 
     def fork_count(self, session: str, turn: int) -> int:
@@ -288,8 +403,8 @@ def decode_line(decoder: msgspec.json.Decoder[Any], line: bytes, *, path: str, n
         raise WorkloadError(f"not a JSON object: {exc}", path=path, line=number) from None
 
 
-def read_workload(path: Path) -> Workload:
-    """Read and check a file in this format."""
+def read_workload(path: Path, *, block_tokens: int | None = None) -> Workload:
+    """Read and check a file in this format (``block_tokens`` overrides the header's)."""
     name = str(path)
     header = Header(format=FORMAT)
     specs: list[tuple[int, SessionSpec]] = []
@@ -309,7 +424,10 @@ def read_workload(path: Path) -> Workload:
             continue
         specs.append((number, decode_line(_session_decoder, line, path=name, number=number)))
     return compile_workload(
-        specs, source=name, block_tokens=header.block_tokens, description=header.description
+        specs,
+        source=name,
+        block_tokens=block_tokens or header.block_tokens,
+        description=header.description,
     )
 
 
@@ -319,13 +437,23 @@ def read_workload(path: Path) -> Workload:
 class _Checker:
     """The semantic checks of ``compile_workload``, with line numbers for the errors."""
 
-    def __init__(self, specs: Iterable[tuple[int, SessionSpec]], source: str) -> None:
+    def __init__(
+        self,
+        specs: Iterable[tuple[int, SessionSpec]],
+        source: str,
+        *,
+        block_tokens: int | None,
+        names: Mapping[str, str],
+    ) -> None:
         self.source = source
+        self.block_tokens = block_tokens
+        self.names = names
+        self.id_name = names.get("id", "id")
         self.lines: dict[str, int] = {}
         self.sessions: dict[str, SessionSpec] = {}
         for number, spec in specs:
             if spec.id in self.sessions:
-                self.fail(number, "id", f"duplicate session id {spec.id!r}")
+                self.fail(number, "id", f"duplicate {self.id_name} {spec.id!r}")
             self.lines[spec.id] = number
             self.sessions[spec.id] = spec
         if not self.sessions:
@@ -334,8 +462,16 @@ class _Checker:
         self.fork_parent: dict[str, str] = {}
         self.referenced: set[str] = set()
 
+    def _field(self, name: str | None) -> str | None:
+        """The field as the file's own format names it (dag_jsonl: ``session_id``…)."""
+        if name is None:
+            return None
+        head, sep, rest = name.partition(".")
+        base, bracket, index = head.partition("[")
+        return self.names.get(base, base) + bracket + index + sep + rest
+
     def fail(self, line: int | None, name: str | None, problem: str) -> None:
-        raise WorkloadError(problem, path=self.source, line=line, field=name)
+        raise WorkloadError(problem, path=self.source, line=line, field=self._field(name))
 
     def check(self) -> None:
         for sid, spec in self.sessions.items():
@@ -380,6 +516,13 @@ class _Checker:
             self.fail(line, where, "give exactly one of messages and input_tokens")
         if turn.hash_ids is not None and turn.input_tokens is None:
             self.fail(line, f"{where}.hash_ids", "hash_ids need input_tokens")
+        if turn.hash_ids and turn.input_tokens is not None and self.block_tokens is not None:
+            # Too few ids is this format's documented prefix-only prompt (the generator's shared
+            # system prompt): only too many is a problem here. Trace readers, whose ids should
+            # cover the whole prompt, warn about too few on their own rows.
+            found = hash_ids_problem(turn.input_tokens, len(turn.hash_ids), self.block_tokens)
+            if found is not None and found[0]:
+                self.fail(line, f"{where}.hash_ids", found[1])
         for k, message in enumerate(turn.messages or ()):
             if not isinstance(message.get("role"), str):
                 self.fail(line, f"{where}.messages[{k}]", "a message needs a role")
@@ -407,7 +550,7 @@ class _Checker:
     def _child(self, sid: str, where: str, child: str, mode: BranchMode) -> None:
         line = self.lines[sid]
         if child not in self.sessions:
-            self.fail(line, where, f"no session with id {child!r}")
+            self.fail(line, where, f"no session with {self.id_name} {child!r}")
         if child == sid:
             self.fail(line, where, "a session cannot be its own child")
         if mode is BranchMode.FORK:
@@ -451,6 +594,10 @@ def compile_workload(
     source: str = "",
     block_tokens: int = 512,
     description: str = "",
+    names: Mapping[str, str] | None = None,
+    check_hash_ids: bool = True,
+    warnings: Iterable[str] = (),
+    prefix: PrefixStats | None = None,
 ) -> Workload:
     """Check session templates and index them for replay.
 
@@ -460,11 +607,23 @@ def compile_workload(
         source: the file name, for error messages.
         block_tokens: tokens per ``hash_ids`` block.
         description: free text for reports.
+        names: field names of the source format, for error messages (``{"id": "session_id"}``).
+        check_hash_ids: check every turn's ``hash_ids`` against its ``input_tokens`` and
+            ``block_tokens`` (``hash_ids_problem``); a reader that checked its own rows (and
+            named them) turns it off.
+        warnings: the reader's own warnings, reported first.
+        prefix: the source's prefix structure, if the reader measured it on its own rows
+            (else it is measured on the turns' ``hash_ids``).
 
     Raises:
         WorkloadError: the first problem found, naming the line and field.
     """
-    checker = _Checker(specs, source)
+    checker = _Checker(
+        specs,
+        source,
+        block_tokens=block_tokens if check_hash_ids else None,
+        names=names or {},
+    )
     checker.check()
     roots = [sid for sid in checker.sessions if sid not in checker.referenced]
     if not roots:
@@ -477,6 +636,9 @@ def compile_workload(
         description=description,
         source=source,
         fork_children=frozenset(checker.fork_parent),
+        warnings=list(warnings),
+        prefix=prefix
+        or prefix_stats(t.hash_ids or [] for s in checker.sessions.values() for t in s.turns),
     )
 
 

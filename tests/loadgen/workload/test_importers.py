@@ -144,7 +144,9 @@ def test_aiperf_orchestrator_rounds_become_request_less_gates(tmp_path: Path) ->
     orch = w.sessions["orch"]
     assert orch.orchestrator
     assert len(orch.turns) == 3
-    assert [t.delay_s for t in orch.turns] == [0.0, 0.2, 0.2]
+    # AIPerf: think before rounds 1..N-1 (round 0's is a root's first-turn delay), none
+    # before the terminal gate
+    assert [t.delay_s for t in orch.turns] == [0.0, 0.2, 0.0]
     assert [b.join_at for t in range(2) for b in w.branches[("orch", t)]] == [1, 2]
     assert w.request_turns("orch") == 0
     assert w.credits_in_tree("orch") == 2
@@ -175,10 +177,10 @@ def test_aiperf_orchestrator_rounds_become_request_less_gates(tmp_path: Path) ->
             {
                 "session_id": "x",
                 "context_mode": "message_array_with_responses",
-                "turns": [{"messages": user("a")}],
+                "turns": [{"messages": user("a")}, {"messages": user("b")}],
             },
-            "context_mode",
-            "supported",
+            "turns[1].messages",
+            "begin with the previous turn's messages",
         ),
         ({"session_id": "x", "orchestrator": True}, "spawns", "conversation-level spawns"),
         (
