@@ -453,7 +453,8 @@ def test_a_credit_always_ends_with_a_result_whatever_the_server_does(
     m = decode_result(result.result)
     assert m is not None
     if result.status is Status.FAILED:
-        assert result.reason and result.reason != "executor_error", m.error
+        assert result.reason, m.error
+        assert result.reason != "executor_error", m.error
         assert len(m.error) <= 1_000
     else:
         assert result.turn is not None
