@@ -134,6 +134,7 @@ class Generation:
         "first_s",
         "last_s",
         "prompt_tokens",
+        "reasoning",
         "reasoning_events",
         "reasoning_tokens",
         "tool_events",
@@ -145,6 +146,8 @@ class Generation:
         self.first_content_s: float | None = None
         self.last_s: float | None = None
         self.content: list[str] = []
+        self.reasoning: list[str] = []
+        """Reasoning text: counted (with ``--tokenizer``), never replayed."""
         self.content_events = 0
         self.reasoning_events = 0
         self.tool_events = 0
@@ -169,8 +172,9 @@ class Generation:
         self.content.append(text)
         self.content_events += 1
 
-    def add_reasoning(self, now: float) -> None:
+    def add_reasoning(self, text: str, now: float) -> None:
         self._token(now)
+        self.reasoning.append(text)
         self.reasoning_events += 1
 
     def tool(self, index: int) -> _ToolCall:
@@ -375,8 +379,9 @@ class Api:
         if delta is None:
             return
         # Reasoning first: a server that puts both in one event generated the reasoning first.
-        if delta.reasoning_content or delta.reasoning:
-            gen.add_reasoning(now)
+        thought = delta.reasoning_content or delta.reasoning
+        if thought:
+            gen.add_reasoning(thought, now)
         for piece in delta.tool_calls or ():
             call = gen.tool(piece.index if piece.index is not None else len(gen.tools))
             if piece.id:
@@ -464,7 +469,7 @@ class _Responses(Api):
                 gen.add_content(_string(doc.delta), now)
         elif kind.startswith("response.reasoning") and kind.endswith(".delta"):
             if doc.delta:
-                gen.add_reasoning(now)
+                gen.add_reasoning(_string(doc.delta), now)
         elif kind == "response.function_call_arguments.delta":
             index = self._index(gen, doc.item_id, doc.output_index)
             gen.add_arguments(gen.tool(index), _string(doc.delta), now)
@@ -495,7 +500,8 @@ class _Responses(Api):
                     if isinstance(part, dict) and part.get("text"):
                         gen.add_content(str(part["text"]), now)
             elif item.get("type") == "reasoning":
-                gen.add_reasoning(now)
+                summary = item.get("summary") or item.get("content") or ()
+                gen.add_reasoning(_string(summary), now)
             elif item.get("type") == "function_call":
                 self._item(gen, _RespEvent(item=item, output_index=index), now)
         try:

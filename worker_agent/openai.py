@@ -94,6 +94,7 @@ from worker_agent.apis import (
 from worker_agent.core import LogThrottle, Session, Turn
 from worker_agent.executor import ExecResult, FirstTokenCallback
 from worker_agent.sse import DEFAULT_MAX_EVENT_BYTES, EventTooLong, SSEDecoder
+from worker_agent.tokenizer import Tokenizer, TokenizerError
 
 __all__ = ["OpenAIExecutor", "add_arguments", "executor_from_args"]
 
@@ -178,6 +179,8 @@ class OpenAIExecutor:
         api: ``chat``, ``completions`` or ``responses`` (``worker_agent.apis``).
         max_event_bytes: one server-sent event longer than this fails the request
             (``stream_too_long``); shorter ones are read whole, whatever their length.
+        tokenizer: the model's tokenizer (``worker_agent.tokenizer``): synthetic prompts of
+            exact token counts, and counts where the server reports none.
 
     Raises:
         ValueError: no endpoint, a bound below 1, a timeout ≤ 0, an unknown ``api``.
@@ -198,6 +201,7 @@ class OpenAIExecutor:
         default_output_tokens: int = 128,
         api: str = "chat",
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one endpoint is needed")
@@ -217,6 +221,7 @@ class OpenAIExecutor:
         self.default_input_tokens = default_input_tokens
         self.default_output_tokens = default_output_tokens
         self.max_event_bytes = max_event_bytes
+        self.tokenizer = tokenizer
         self.requests = 0
         self.failures: dict[str, int] = {}
         self.rebuilt = 0
@@ -311,15 +316,16 @@ class OpenAIExecutor:
         gap = request.context_tokens - session.history_tokens
         rebuilt = gap > max(_MIN_GAP_TOKENS, request.context_tokens // 20)
         xid = credit.x_correlation_id
+        make = self.tokenizer.text_of if self.tokenizer is not None else synthetic_text
         if rebuilt:
             self.rebuilt += 1
-            filler = synthetic_text(gap, seed=f"{xid}/{credit.turn_index}/context")
+            filler = make(gap, seed=f"{xid}/{credit.turn_index}/context")
             added.append({"role": "user", "content": filler})
         if request.messages:
             added.extend(request.messages)
         else:
             count = request.input_tokens
-            text = synthetic_text(
+            text = make(
                 self.default_input_tokens if count is None else count,
                 seed=f"{xid}/{credit.turn_index}",
                 hash_ids=request.hash_ids,
@@ -454,19 +460,25 @@ class OpenAIExecutor:
         messages: list[dict[str, Any]],
     ) -> ExecResult:
         gen = answer.gen
+        calls = gen.tool_calls()
+        tok = self.tokenizer
         if gen.prompt_tokens is not None:
             prompt = gen.prompt_tokens
-        else:  # the server did not say: our own estimate (words, plus a marker per message)
-            prompt = sum(len(str(m.get("content") or "").split()) + 1 for m in messages)
+        else:  # the server did not say: our own count (plus a marker per message)
+            count = tok.count if tok is not None else _words
+            prompt = sum(count(str(m.get("content") or "")) + 1 for m in messages)
         if gen.completion_tokens is not None:
             output = gen.completion_tokens
             reasoning = gen.reasoning_tokens
             if reasoning is None and gen.reasoning_events == 0 and self.stream:
                 reasoning = 0  # a stream that carried no reasoning spent none
+        elif tok is not None:
+            reasoning = tok.count("".join(gen.reasoning))
+            arguments = "".join(c["function"]["arguments"] for c in calls)
+            output = reasoning + tok.count(gen.text) + tok.count(arguments)
         else:  # one token per event (a server may pack several; it then reports usage)
             output = gen.events or len(gen.text.split())
             reasoning = gen.reasoning_events
-        calls = gen.tool_calls()
         result = RequestResult(
             input_tokens=prompt,
             cached_tokens=gen.cached_tokens,
@@ -529,6 +541,10 @@ def _timed(gen: Generation, status: int, started: float, end: float) -> _Answer:
         decode_s=None if first is None or last is None else last - first,
         e2e_s=end - started,
     )
+
+
+def _words(text: str) -> int:
+    return len(text.split())
 
 
 def _record(turn: Turn) -> _TurnRecord | None:
@@ -633,6 +649,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "/completions) or responses (/responses)",
     )
     group.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="a local tokenizer.json (or a model directory holding one): synthetic prompts of "
+        "exact token counts, and token counts when the server reports none "
+        "(needs credit-router[tokenizer])",
+    )
+    group.add_argument(
         "--max-event-bytes",
         type=int,
         default=DEFAULT_MAX_EVENT_BYTES,
@@ -685,6 +708,11 @@ def _require_endpoint(parser: argparse.ArgumentParser) -> None:
         parsed, rest = parse_known_args(args, namespace)
         if getattr(parsed, "executor", None) == "openai" and not parsed.endpoint:
             parser.error("--executor openai needs at least one --endpoint URL")
+        if getattr(parsed, "executor", None) == "openai" and getattr(parsed, "tokenizer", None):
+            try:
+                parsed.tokenizer = Tokenizer(parsed.tokenizer)
+            except TokenizerError as exc:
+                parser.error(str(exc))
         if getattr(parsed, "max_event_bytes", 1) < 1:
             parser.error(f"--max-event-bytes must be >= 1: {parsed.max_event_bytes}")
         if getattr(parsed, "http_pool", None) is not None and parsed.http_pool < 1:
@@ -714,4 +742,5 @@ def executor_from_args(args: argparse.Namespace) -> OpenAIExecutor | None:
         default_output_tokens=args.max_tokens,
         api=args.api,
         max_event_bytes=args.max_event_bytes,
+        tokenizer=args.tokenizer or None,
     )
