@@ -239,24 +239,29 @@ def _from_responses_input(items: Any) -> list[dict[str, Any]]:
 
 
 def _check_tool_results(messages: list[dict[str, Any]]) -> None:
-    """Refuse a tool result that answers no call of the assistant message before it (OpenAI:
-    "messages with role 'tool' must be a response to a preceding message with 'tool_calls'")."""
+    """Refuse what OpenAI refuses (400): a tool result that answers no call of the assistant
+    message before it, and an assistant's call left unanswered before the next other message."""
     calls: set[str] = set()
     for i, message in enumerate(messages):
         role = message.get("role")
-        if role == "assistant":
-            calls = {
-                str(c.get("id")) for c in message.get("tool_calls") or () if isinstance(c, dict)
-            }
-        elif role == "tool":
+        if role == "tool":
             if message.get("tool_call_id") not in calls:
                 raise _BadRequest(
                     f"messages[{i}]: a 'tool' message must answer a 'tool_calls' entry of the "
                     f"assistant message before it (tool_call_id "
                     f"{message.get('tool_call_id')!r})"
                 )
-        else:
-            calls = set()
+            calls.discard(str(message.get("tool_call_id")))
+            continue
+        if calls:
+            raise _BadRequest(
+                f"messages[{i}]: an assistant message with 'tool_calls' must be followed by "
+                f"tool messages answering each of them (missing {sorted(calls)})"
+            )
+        if role == "assistant":
+            calls = {
+                str(c.get("id")) for c in message.get("tool_calls") or () if isinstance(c, dict)
+            }
 
 
 def block_hashes(tokens: list[str], block_tokens: int) -> list[int]:

@@ -577,17 +577,20 @@ def _replay(records: list[_TurnRecord | None], history: list[Turn]) -> list[dict
 
 
 def _answer_tool_calls(history: list[dict[str, Any]], added: list[dict[str, Any]]) -> None:
-    """Bind the turn's ``tool`` messages to the calls of the answer before them, in place.
+    """Make the turn's messages answer the tool calls of the answer before them, in place.
 
-    A ``tool`` message whose ``tool_call_id`` names none of those calls (a workload cannot know
-    the ids a server makes up) answers the next unanswered one, in order. One with no call left
-    to answer would be refused by the server (a tool result must follow its call), so it goes
-    as a user message with the same content.
+    OpenAI's rules (strict servers enforce them, with a 400): a ``tool`` message must answer a
+    ``tool_calls`` entry of the assistant message before it, and every entry must be answered
+    before the next non-tool message. So: a ``tool`` message whose ``tool_call_id`` names none
+    of those calls (a workload cannot know the ids a server makes up) answers the next
+    unanswered one, in order; one with no call left to answer goes as a user message with the
+    same content; calls the turn leaves unanswered get an empty result, before its first other
+    message.
     """
-    if not any(m.get("role") == "tool" for m in added):
-        return
     last = history[-1] if history and history[-1].get("role") == "assistant" else {}
     pending = [str(c.get("id", "")) for c in last.get("tool_calls") or ()]
+    if not pending and not any(m.get("role") == "tool" for m in added):
+        return
     answered = {m.get("tool_call_id") for m in added if m.get("tool_call_id") in pending}
     pending = [p for p in pending if p not in answered]
     for i, message in enumerate(added):
@@ -597,6 +600,9 @@ def _answer_tool_calls(history: list[dict[str, Any]], added: list[dict[str, Any]
             added[i] = {**message, "tool_call_id": pending.pop(0)}
         else:
             added[i] = {"role": "user", "content": message.get("content", "")}
+    if pending:
+        at = next((i for i, m in enumerate(added) if m.get("role") != "tool"), len(added))
+        added[at:at] = [{"role": "tool", "tool_call_id": p, "content": ""} for p in pending]
 
 
 def _failed(detail: str) -> bytes:

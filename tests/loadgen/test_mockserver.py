@@ -261,6 +261,10 @@ async def test_offered_tools_are_called_in_fragments_and_results_must_answer_a_c
     async with http.post(_url(server), json={"messages": orphan}) as r:
         assert r.status == 400
         assert "'tool' message must answer" in (await r.json())["error"]["message"]
+    unanswered = [*answered[:2], {"role": "user", "content": "go on"}]
+    async with http.post(_url(server), json={"messages": unanswered}) as r:
+        assert r.status == 400
+        assert "must be followed by tool messages" in (await r.json())["error"]["message"]
 
 
 @pytest.mark.parametrize(

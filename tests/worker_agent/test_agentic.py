@@ -220,6 +220,19 @@ async def test_why1_a_tool_call_turn_is_timed_and_its_calls_are_replayed(mock, d
     assert measured(second).ttft_content_s is not None  # answered in text once the tool replied
 
 
+async def test_why1_calls_a_turn_leaves_unanswered_get_empty_results(mock, driver) -> None:
+    d = driver(f"http://127.0.0.1:{mock.port}/v1")
+    await d.run("u", ask("find it", tools=TOOLS), num_turns=2)
+    # The next turn is a user message, not the tool's result: a strict server (OpenAI, and our
+    # mock) refuses a call left unanswered, so the executor answers it with an empty result.
+    follow = await d.run("u", ask("never mind, summarise"), turn_index=1, num_turns=2)
+    assert follow.status is Status.COMPLETED, measured(follow).error
+    sent = mock.records["u"][1]["messages"]
+    call_id = sent[1]["tool_calls"][0]["id"]
+    assert sent[2] == {"role": "tool", "tool_call_id": call_id, "content": ""}
+    assert sent[3] == {"role": "user", "content": "never mind, summarise"}
+
+
 async def test_why1_fragments_of_several_calls_are_reassembled_by_index(scripted, driver) -> None:
     d = driver(scripted.url)
     calls = [
