@@ -153,3 +153,20 @@ def test_an_agentic_run_times_every_credit_and_replays_tool_calls_without_reason
         # The reasoning words streamed before each answer are nowhere in the replay: the
         # answers replayed are exactly the content (4 words) and the call.
         assert len(third[3]["content"].split()) == 4
+
+
+def test_the_text_report_splits_reasoning_and_content_and_shows_ttft_content() -> None:
+    from loadgen.replay import CreditRecord
+    from loadgen.report import Collector, Report
+
+    c = Collector()
+    common = {"session": "s", "conversation": "s", "root": "s", "submitted_at_s": 0.0}
+    c.add(CreditRecord(credit_id=1, status="completed", ttft_s=0.02, output_tokens=10,
+                       reasoning_tokens=6, tool_calls=1, **common))  # fmt: skip
+    c.add(CreditRecord(credit_id=2, status="completed", ttft_s=0.03, ttft_content_s=0.09,
+                       output_tokens=8, reasoning_tokens=2, **common))  # fmt: skip
+    c.add(CreditRecord(credit_id=3, status="failed", reason="stream_error", error="boom", **common))
+    text = Report("sticky", "test", "w", 1.0, c).render()
+    assert "18 tokens: 8 reasoning, 10 content · 1 tool calls" in text
+    assert "TTFT content" in text
+    assert Report("sticky", "test", "w", 1.0, c).latency()["ttft_s"]["count"] == 2
