@@ -477,7 +477,7 @@ class _Responses(Api):
             self._item(gen, doc, now)
         elif kind in ("response.completed", "response.incomplete"):
             response = doc.response or {}
-            gen.usage(_usage_convert(response.get("usage"), _Usage | None))
+            gen.usage(_response_usage(response.get("usage"), data))
             gen.finished = gen.done = True
         elif kind == "response.failed":
             response = doc.response or {}
@@ -505,9 +505,9 @@ class _Responses(Api):
             elif item.get("type") == "function_call":
                 self._item(gen, _RespEvent(item=item, output_index=index), now)
         try:
-            gen.usage(_usage_convert(doc.get("usage"), _Usage | None))
-        except msgspec.ValidationError as exc:
-            raise StreamFailure("malformed_response", str(exc)) from None
+            gen.usage(_response_usage(doc.get("usage"), raw))
+        except StreamFailure as failure:
+            raise StreamFailure("malformed_response", failure.detail) from None
         gen.finished = gen.done = True
 
     @staticmethod
@@ -533,6 +533,14 @@ class _Responses(Api):
                 gen.add_arguments(call, _string(arguments), now)
             else:
                 call.arguments = [_string(arguments)]
+
+
+def _response_usage(usage: Any, data: bytes) -> _Usage | None:
+    try:
+        converted: _Usage | None = _usage_convert(usage, _Usage | None)
+    except msgspec.ValidationError as exc:
+        raise StreamFailure("malformed_stream", f"{exc}: {data[:200]!r}") from None
+    return converted
 
 
 def responses_input(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -426,17 +426,27 @@ _EVENTS = st.sampled_from(
         b"\r\n\r\n",
         b"data: " + b"y" * 5000,  # no newline: a line that never ends
         b"<close>",
+        # The Responses API's events.
+        sse({"type": "response.output_text.delta", "delta": "w"}, "response.output_text.delta"),
+        sse({"type": "response.reasoning_text.delta", "delta": "h"}),
+        sse({"type": "response.function_call_arguments.delta", "item_id": "fc", "delta": "{"}),
+        sse({"type": "response.output_item.done", "item": {"type": "function_call", "id": 3}}),
+        sse({"type": "response.completed", "response": {"usage": {"output_tokens": 2}}}),
+        sse({"type": "response.completed", "response": {"usage": {"output_tokens": "x"}}}),
+        sse({"type": "response.failed", "response": {"error": {"message": "no"}}}),
+        # Legacy completions.
+        sse({"choices": [{"text": "w", "finish_reason": None}]}),
     ]
 )
 
 
 @settings(
-    max_examples=60,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(
-    status=st.sampled_from([200, 200, 200, 400, 500, 503]),
+    status=st.sampled_from([200] * 6 + [429, 503]),
     steps=st.lists(_EVENTS, max_size=8),
     split=st.integers(min_value=1, max_value=7),
     api=st.sampled_from(["chat", "completions", "responses"]),
