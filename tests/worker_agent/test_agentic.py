@@ -482,3 +482,32 @@ def test_a_credit_always_ends_with_a_result_whatever_the_server_does(
     else:
         assert result.turn is not None
         msgspec.msgpack.decode(result.turn.request)
+
+
+# ---------------------------------------------------------------------- every API, both modes
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+@pytest.mark.parametrize("api", ["chat", "completions", "responses"])
+async def test_every_api_runs_a_tool_loop_with_reasoning_against_the_mock(
+    mock, driver, api, stream
+) -> None:
+    d = driver(f"http://127.0.0.1:{mock.port}/v1", api=api, stream=stream)
+    thinking = {"mock_reasoning_tokens": 3}
+    first = await d.run("a", ask("find it", tools=TOOLS, extra=thinking), num_turns=2)
+    reply = TurnRequest(
+        messages=[{"role": "tool", "content": "found"}], tools=TOOLS, output_tokens=4
+    )
+    second = await d.run("a", reply, turn_index=1, num_turns=2)
+    m1, m2 = measured(first), measured(second)
+    assert first.status is Status.COMPLETED, m1.error
+    assert second.status is Status.COMPLETED, m2.error
+    # Legacy completions have no tools and no reasoning: text both times.
+    assert m1.tool_calls == (0 if api == "completions" else 1)
+    assert m1.reasoning_tokens == (0 if api == "completions" else 3)
+    assert m1.output_tokens == m1.reasoning_tokens + 6
+    assert (m1.ttft_s is not None) is stream
+    assert (m1.itl_s is not None) is stream
+    assert m2.tool_calls == 0
+    sent = json.dumps(mock.records["a"][1])
+    assert '"tool_call_id"' in sent or api == "completions"
