@@ -220,7 +220,7 @@ class Report:
             f"{_num(d['output_tokens_per_s'], ',.0f')} output tok/s",
             f"  {'latency (ms)':<18}"
             + "".join(f"{q:>9}" for q in ("p50", "p90", "p99", "mean"))
-            + "   (completed credits)",
+            + f"{'samples':>9}   (completed credits)",
         ]
         names = {
             "ttft_s": "TTFT",
@@ -233,7 +233,9 @@ class Report:
             if key == "ttft_content_s" and stats["count"] == len(c.ttft_s):
                 continue  # no reasoning or tool-call-only turns: the same as TTFT
             cells = "".join(f"{_ms(stats[q]):>9}" for q in ("p50", "p90", "p99", "mean"))
-            lines.append(f"    {names[key]:<16}{cells}")
+            # The sample count: a metric some completed credits lack (no TTFT without streaming)
+            # says so instead of passing for all of them.
+            lines.append(f"    {names[key]:<16}{cells}{stats['count']:>9,.0f}")
         if c.reasoning_known_output:
             lines.append(
                 f"  output        {c.output_tokens:,} tokens: {c.reasoning_tokens:,} reasoning, "
