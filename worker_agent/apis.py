@@ -123,7 +123,7 @@ class Generation:
     """
 
     __slots__ = (
-        "_by_item",
+        "by_item",
         "cached_tokens",
         "completion_tokens",
         "content",
@@ -152,7 +152,7 @@ class Generation:
         self.reasoning_events = 0
         self.tool_events = 0
         self.tools: dict[int, _ToolCall] = {}
-        self._by_item: dict[str, int] = {}
+        self.by_item: dict[str, int] = {}
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.cached_tokens: int | None = None
@@ -512,11 +512,11 @@ class _Responses(Api):
 
     @staticmethod
     def _index(gen: Generation, item_id: str | None, output_index: int | None) -> int:
-        if item_id is not None and item_id in gen._by_item:
-            return gen._by_item[item_id]
+        if item_id is not None and item_id in gen.by_item:
+            return gen.by_item[item_id]
         index = output_index if output_index is not None else len(gen.tools)
         if item_id is not None:
-            gen._by_item[item_id] = index
+            gen.by_item[item_id] = index
         return index
 
     def _item(self, gen: Generation, doc: _RespEvent, now: float) -> None:
