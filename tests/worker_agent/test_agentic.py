@@ -21,7 +21,16 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from loadgen.mockserver import MockServer, MockSettings
 from protocol.inference import RequestResult, TurnRequest, decode_result, encode_request
-from protocol.messages import Credit, Status
+from protocol.messages import (
+    Completion,
+    Credit,
+    Dispatch,
+    FirstToken,
+    Heartbeat,
+    InFlightReport,
+    Status,
+)
+from tests.worker_agent.conftest import FakeRouter, StartAgent
 from worker_agent.core import SessionTable
 from worker_agent.executor import ExecResult
 from worker_agent.openai import OpenAIExecutor
@@ -511,3 +520,29 @@ async def test_every_api_runs_a_tool_loop_with_reasoning_against_the_mock(
     assert m2.tool_calls == 0
     sent = json.dumps(mock.records["a"][1])
     assert '"tool_call_id"' in sent or api == "completions"
+
+
+async def test_why1_the_agent_sends_first_token_for_a_tool_call_turn(
+    router: FakeRouter, start_agent: StartAgent
+) -> None:
+    slow = MockServer(MockSettings(base_ttft_s=0.002, decode_s_per_token=0.03))
+    await slow.start()
+    ex = OpenAIExecutor([f"http://127.0.0.1:{slow.port}/v1"])
+    try:
+        await start_agent(executor=ex)
+        await router.welcome()
+        payload = encode_request(ask("find it", tools=TOOLS))
+        await router.send(
+            Dispatch(producer="p", credit=Credit(id=7, x_correlation_id="s", payload=payload))
+        )
+        first = await router.expect(FirstToken, skip=(Heartbeat, InFlightReport))
+        done = await router.expect(Completion, skip=(Heartbeat, InFlightReport))
+    finally:
+        await ex.aclose()
+        await slow.stop()
+    assert first.credit_id == 7
+    assert done.status is Status.COMPLETED
+    assert done.ttft_s == first.ttft_s
+    result = decode_result(done.result)
+    assert result is not None
+    assert result.tool_calls == 1
