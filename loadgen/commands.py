@@ -86,6 +86,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     where.add_argument("--model", default="mock", help="model name the workers send")
     where.add_argument(
+        "--api",
+        choices=["chat", "completions", "responses"],
+        default="chat",
+        help="the workers' generation API: chat (/chat/completions), completions (legacy "
+        "/completions) or responses (/responses); the mock serves all three",
+    )
+    where.add_argument(
         "--worker-arg",
         action="append",
         default=[],
@@ -172,6 +179,7 @@ def _settings(args: argparse.Namespace) -> Any:
         capacity=args.capacity,
         endpoints=tuple(args.endpoint),
         model=args.model,
+        api=args.api,
         worker_args=tuple(args.worker_arg),
         router=args.router,
         policy=args.routing_policy,
@@ -219,8 +227,22 @@ def add_mock_server_arguments(parser: argparse.ArgumentParser) -> None:
         ("--fault-rate", float, "fraction of requests answered 503 (0)"),
         ("--record-sessions", int, "sessions kept for /mock/sessions (1000)"),
         ("--seed", int, "seeds the random faults (0)"),
+        ("--reasoning-tokens", int, "words of reasoning streamed before each answer (0)"),
+        ("--long-event-bytes", int, "size of the long_event fault's event (614400)"),
     ):
         parser.add_argument(flag, type=kind, help=text)
+    parser.add_argument(
+        "--reasoning-field",
+        choices=["reasoning", "reasoning_content"],
+        help="the delta field reasoning streams in (reasoning)",
+    )
+    parser.add_argument(
+        "--no-tool-calls",
+        dest="tool_calls",
+        action="store_const",
+        const=False,
+        help="answer requests that offer tools in text, not with a tool call",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
 
 

@@ -143,6 +143,13 @@ class CreditRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     rebuilt: bool = False
     recorded: Recorded | None = None
     """What the trace recorded for this request (its ``api_time_s``, ``ttft_s``…)."""
+    error: str = ""
+    """A failed credit's detail from the worker: the server's message (bounded)."""
+    reasoning_tokens: int | None = None
+    """Of ``output_tokens``, reasoning (``None``: unknown)."""
+    ttft_content_s: float | None = None
+    """Time to the first content token (``ttft_s`` counts reasoning and tool calls too)."""
+    tool_calls: int = 0
 
 
 @dataclass
@@ -598,14 +605,20 @@ class Replayer:
             recorded=inst.spec.turns[credit.turn_index].recorded,
         )
         if result is not None:
+            record.http_status = result.http_status
+            record.endpoint = result.endpoint or None
+            record.rebuilt = result.rebuilt
+            record.error = result.error
+        if result is not None and outcome.status is Status.COMPLETED:
+            # A failed request's token counts are unknown (the result's 0 is only a default).
             record.itl_s = result.itl_s
             record.e2e_s = result.e2e_s
             record.input_tokens = result.input_tokens
             record.cached_tokens = result.cached_tokens
             record.output_tokens = result.output_tokens
-            record.http_status = result.http_status
-            record.endpoint = result.endpoint or None
-            record.rebuilt = result.rebuilt
+            record.reasoning_tokens = result.reasoning_tokens
+            record.ttft_content_s = result.ttft_content_s
+            record.tool_calls = result.tool_calls
         if self.on_record is not None:
             self.on_record(record)
 

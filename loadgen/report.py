@@ -64,6 +64,11 @@ class Collector:
         self.reported_prompt_tokens = 0
         """Prompt tokens of the credits whose server reported cached tokens."""
         self.output_tokens = 0
+        self.reasoning_tokens = 0
+        self.reasoning_known_output = 0
+        """Output tokens of the credits whose reasoning count is known."""
+        self.ttft_content_s: list[float] = []
+        self.tool_calls = 0
         self.affinity_hits = 0
         self.affinity_turns = 0
         self.rebuilt = 0
@@ -108,6 +113,12 @@ class Collector:
         prompt = record.input_tokens or 0
         self.prompt_tokens += prompt
         self.output_tokens += record.output_tokens or 0
+        if record.reasoning_tokens is not None:
+            self.reasoning_tokens += record.reasoning_tokens
+            self.reasoning_known_output += record.output_tokens or 0
+        if record.ttft_content_s is not None:
+            self.ttft_content_s.append(record.ttft_content_s)
+        self.tool_calls += record.tool_calls
         if record.cached_tokens is not None:
             self.cached_tokens += record.cached_tokens
             self.reported_prompt_tokens += prompt
@@ -137,6 +148,7 @@ class Report:
         out: dict[str, dict[str, float | None]] = {}
         for name, values in (
             ("ttft_s", c.ttft_s),
+            ("ttft_content_s", c.ttft_content_s),
             ("itl_s", c.itl_s),
             ("e2e_s", c.e2e_s),
             ("submit_to_dispatch_s", c.wait_s),
@@ -174,6 +186,12 @@ class Report:
             "prefix_cache_hit_rate": (
                 c.cached_tokens / c.reported_prompt_tokens if c.reported_prompt_tokens else None
             ),
+            "output_tokens": c.output_tokens,
+            "reasoning_tokens": c.reasoning_tokens if c.reasoning_known_output else None,
+            "content_tokens": (
+                c.reasoning_known_output - c.reasoning_tokens if c.reasoning_known_output else None
+            ),
+            "tool_calls": c.tool_calls,
             "prompt_tokens": c.prompt_tokens,
             "cached_tokens": c.cached_tokens,
             "rebuilt_turns": c.rebuilt,
@@ -202,17 +220,33 @@ class Report:
             f"{_num(d['output_tokens_per_s'], ',.0f')} output tok/s",
             f"  {'latency (ms)':<18}"
             + "".join(f"{q:>9}" for q in ("p50", "p90", "p99", "mean"))
-            + "   (completed credits)",
+            + f"{'samples':>9}   (completed credits)",
         ]
         names = {
             "ttft_s": "TTFT",
+            "ttft_content_s": "TTFT content",
             "itl_s": "ITL",
             "e2e_s": "E2E",
             "submit_to_dispatch_s": "submit→dispatch",
         }
         for key, stats in self.latency().items():
+            if key == "ttft_content_s" and stats["count"] == len(c.ttft_s):
+                continue  # no reasoning or tool-call-only turns: the same as TTFT
             cells = "".join(f"{_ms(stats[q]):>9}" for q in ("p50", "p90", "p99", "mean"))
-            lines.append(f"    {names[key]:<16}{cells}")
+            # The sample count: a metric some completed credits lack (no TTFT without streaming)
+            # says so instead of passing for all of them.
+            lines.append(f"    {names[key]:<16}{cells}{stats['count']:>9,.0f}")
+        if c.reasoning_known_output:
+            lines.append(
+                f"  output        {c.output_tokens:,} tokens: {c.reasoning_tokens:,} reasoning, "
+                f"{c.reasoning_known_output - c.reasoning_tokens:,} content"
+                + (
+                    f" (of {c.reasoning_known_output:,} split)"
+                    if c.reasoning_known_output != c.output_tokens
+                    else ""
+                )
+                + f" · {c.tool_calls:,} tool calls"
+            )
         lines += [
             f"  sticky hits   {_pct(d['sticky_hit_rate'])} of {c.affinity_turns:,} turns with "
             "history ran on the worker holding it",

@@ -77,6 +77,8 @@ class RunSettings:
     capacity: int = 32
     endpoints: tuple[str, ...] = ()
     model: str = "mock"
+    api: str = "chat"
+    """The workers' generation API (``worker --api``): chat, completions or responses."""
     worker_args: tuple[str, ...] = ()
     router: str | None = None
     router_http: str | None = None
@@ -234,6 +236,8 @@ class LocalCluster:
                 "openai",
                 "--model",
                 s.model,
+                "--api",
+                s.api,
                 "--drain-deadline-s",
                 "3",
                 "--log-level",

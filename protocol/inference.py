@@ -101,16 +101,19 @@ class RequestResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     """
 
     input_tokens: _Count = 0
-    """Prompt tokens: the whole prompt, history included."""
+    """Prompt tokens: the whole prompt, history included. A failed request's token counts are
+    unknown (readers should not take this default as a count)."""
     cached_tokens: _Count | None = None
     """Prompt tokens served from the server's prefix cache (OpenAI
     ``usage.prompt_tokens_details.cached_tokens``); ``None`` when the server does not say."""
     output_tokens: _Count = 0
     """Generated tokens."""
     ttft_s: _Seconds | None = None
-    """Time to the first generated token (``None`` without streaming, or if none came)."""
+    """Time to the first generated token of any kind: content, reasoning or a tool call's
+    arguments (``None`` without streaming, or if none came)."""
     itl_s: _Seconds | None = None
-    """Mean inter-token latency: (last token − first token) / (output tokens − 1)."""
+    """Mean inter-token latency: (last token − first token) / (output tokens − 1), where both
+    times and the count cover every kind of generated token."""
     e2e_s: _Seconds | None = None
     """End-to-end request time: request sent to last byte received."""
     http_status: int | None = None
@@ -121,7 +124,18 @@ class RequestResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The worker lacked the session's history and padded the prompt instead (see
     ``TurnRequest.context_tokens``)."""
     error: str = ""
-    """For a failed request: detail beyond the completion's short reason (a server message)."""
+    """For a failed request: detail beyond the completion's short reason (the server's message,
+    at most 1,000 characters)."""
+    reasoning_tokens: _Count | None = None
+    """Of ``output_tokens``, those the model spent reasoning (OpenAI
+    ``usage.completion_tokens_details.reasoning_tokens``, else the executor's count of reasoning
+    events); ``None`` when unknown. Content tokens are the rest."""
+    ttft_content_s: _Seconds | None = None
+    """Time to the first *content* token. ``ttft_s`` counts any generated token (reasoning or a
+    tool call's arguments too), so a reasoning model shows its thinking time as the difference;
+    ``None`` for a turn that produced no content (only tool calls) or without streaming."""
+    tool_calls: _Count = 0
+    """Tool calls the answer made."""
 
 
 _request_msgpack: Final = msgspec.msgpack.Decoder(TurnRequest)

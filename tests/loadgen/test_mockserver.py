@@ -196,3 +196,118 @@ async def test_max_concurrency_queues_and_the_wait_counts_in_ttft(http) -> None:
         assert mock.stats.max_active == 3
     finally:
         await mock.stop()
+
+
+TOOLS = [{"type": "function", "function": {"name": "grep", "parameters": {"type": "object"}}}]
+
+
+async def _raw(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> bytes:
+    async with http.post(url, json={**body, "stream": True}) as r:
+        assert r.status == 200, await r.text()
+        return await r.read()
+
+
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
+async def test_reasoning_streams_first_in_either_field_and_is_counted(http, field) -> None:
+    mock = MockServer(MockSettings(base_ttft_s=0.0, decode_s_per_token=0.0, reasoning_field=field))
+    await mock.start()
+    try:
+        body = {
+            "messages": [{"role": "user", "content": "think"}],
+            "max_tokens": 3,
+            "mock_reasoning_tokens": 4,
+            "stream_options": {"include_usage": True},
+        }
+        events, done = await _stream(http, mock, body)
+    finally:
+        await mock.stop()
+    assert done
+    deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+    assert [field in d for d in deltas] == [True] * 4 + [False] * 3
+    assert all("content" in d for d in deltas[4:])
+    usage = events[-1]["usage"]
+    assert usage["completion_tokens"] == 7
+    assert usage["completion_tokens_details"] == {"reasoning_tokens": 4}
+
+
+async def test_offered_tools_are_called_in_fragments_and_results_must_answer_a_call(
+    server, http
+) -> None:
+    question = [{"role": "user", "content": "find it"}]
+    events, done = await _stream(
+        http, server, {"messages": question, "tools": TOOLS, "max_tokens": 4}
+    )
+    assert done
+    calls = [e["choices"][0]["delta"]["tool_calls"][0] for e in events if e["choices"]]
+    assert calls[0]["function"]["name"] == "grep"
+    assert calls[0]["id"].startswith("call_")
+    assert all("id" not in c for c in calls[1:])
+    arguments = json.loads("".join(c["function"]["arguments"] for c in calls))
+    assert len(arguments["input"].split()) == 4
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    call = {
+        "id": calls[0]["id"],
+        "type": "function",
+        "function": {"name": "grep", "arguments": "{}"},
+    }
+    answered = [
+        *question,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": calls[0]["id"], "content": "a.py"},
+    ]
+    events, _ = await _stream(http, server, {"messages": answered, "tools": TOOLS, "max_tokens": 2})
+    assert len(_answer(events).split()) == 2  # the result came back: a text answer
+    orphan = [*question, {"role": "assistant", "content": ""}, answered[-1]]
+    async with http.post(_url(server), json={"messages": orphan}) as r:
+        assert r.status == 400
+        assert "'tool' message must answer" in (await r.json())["error"]["message"]
+    unanswered = [*answered[:2], {"role": "user", "content": "go on"}]
+    async with http.post(_url(server), json={"messages": unanswered}) as r:
+        assert r.status == 400
+        assert "must be followed by tool messages" in (await r.json())["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "shape"),
+    [("error_event", b"event: error\ndata: {"), ("error_chunk", b'data: {"error":{"message"')],
+)
+async def test_error_faults_stream_an_error_then_done(server, http, fault, shape) -> None:
+    msg = [{"role": "user", "content": "x"}]
+    raw = await _raw(http, _url(server), {"messages": msg, "max_tokens": 4, "mock_fault": fault})
+    assert shape in raw
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
+async def test_long_event_fault_writes_one_event_past_512_kib(server, http) -> None:
+    msg = [{"role": "user", "content": "x"}]
+    raw = await _raw(
+        http, _url(server), {"messages": msg, "max_tokens": 4, "mock_fault": "long_event"}
+    )
+    assert max(len(event) for event in raw.split(b"\n\n")) > 512 << 10
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
+async def test_legacy_completions_and_responses_share_the_model(server, http) -> None:
+    raw = await _raw(http, _url(server, "/v1/completions"), {"prompt": "a b c", "max_tokens": 3})
+    texts = [
+        json.loads(line[6:])["choices"][0]["text"]
+        for line in raw.split(b"\n\n")
+        if line.startswith(b"data: {")
+    ]
+    assert len("".join(texts).split()) == 3
+    body = {
+        "input": "find it",
+        "tools": [{"type": "function", "name": "grep"}],
+        "max_output_tokens": 3,
+    }
+    raw = await _raw(http, _url(server, "/v1/responses"), body)
+    kinds = [
+        line.split(b"\n")[0][7:].decode()
+        for line in raw.split(b"\n\n")
+        if line.startswith(b"event: ")
+    ]
+    assert kinds[0] == "response.created"
+    assert kinds.count("response.function_call_arguments.delta") == 3
+    assert kinds[-1] == "response.completed"
+    completed = json.loads(raw.split(b"\n\n")[-2].split(b"data: ", 1)[1])
+    assert completed["response"]["usage"]["output_tokens"] == 3

@@ -46,8 +46,14 @@ def test_result_round_trips() -> None:
         e2e_s=0.3,
         http_status=200,
         endpoint="http://127.0.0.1:8000/v1",
+        reasoning_tokens=20,
+        ttft_content_s=0.2,
+        tool_calls=2,
     )
     assert decode_result(encode_result(result)) == result
+    # The keys added for agentic streams are plain map keys: an older reader skips them.
+    doc = msgspec.msgpack.decode(encode_result(result))
+    assert {"reasoning_tokens", "ttft_content_s", "tool_calls"} <= doc.keys()
 
 
 def test_results_evolve_both_ways() -> None:
