@@ -7,11 +7,19 @@ Usage::
         outcome = await done
 
 Credits submitted in one loop iteration leave as one ``SubmitBatch`` frame. ``submit`` waits
-while ``max_outstanding`` credits have no outcome yet (back-pressure). The client beats every
-``heartbeat_interval_s``; if the router falls silent it says hello again until a router answers.
-A router with a new incarnation has restarted and lost its queue: credits running on workers
-still come back (workers send their completions as ``Recovered``), and whatever has no outcome
-``recovery_grace_s`` later ends locally as ``lost: router_restarted`` — never silently.
+while ``max_outstanding`` credits have no outcome yet (back-pressure).
+
+The conversation with the router is ``credit_common.peer.PeerSession`` (the same rules as the
+worker agent's): hello, beat, say hello again when the router falls silent, forgets us
+(``hello_required``) or the connection comes back, and notice a router restart by its new
+incarnation. Every credit is sent under the router incarnation that welcomed us
+(``SubmitBatch.router_incarnation``) and remembered so; while no router has welcomed us,
+credits wait here, unsent, and go to whichever router welcomes us next — delivered and awaited,
+never also given up. After a restart, credits the old router had (it may have dispatched them:
+workers send their completions as ``Recovered``) have ``recovery_grace_s`` to come back before
+they end locally as ``lost: router_restarted``; a frame of ours that reached the new router
+although addressed to the old one comes back ``rejected: stale_incarnation`` (it never ran)
+and is sent again, transparently. So each credit gets one outcome.
 """
 
 from __future__ import annotations
@@ -20,12 +28,13 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
+from typing import Final
 
 import zmq
 
+from credit_common.peer import HEARTBEAT, HELLO, PeerSession, PeerState
 from protocol import PROTOCOL_VERSION
 from protocol.codec import decode_router_to_producer, encode
 from protocol.errors import DecodeError
@@ -51,9 +60,16 @@ __all__ = ["ProducerRefusedError", "RouterClient"]
 
 logger = logging.getLogger(__name__)
 
+ROUTER_RESTARTED: Final = "router_restarted"
+STALE_INCARNATION: Final = "stale_incarnation"
+_MAX_RESENDS: Final = 5
+"""A credit bounced ``stale_incarnation`` more often than this (routers restarting in a loop)
+ends with that outcome."""
+
 
 class ProducerRefusedError(Exception):
-    """The router refused this producer (e.g. another protocol version)."""
+    """The router refused this producer (another protocol version), or never accepted its
+    CURVE key. ``refusal.code`` says which (``version_mismatch``, ``auth_failed``…)."""
 
     def __init__(self, refusal: Refusal) -> None:
         self.refusal = refusal
@@ -74,6 +90,7 @@ class RouterClient:
         protocol_version: the version to announce (only tests speak another one).
         curve: ``(router public, own public, own secret)`` Z85 keys when the router's producer
             endpoint is TCP with CURVE; the key's name in its allowlist must be ``name``.
+        incarnation: this process's incarnation (random when omitted; tests pin it).
     """
 
     def __init__(
@@ -88,33 +105,44 @@ class RouterClient:
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         protocol_version: int = PROTOCOL_VERSION,
         curve: tuple[bytes, bytes, bytes] | None = None,
+        incarnation: str | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.protocol_version = protocol_version
         self._curve = curve
         self.name = name
-        self.incarnation = uuid.uuid4().hex[:12]
+        self.incarnation = incarnation if incarnation is not None else uuid.uuid4().hex[:12]
         self.key = f"{name}/{self.incarnation}"
-        self.heartbeat_interval_s = heartbeat_interval_s
         self.recovery_grace_s = recovery_grace_s
         self.on_first_token = on_first_token
         self._own_context = context is None
         self._ctx = context if context is not None else zmq.Context()
         self._sock: DealerSocket | None = None
+        self.session = PeerSession(heartbeat_interval_s=heartbeat_interval_s)
         self._futures: dict[int, asyncio.Future[Outcome]] = {}
+        self._credits: dict[int, Credit] = {}
+        """Outstanding credits, kept to send again one that bounced ``stale_incarnation``."""
+        self._sent_under: dict[int, str] = {}
+        """Credit id -> the router incarnation it was sent to."""
+        self._resends: dict[int, int] = {}
         self._slots = asyncio.Semaphore(max_outstanding)
-        self._pending: list[Credit] = []
-        self._unsent: deque[bytes] = deque()
+        self._queue: list[Credit | bytes] = []
+        """Credits and control frames not sent yet, in order."""
         self._flush_scheduled = False
         self._streams: list[asyncio.Queue[Outcome]] = []
-        self._welcome: asyncio.Future[ProducerWelcome] | None = None
-        self._router_incarnation: str | None = None
-        self._last_heard = 0.0
+        self._welcomed: asyncio.Event = asyncio.Event()
+        self._wake = asyncio.Event()
         self._max_batch = 1_024
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._hello = encode(
+            ProducerHello(
+                producer=name, protocol_version=protocol_version, incarnation=self.incarnation
+            )
+        )
+        self._beat_frame = encode(Heartbeat())
         self.unmatched_outcomes = 0
-        """Outcomes for credits this client was not waiting for (e.g. recovered twice)."""
+        """Outcomes for credits this client was not waiting for."""
         self.errors: list[ErrorReport] = []
         """Error reports the router sent (kept for inspection; also logged)."""
 
@@ -132,63 +160,61 @@ class RouterClient:
     ) -> None:
         await self.close()
 
+    @property
+    def router_incarnation(self) -> str | None:
+        """The incarnation of the router that last welcomed us."""
+        return self.session.router_incarnation
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """The beat (the router's welcome sets it)."""
+        return self.session.liveness.heartbeat_interval_s
+
     async def connect(self, timeout_s: float = 10.0) -> None:
-        """Connect and wait for the router's welcome. Raises ``TimeoutError`` or refusal."""
+        """Connect and wait for the router's welcome.
+
+        Raises:
+            TimeoutError: no router answered within ``timeout_s``.
+            ProducerRefusedError: the router refused us, or never accepted our CURVE key.
+        """
         loop = asyncio.get_running_loop()
         self._sock = DealerSocket(
-            self._ctx, self.endpoint, self.key.encode(), self._on_frames, curve=self._curve
+            self._ctx,
+            self.endpoint,
+            self.key.encode(),
+            self._on_frames,
+            curve=self._curve,
+            on_connected=self._on_connected,
+            on_handshake_failed=self._on_handshake_failed,
         )
         self._sock.attach(loop)
+        self.session.start(loop.time())
+        self._task = asyncio.create_task(self._pump(), name=f"producer-{self.key}")
         try:
-            await self._handshake(timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._welcomed.wait()
+            self._raise_if_final()
+        except TimeoutError:
+            await self.close()
+            raise TimeoutError(
+                f"no router answered at {self.endpoint} in {timeout_s:.1f} s"
+            ) from None
         except BaseException:
             await self.close()
             raise
-        self._task = asyncio.create_task(self._beat(), name=f"producer-{self.key}-beat")
 
-    async def _handshake(self, timeout_s: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._welcome = loop.create_future()
-        hello = encode(
-            ProducerHello(
-                producer=self.name,
-                protocol_version=self.protocol_version,
-                incarnation=self.incarnation,
+    def _raise_if_final(self) -> None:
+        session = self.session
+        if session.state is PeerState.REFUSED or session.state is PeerState.FAILED:
+            code = session.refusal_code or "auth_failed"
+            raise ProducerRefusedError(
+                Refusal(
+                    reason=session.why,
+                    router_version=0,
+                    peer_version=self.protocol_version,
+                    code=code,
+                )
             )
-        )
-        deadline = loop.time() + timeout_s
-        delay = 0.05
-        while not self._welcome.done():
-            assert self._sock is not None
-            self._sock.send(hello)
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError(f"no router answered at {self.endpoint} in {timeout_s:.1f} s")
-            await asyncio.wait({self._welcome}, timeout=min(delay, remaining))
-            delay = min(delay * 2, 1.0)
-        self._on_welcome(self._welcome.result())
-
-    def _on_welcome(self, welcome: ProducerWelcome) -> None:
-        previous = self._router_incarnation
-        self._router_incarnation = welcome.router_incarnation
-        self._max_batch = welcome.max_batch
-        self.heartbeat_interval_s = welcome.heartbeat_interval_s
-        self._last_heard = asyncio.get_running_loop().time()
-        if previous is not None and previous != welcome.router_incarnation:
-            logger.warning(
-                "router restarted (incarnation %s -> %s): %d credits await recovery",
-                previous,
-                welcome.router_incarnation,
-                len(self._futures),
-            )
-            waiting = list(self._futures)
-            asyncio.get_running_loop().call_later(self.recovery_grace_s, self._give_up, waiting)
-        self._retry_unsent()
-
-    def _give_up(self, credit_ids: list[int]) -> None:
-        for cid in credit_ids:
-            if cid in self._futures:
-                self._resolve(Outcome(credit_id=cid, status=Status.LOST, reason="router_restarted"))
 
     async def close(self) -> None:
         """Stop beating and close the socket. Credits still awaited stay unresolved."""
@@ -196,6 +222,8 @@ class RouterClient:
             return
         self._closed = True
         self._flush()
+        self.session.close()
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -205,22 +233,39 @@ class RouterClient:
         if self._own_context:
             self._ctx.term()
 
-    async def _beat(self) -> None:
+    async def _pump(self) -> None:
+        """Send what the session asks for (hello, beats) when it asks for it."""
         loop = asyncio.get_running_loop()
-        beat = encode(Heartbeat())
-        while True:
-            await asyncio.sleep(self.heartbeat_interval_s)
-            assert self._sock is not None
-            if loop.time() - self._last_heard > 3 * self.heartbeat_interval_s:
-                logger.warning("router silent at %s; saying hello again", self.endpoint)
-                try:
-                    await self._handshake(timeout_s=3600.0)
-                except ProducerRefusedError:
-                    logger.error("router refused this producer after a reconnect")
-                    return
-                continue
-            self._sock.send(beat)
-            self._retry_unsent()
+        session = self.session
+        while not session.final:
+            now = loop.time()
+            what = session.due(now)
+            if what == HELLO:
+                if session.state is PeerState.REJOINING and session.rehellos == 1:
+                    logger.warning("saying hello again to %s: %s", self.endpoint, session.why)
+                self._send_now(self._hello)
+            elif what == HEARTBEAT:
+                self._send_now(self._beat_frame)
+            if self._queue and session.ready:
+                self._flush()
+            self._wake.clear()
+            delay = max(0.005, session.next_deadline(loop.time()) - loop.time())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(delay, 0.25)):
+                    await self._wake.wait()
+        self._welcomed.set()  # wake connect() on a refusal or auth failure
+
+    def _on_connected(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if self.session.connected(now):
+            self._wake.set()
+
+    def _on_handshake_failed(self, why: str) -> None:
+        logger.warning("handshake with %s failed: %s", self.endpoint, why)
+        if self.session.auth_failed(why):
+            logger.error("giving up on %s: %s", self.endpoint, self.session.why)
+            self._end_unsent(f"auth_failed: {why}")
+            self._wake.set()
 
     # ------------------------------------------------------------------- credits
 
@@ -232,12 +277,14 @@ class RouterClient:
     async def submit(self, credit: Credit) -> asyncio.Future[Outcome]:
         """Submit one credit; returns the future of its one outcome. Waits under back-pressure."""
         await self._slots.acquire()
-        if credit.id in self._futures:
+        cid = credit.id
+        if cid in self._futures:
             self._slots.release()
-            raise ValueError(f"credit id {credit.id} is already awaiting its outcome")
+            raise ValueError(f"credit id {cid} is already awaiting its outcome")
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._futures[credit.id] = future
-        self._pending.append(credit)
+        self._futures[cid] = future
+        self._credits[cid] = credit
+        self._queue.append(credit)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -253,15 +300,26 @@ class RouterClient:
 
     def cancel(self, credit_ids: Iterable[int]) -> None:
         """Cancel credits (queued ones end at the router; dispatched ones at their worker)."""
-        self._send(encode(CancelCredits(credit_ids=list(credit_ids))))
+        ids = list(credit_ids)
+        # A credit not sent yet ends here: it never reached a router.
+        unsent = {c.id for c in self._queue if isinstance(c, Credit)} & set(ids)
+        if unsent:
+            self._queue = [
+                c for c in self._queue if not isinstance(c, Credit) or c.id not in unsent
+            ]
+            for cid in unsent:
+                self._resolve(Outcome(credit_id=cid, status=Status.CANCELLED, reason="cancelled"))
+        rest = [cid for cid in ids if cid not in unsent]
+        if rest:
+            self._control(encode(CancelCredits(credit_ids=rest)))
 
     def end_session(self, session: str, reason: str = "") -> None:
         """This producer will send no more turns of ``session``."""
-        self._send(encode(EndSession(x_correlation_id=session, reason=reason)))
+        self._control(encode(EndSession(x_correlation_id=session, reason=reason)))
 
     def release_reservation(self, session: str, count: int = 1) -> None:
         """Give back FORK reservations ``session``'s turns declared and will not use."""
-        self._send(encode(ReleaseReservation(x_correlation_id=session, count=count)))
+        self._control(encode(ReleaseReservation(x_correlation_id=session, count=count)))
 
     async def stream(self) -> AsyncIterator[Outcome]:
         """Every outcome as it arrives, from now on (also delivered to the futures)."""
@@ -275,27 +333,50 @@ class RouterClient:
 
     # ------------------------------------------------------------------ plumbing
 
+    def _control(self, frame: bytes) -> None:
+        self._queue.append(frame)
+        self._flush()
+
     def _flush(self) -> None:
+        """Send what waits, in order, if a router has welcomed us; keep the rest."""
         self._flush_scheduled = False
-        pending = self._pending
-        if not pending:
+        queue = self._queue
+        sock = self._sock
+        session = self.session
+        if not queue or sock is None or not session.ready:
             return
-        self._pending = []
+        incarnation = session.router_incarnation or ""
         step = self._max_batch
-        for i in range(0, len(pending), step):
-            self._send(encode(SubmitBatch(credits=pending[i : i + step])))
+        sent_under = self._sent_under
+        i = 0
+        n = len(queue)
+        while i < n:
+            item = queue[i]
+            if isinstance(item, bytes):
+                if not sock.send(item):
+                    break
+                i += 1
+                continue
+            j = i
+            while j < n and j - i < step and isinstance(queue[j], Credit):
+                j += 1
+            batch: list[Credit] = queue[i:j]  # type: ignore[assignment]
+            if not sock.send(encode(SubmitBatch(credits=batch, router_incarnation=incarnation))):
+                break
+            for credit in batch:
+                sent_under[credit.id] = incarnation
+            i = j
+        if i:
+            session.sent(asyncio.get_running_loop().time())
+            del queue[:i]
 
-    def _send(self, frame: bytes) -> None:
-        if self._unsent or self._sock is None or not self._sock.send(frame):
-            self._unsent.append(frame)
-
-    def _retry_unsent(self) -> None:
-        unsent = self._unsent
-        while unsent and self._sock is not None and self._sock.send(unsent[0]):
-            unsent.popleft()
+    def _send_now(self, frame: bytes) -> None:
+        if self._sock is not None:
+            self._sock.send(frame)
 
     def _on_frames(self, frames: list[bytes]) -> None:
-        self._last_heard = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        self.session.received(now)
         for frame in frames:
             try:
                 msg = decode_router_to_producer(frame)
@@ -305,36 +386,90 @@ class RouterClient:
             match msg:
                 case OutcomeBatch(outcomes=outcomes):
                     for outcome in outcomes:
-                        self._resolve(outcome)
+                        self._on_outcome(outcome)
                 case Outcome():
-                    self._resolve(msg)
+                    self._on_outcome(msg)
                 case ProducerFirstToken(credit_id=cid, ttft_s=ttft):
                     if self.on_first_token is not None:
                         self.on_first_token(cid, ttft)
                 case _:
-                    self._on_control(msg)
+                    self._on_control(msg, now)
         if self._sock is not None:
             self._sock.recheck()
 
-    def _on_control(self, msg: object) -> None:
-        welcome = self._welcome
+    def _on_control(self, msg: object, now: float) -> None:
+        session = self.session
         match msg:
             case ProducerWelcome():
-                if welcome is not None and not welcome.done():
-                    welcome.set_result(msg)
+                self._max_batch = max(1, msg.max_batch)
+                previous = session.welcomed(msg.router_incarnation, msg.heartbeat_interval_s, now)
+                if previous is not None:
+                    self._router_restarted(previous)
+                self._welcomed.set()
+                self._flush()
+                self._wake.set()
             case Refusal():
                 logger.error("router refused this producer: %s", msg.reason)
-                if welcome is not None and not welcome.done():
-                    welcome.set_exception(ProducerRefusedError(msg))
+                session.refused(msg.code or "refused", msg.reason)
+                self._end_unsent(f"producer_refused: {msg.reason}")
+                self._wake.set()
             case ErrorReport(code=code, message=text):
-                logger.warning("router reports %s: %s", code, text)
                 self.errors.append(msg)
+                if session.error_report(code, now):
+                    logger.warning("router does not know us (%s): saying hello again", code)
+                    self._wake.set()
+                else:
+                    logger.warning("router reports %s: %s", code, text)
+
+    def _router_restarted(self, previous: str) -> None:
+        waiting = [cid for cid, inc in self._sent_under.items() if inc == previous]
+        logger.warning(
+            "router restarted (incarnation %s -> %s): %d credits await recovery",
+            previous,
+            self.session.router_incarnation,
+            len(waiting),
+        )
+        if waiting:
+            asyncio.get_running_loop().call_later(
+                self.recovery_grace_s, self._give_up, waiting, previous
+            )
+
+    def _give_up(self, credit_ids: list[int], incarnation: str) -> None:
+        for cid in credit_ids:
+            if cid in self._futures and self._sent_under.get(cid) == incarnation:
+                self._resolve(Outcome(credit_id=cid, status=Status.LOST, reason=ROUTER_RESTARTED))
+
+    def _end_unsent(self, reason: str) -> None:
+        """The session is final: credits never sent end here (they never reached a router)."""
+        unsent = [c.id for c in self._queue if isinstance(c, Credit)]
+        self._queue = []
+        for cid in unsent:
+            self._resolve(Outcome(credit_id=cid, status=Status.REJECTED, reason=reason[:200]))
+
+    def _on_outcome(self, outcome: Outcome) -> None:
+        cid = outcome.credit_id
+        if outcome.reason == STALE_INCARNATION and outcome.status is Status.REJECTED:
+            credit = self._credits.get(cid)
+            resends = self._resends.get(cid, 0)
+            if credit is not None and cid in self._futures and resends < _MAX_RESENDS:
+                # Addressed to a router that was gone by the time it arrived: it never ran.
+                # Send it again, to the router that welcomed us since.
+                self._resends[cid] = resends + 1
+                self._sent_under.pop(cid, None)
+                self._queue.append(credit)
+                self._flush()
+                return
+        self._resolve(outcome)
 
     def _resolve(self, outcome: Outcome) -> None:
-        future = self._futures.pop(outcome.credit_id, None)
+        cid = outcome.credit_id
+        future = self._futures.pop(cid, None)
         if future is None:
             self.unmatched_outcomes += 1
             return
+        self._credits.pop(cid, None)
+        self._sent_under.pop(cid, None)
+        self._resends.pop(cid, None)
         self._slots.release()
         if not future.done():
             future.set_result(outcome)
