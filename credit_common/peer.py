@@ -169,8 +169,8 @@ class PeerSession:
         *,
         heartbeat_interval_s: float = 1.0,
         silence_beats: int = 3,
-        rehello_initial_s: float = 0.05,
-        rehello_max_s: float = 0.5,
+        rehello_initial_s: float = 0.25,
+        rehello_max_s: float = 1.0,
         max_auth_failures: int = 5,
         rng: random.Random | None = None,
     ) -> None:
@@ -192,6 +192,7 @@ class PeerSession:
         self.restarts = 0
         """Welcomes that named a new router incarnation."""
         self._next_hello_at: float | None = None
+        self._hello_unsent = False
 
     def __repr__(self) -> str:
         return f"<PeerSession {self.state.value} router={self.router_incarnation}>"
@@ -254,14 +255,22 @@ class PeerSession:
     def connected(self, now: float) -> bool:
         """The transport (re-)established its connection: the router may be a new process.
 
-        Returns whether a hello is now due (always, unless final or already joining).
+        Returns whether a hello is now due: when welcomed (say hello again, at once), or when
+        the last hello could not be handed to the transport (``hello_unsent``).
         """
         if self.final:
             return False
         if self.state is PeerState.READY:
             return self._rejoin("connection re-established", now, at_once=True)
-        self._next_hello_at = now
-        return True
+        if self._hello_unsent:
+            self._next_hello_at = now
+            return True
+        return False
+
+    def hello_unsent(self) -> None:
+        """The hello ``due()`` asked for could not be handed to the transport (no connection
+        yet): send the next one as soon as the transport connects."""
+        self._hello_unsent = True
 
     def refused(self, code: str, reason: str) -> None:
         """A ``Refusal`` arrived: final."""
@@ -343,6 +352,7 @@ class PeerSession:
         if at is None or now < at:
             return None
         self._next_hello_at = now + self.backoff.next()
+        self._hello_unsent = False
         if self.router_incarnation is not None:
             self.rehellos += 1
         self.liveness.sent(now)

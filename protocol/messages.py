@@ -418,6 +418,11 @@ class Welcome(Msg, frozen=True, kw_only=True, tag="welcome"):
     """Send something (a ``Heartbeat`` if nothing else) at least this often."""
     inflight_report_interval_s: float
     """Send an ``InFlightReport`` this often."""
+    resumed: bool = False
+    """``True``: this router still holds the worker's state (the same incarnation reconnected
+    within the grace period): its sessions, credits and completions stand. ``False``: the
+    router holds nothing of this worker — every session history from before is an orphan the
+    router will never send a turn of again, and may be dropped."""
 
 
 class Dispatch(Msg, frozen=True, kw_only=True, tag="credit"):

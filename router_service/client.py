@@ -243,7 +243,8 @@ class RouterClient:
             if what == HELLO:
                 if session.state is PeerState.REJOINING and session.rehellos == 1:
                     logger.warning("saying hello again to %s: %s", self.endpoint, session.why)
-                self._send_now(self._hello)
+                if not self._send_now(self._hello):
+                    session.hello_unsent()
             elif what == HEARTBEAT:
                 self._send_now(self._beat_frame)
             if self._queue and session.ready:
@@ -370,9 +371,8 @@ class RouterClient:
             session.sent(asyncio.get_running_loop().time())
             del queue[:i]
 
-    def _send_now(self, frame: bytes) -> None:
-        if self._sock is not None:
-            self._sock.send(frame)
+    def _send_now(self, frame: bytes) -> bool:
+        return self._sock is not None and self._sock.send(frame)
 
     def _on_frames(self, frames: list[bytes]) -> None:
         now = asyncio.get_running_loop().time()

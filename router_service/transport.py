@@ -424,11 +424,9 @@ class DealerSocket(_Driven):
         self._on_payloads = on_frames
         self._on_connected = on_connected
         self._on_handshake_failed = on_handshake_failed
-        # Connected comes after the handshake only for plaintext; under CURVE wait for the
-        # handshake to succeed, so "connected" means "the router can hear us".
-        self._up_event = int(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED if curve is not None else zmq.EVENT_CONNECTED
-        )
+        # Not EVENT_CONNECTED: frames can be handed over only once the ZMTP handshake is done
+        # (IMMEDIATE), so "connected" means "the router can hear us now".
+        self._up_event = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._monitor: Monitor | None = Monitor(
             sock, self._up_event | HANDSHAKE_FAILED, self._on_event
         )

@@ -61,6 +61,7 @@ from collections.abc import Callable, Mapping
 from typing import Final
 
 from credit_common.histogram import Histogram
+from credit_common.peer import HEARTBEAT, HELLO, PeerSession, PeerState
 from protocol import PROTOCOL_VERSION
 from protocol.codec import decode_router_to_worker, encode
 from protocol.errors import DecodeError
@@ -90,14 +91,13 @@ from worker_agent.core import (
     MAX_ID,
     MAX_LABELS,
     MAX_TEXT,
-    Backoff,
     CompletionLog,
-    Liveness,
     Logged,
     LogThrottle,
     Session,
     SessionTable,
     Turn,
+    TurnEnd,
     bound_in_flight,
     completion_messages,
 )
@@ -116,6 +116,7 @@ FORCED_EXIT: Final = "forced_exit"
 WORKER_STOPPED: Final = "worker_stopped"
 RESULT_TOO_LARGE: Final = "result_too_large"
 UNKNOWN_WORKER: Final = "unknown_worker"
+REVOKED: Final = "revoked"
 
 _COMPLETED: Final = Status.COMPLETED
 _FAILED: Final = Status.FAILED
@@ -136,6 +137,16 @@ class AgentState(enum.Enum):
     REJOINING = "rejoining"
     """The router went silent (or forgot us): re-hello until a ``Welcome``."""
     STOPPED = "stopped"
+
+
+_AGENT_STATE: Final = {
+    PeerState.JOINING: AgentState.JOINING,
+    PeerState.READY: AgentState.JOINED,
+    PeerState.REJOINING: AgentState.REJOINING,
+    PeerState.REFUSED: AgentState.STOPPED,
+    PeerState.FAILED: AgentState.STOPPED,
+    PeerState.CLOSED: AgentState.STOPPED,
+}
 
 
 class StopReason(enum.StrEnum):
@@ -180,6 +191,8 @@ class AgentStats:
         self.rehellos = 0
         self.router_restarts = 0
         self.recovered_completions = 0
+        self.revoked = 0
+        """Credits a draining router ended itself (stopped here, never reported)."""
         self.first_tokens_sent = 0
         self.first_tokens_coalesced = 0
         """First tokens not sent because the completion left in the same frame batch."""
@@ -216,6 +229,7 @@ class _Held:
         "done",
         "key",
         "on_first_token",
+        "revoked",
         "router_incarnation",
         "session",
         "started_at",
@@ -235,6 +249,8 @@ class _Held:
         self.cancel_reason: str | None = None
         self.ttft_s: float | None = None
         self.done = False
+        self.revoked = False
+        """The router ended it itself: stopped, never reported."""
         self.on_first_token: Callable[[float], None] | None = None
 
     def __repr__(self) -> str:
@@ -257,6 +273,10 @@ class WorkerAgent:
         rehello_initial_s: first re-hello delay (doubles up to ``rehello_max_s``).
         rehello_max_s: longest re-hello delay.
         silence_beats: heartbeat intervals of router silence before re-helloing.
+        max_auth_failures: failed CURVE handshakes in a row (no welcome) before giving up:
+            ``serve()`` raises ``RefusedError`` naming why.
+        session_idle_ttl_s: a session history unused this long is dropped (an orphan: the
+            router forgot it, e.g. it restarted or declared this worker lost).
         settle_timeout_s: at shutdown, how long cancelled executions get to finish before
             their completions are written without them.
         incarnation: this process's incarnation; random hex when omitted (tests pin it).
@@ -279,9 +299,11 @@ class WorkerAgent:
         first_token_events: bool = True,
         drain_deadline_s: float = 30.0,
         max_sessions: int = 100_000,
-        rehello_initial_s: float = 1.0,
-        rehello_max_s: float = 10.0,
+        rehello_initial_s: float = 0.25,
+        rehello_max_s: float = 1.0,
         silence_beats: int = 3,
+        max_auth_failures: int = 5,
+        session_idle_ttl_s: float = 900.0,
         settle_timeout_s: float = 1.0,
         incarnation: str | None = None,
         transport_factory: TransportFactory | None = None,
@@ -292,6 +314,8 @@ class WorkerAgent:
             raise ValueError("drain_deadline_s and settle_timeout_s must be >= 0")
         if silence_beats < 1:
             raise ValueError(f"silence_beats must be >= 1, got {silence_beats}")
+        if session_idle_ttl_s <= 0:
+            raise ValueError(f"session_idle_ttl_s must be > 0, got {session_idle_ttl_s}")
         all_labels = {**(labels or {}), "executor": executor.kind}
         _check_identity(name, all_labels)
         self.router = router
@@ -309,15 +333,20 @@ class WorkerAgent:
         self._transport_factory = transport_factory
         self._transport: Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._state = AgentState.JOINING
-        self._router_incarnation: str | None = None
-        self._liveness = Liveness(1.0, silence_beats)
-        self._backoff = Backoff(rehello_initial_s, rehello_max_s)
+        self.session_idle_ttl_s = session_idle_ttl_s
+        self._session = PeerSession(
+            heartbeat_interval_s=1.0,
+            silence_beats=silence_beats,
+            rehello_initial_s=rehello_initial_s,
+            rehello_max_s=rehello_max_s,
+            max_auth_failures=max_auth_failures,
+        )
+        self._stopped = False
+        self._next_expiry_at = 0.0
         self._throttle = LogThrottle()
         self._report_interval_s = 5.0
         self._tick_s = 0.1
         self._last_tick = 0.0
-        self._next_hello_at = 0.0
         self._next_report_at = 0.0
         self._held: dict[tuple[str, int], _Held] = {}
         self._waiting: deque[_Held] = deque()
@@ -350,9 +379,19 @@ class WorkerAgent:
         return self._state
 
     @property
+    def _state(self) -> AgentState:
+        if self._stopped:
+            return AgentState.STOPPED
+        return _AGENT_STATE[self._session.state]
+
+    @property
+    def _router_incarnation(self) -> str | None:
+        return self._session.router_incarnation
+
+    @property
     def router_incarnation(self) -> str | None:
         """The incarnation of the router that last welcomed us."""
-        return self._router_incarnation
+        return self._session.router_incarnation
 
     @property
     def draining(self) -> bool:
@@ -398,6 +437,8 @@ class WorkerAgent:
         if self._refusal is not None:
             refusal = self._refusal
             raise RefusedError(refusal.reason, refusal.router_version, refusal.peer_version)
+        if self._session.state is PeerState.FAILED:
+            raise RefusedError(f"authentication failed: {self._session.why}", 0, PROTOCOL_VERSION)
         if self._transport_error is not None:
             raise self._transport_error
         return reason
@@ -409,7 +450,16 @@ class WorkerAgent:
         self._loop = loop = asyncio.get_running_loop()
         self._last_tick = loop.time()
         factory = self._transport_factory or _dealer_factory
-        self._transport = factory(self.router, self.name, self._on_frames, self._on_transport_error)
+        # The routing id is NAME/INCARNATION: two processes never share one (a copied config
+        # or a stale process cannot take over this one's connection); the router arbitrates
+        # the name itself by the hello.
+        routing_id = f"{self.name}/{self.incarnation}"
+        self._transport = factory(
+            self.router, routing_id, self._on_frames, self._on_transport_error
+        )
+        watch = getattr(self._transport, "watch", None)
+        if watch is not None:
+            watch(self._on_connected, self._on_handshake_failed)
         logger.info(
             "worker starting name=%s incarnation=%s router=%s capacity=%d executor=%s",
             self.name,
@@ -418,7 +468,8 @@ class WorkerAgent:
             self.capacity,
             self._executor.kind,
         )
-        self._send_hello(loop.time())
+        self._session.start(loop.time())
+        self._on_tick(loop.time())
 
     async def main_loop(self) -> StopReason:
         """Tick until a stop reason is set; frames are handled by the reader callback."""
@@ -452,7 +503,8 @@ class WorkerAgent:
             self._flush()
             if self._state is AgentState.JOINED and reason in _SAYS_GOODBYE:
                 self._send(Goodbye(reason=reason.value), loop.time())
-            self._state = AgentState.STOPPED
+            self._stopped = True
+            self._session.close()
             if self._transport is not None:
                 self._transport.close()
             logger.info(
@@ -486,13 +538,24 @@ class WorkerAgent:
     def _on_tick(self, now: float) -> None:
         # A late tick means our own loop stalled: the router's frames may be waiting unread in
         # the socket, so this tick does not judge its silence (the next one will, once read).
-        stalled = now - self._last_tick > self._liveness.heartbeat_interval_s
+        session = self._session
+        stalled = now - self._last_tick > session.liveness.heartbeat_interval_s
         self._last_tick = now
         self._apply_requests(now)
-        if self._state is AgentState.JOINED:
-            self._tick_joined(now, stalled)
-        elif self._state is not AgentState.STOPPED and now >= self._next_hello_at:
-            self._send_hello(now)
+        if not self._stopped:
+            was_ready = session.ready
+            what = session.due(now, stalled=stalled)
+            if was_ready and not session.ready:
+                logger.warning("router presumed gone (%s): rejoining", session.why)
+            if what == HELLO:
+                self._send_hello(now)
+            elif what == HEARTBEAT:
+                self._send(Heartbeat(sent_at_s=now), now)
+            if session.ready:
+                self._tick_joined(now)
+            if now >= self._next_expiry_at:
+                self._next_expiry_at = now + 1.0
+                self._expire_sessions(now)
         if self._stop is None:
             self._stop = self._stop_reason(now)
 
@@ -505,23 +568,24 @@ class WorkerAgent:
             self._drain_request = None
             self._start_drain(request, now)
 
-    def _tick_joined(self, now: float, stalled: bool) -> None:
-        liveness = self._liveness
-        if not stalled and liveness.router_gone(now):
-            self._lose_router(now, f"silent for {liveness.silent_for(now):.1f}s")
-            return
+    def _tick_joined(self, now: float) -> None:
         if now >= self._next_report_at:
             self._next_report_at = now + self._report_interval_s
             credits = self._report(self._router_incarnation, now)
             self._send(InFlightReport(credits=credits), now)
-        if liveness.heartbeat_due(now):
-            self._send(Heartbeat(sent_at_s=now), now)
+
+    def _expire_sessions(self, now: float) -> None:
+        """Drop histories unused for ``session_idle_ttl_s`` (orphans the router forgot)."""
+        keep = [h.session for h in self._held.values() if h.session is not None]
+        dropped = self.sessions.expire(now - self.session_idle_ttl_s, keep)
+        if dropped:
+            logger.info("dropped %d idle session histories (orphans)", dropped)
 
     def _stop_reason(self, now: float) -> StopReason | None:
         if not self._draining:
             return None
-        if self._router_incarnation is None:
-            return StopReason.DRAINED  # never joined: nothing held, nobody to tell
+        if self._router_incarnation is None or self._session.final:
+            return StopReason.DRAINED  # never joined, or refused: nobody to tell
         if not self._held and not self.sessions and self._state is AgentState.JOINED:
             return StopReason.DRAINED
         if now >= self._drain_deadline:
@@ -563,7 +627,6 @@ class WorkerAgent:
             in_flight=in_flight,
         )
         self._send(hello, now)
-        self._next_hello_at = now + self._backoff.next()
         if self._state is AgentState.REJOINING:
             self.stats.rehellos += 1
             logger.info(
@@ -573,22 +636,40 @@ class WorkerAgent:
                 dropped,
             )
 
-    def _lose_router(self, now: float, why: str) -> None:
-        logger.warning("router presumed gone (%s): rejoining", why)
-        self._state = AgentState.REJOINING
-        self._backoff.reset()
-        self._send_hello(now)
+    def _on_connected(self) -> None:
+        """The transport (re-)connected: the router may be a new process; say hello now."""
+        if self._session.connected(self._require_loop().time()):
+            self._wake.set()
+
+    def _on_handshake_failed(self, why: str) -> None:
+        now = self._require_loop().time()
+        suppressed = self._throttle.ready("handshake", now)
+        if suppressed is not None:
+            logger.warning("handshake with %s failed: %s", self.router, why)
+        if self._session.auth_failed(why):
+            logger.error("giving up on %s: %s", self.router, self._session.why)
+            if self._stop is None:
+                self._stop = StopReason.REFUSED
+            self._wake.set()
 
     def _on_welcome(self, welcome: Welcome, now: float) -> None:
-        previous = self._router_incarnation
+        session = self._session
+        previous = session.router_incarnation
         incarnation = welcome.router_incarnation
+        was_ready = session.ready
         self._apply_intervals(welcome, now)
-        if self._state is AgentState.JOINED and incarnation == previous:
+        if session.final or (was_ready and incarnation == previous):
             return  # a second answer to an earlier Hello of the same rejoin
-        self._state = AgentState.JOINED
-        self._router_incarnation = incarnation
-        self._backoff.reset()
+        session.welcomed(incarnation, welcome.heartbeat_interval_s, now)
         self._next_report_at = now + self._report_interval_s
+        if previous is not None and not welcome.resumed:
+            # The router holds nothing of ours (it restarted, or it had declared us lost): it
+            # will never send a turn of the sessions we hold again. Keep only those of credits
+            # still running here.
+            keep = [h.session for h in self._held.values() if h.session is not None]
+            dropped = self.sessions.drop_all_but(keep)
+            if dropped:
+                logger.info("dropped %d session histories the router no longer holds", dropped)
         if previous is None:
             logger.info("joined router=%s incarnation=%s", self.router, incarnation)
         elif incarnation != previous:
@@ -614,10 +695,10 @@ class WorkerAgent:
         # Clamp what the router says: a zero or negative interval must not spin the loop.
         heartbeat = max(0.01, welcome.heartbeat_interval_s)
         self._report_interval_s = max(0.01, welcome.inflight_report_interval_s)
-        self._liveness.restart(heartbeat, now)
         self._tick_s = min(0.25, max(0.005, min(heartbeat, self._report_interval_s) / 4))
 
     def _on_refusal(self, refusal: Refusal) -> None:
+        self._session.refused(refusal.code, refusal.reason)
         logger.error(
             "refused by the router: %s (router protocol %d, ours %d)",
             refusal.reason,
@@ -638,8 +719,9 @@ class WorkerAgent:
                 report.message,
                 suppressed,
             )
-        if report.code == UNKNOWN_WORKER and self._state is AgentState.JOINED:
-            self._lose_router(now, "it does not know us")
+        if self._session.error_report(report.code, now):
+            logger.warning("the router does not know us (%s): saying hello again", report.code)
+            self._wake.set()
 
     def _on_transport_error(self, error: TransportError) -> None:
         self._transport_error = error
@@ -651,7 +733,7 @@ class WorkerAgent:
 
     def _on_frames(self, frames: list[bytes]) -> None:
         now = self._require_loop().time()
-        self._liveness.received(now)  # any frame is a heartbeat, even one that fails to decode
+        self._session.received(now)  # any frame is a heartbeat, even one that fails to decode
         debug = logger.isEnabledFor(_DEBUG)
         for frame in frames:
             try:
@@ -687,10 +769,13 @@ class WorkerAgent:
                 self.completions.ack(seq)
             case Heartbeat():
                 pass
-            case Cancel(producer=producer, credit_ids=ids):
-                self._on_cancel(producer, ids)
-            case EndSession(x_correlation_id=xid):
-                self.sessions.end_session(xid)
+            case Cancel(producer=producer, credit_ids=ids, revoked=revoked):
+                if revoked:
+                    self._on_revoke(producer, ids, now)
+                else:
+                    self._on_cancel(producer, ids)
+            case EndSession(x_correlation_id=xid, producer=producer):
+                self.sessions.end_session(xid, producer)
             case Welcome():
                 self._on_welcome(msg, now)
             case Refusal():
@@ -729,11 +814,32 @@ class WorkerAgent:
             if record is not None:  # ids we no longer hold: their completion stands
                 self._cancel(record, CANCELLED)
 
+    def _on_revoke(self, producer: str, credit_ids: list[int], now: float) -> None:
+        """The router ended these credits itself (it is shutting down): stop them and never
+        report them, then confirm with an ``InFlightReport`` (PROTOCOL.md §5.5)."""
+        held = self._held
+        revoked = 0
+        for credit_id in credit_ids:
+            record = held.get((producer, credit_id))
+            if record is not None and not record.done:
+                record.revoked = True
+                revoked += 1
+                self._cancel(record, REVOKED)
+        forgotten = self.completions.forget(producer, credit_ids)
+        self.stats.revoked += revoked + forgotten
+        logger.info(
+            "router ended %d credits itself: %d stopped, %d completions forgotten",
+            len(credit_ids),
+            revoked,
+            forgotten,
+        )
+        self._send(InFlightReport(credits=self._report(self._router_incarnation, now)), now)
+
     # ---------------------------------------------------------------------------- credits
 
     def _start(self, held: _Held, now: float) -> None:
         credit = held.credit
-        session = self.sessions.begin(credit)
+        session = self.sessions.begin(credit, held.key[0], now)
         held.session = session
         held.started_at = now
         self._running += 1
@@ -861,7 +967,34 @@ class WorkerAgent:
         if started is not None:
             self._running -= 1
         credit = held.credit
-        end = self.sessions.end(credit, held.session, completed=status is _COMPLETED, turn=turn)
+        end = self.sessions.end(
+            credit,
+            held.session,
+            completed=status is _COMPLETED,
+            turn=turn,
+            producer=held.key[0],
+            now=now,
+        )
+        if not held.revoked:  # (revoked: the router ended it already; never reported)
+            self._record(held, status, reason, now, started, ttft_s, result, end)
+        if self._waiting:
+            self._start_waiting(now)
+        if self._draining:
+            self._wake.set()
+
+    def _record(
+        self,
+        held: _Held,
+        status: Status,
+        reason: str,
+        now: float,
+        started: float | None,
+        ttft_s: float | None,
+        result: bytes,
+        end: TurnEnd,
+    ) -> None:
+        """Number the credit's completion, count it, and queue it for this iteration's flush."""
+        credit = held.credit
         entry = self.completions.record(
             held.key[0],
             credit.id,
@@ -889,10 +1022,6 @@ class WorkerAgent:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._require_loop().call_soon(self._flush)
-        if self._waiting:
-            self._start_waiting(now)
-        if self._draining:
-            self._wake.set()
 
     def _start_waiting(self, now: float) -> None:
         if self._stop is not None:
@@ -952,7 +1081,7 @@ class WorkerAgent:
         except TransportError as exc:
             self._on_transport_error(exc)
             return
-        self._liveness.sent(now)
+        self._session.sent(now)
 
     def _report(self, incarnation: str | None, now: float) -> dict[str, list[int]]:
         """Held credits of ``incarnation`` by producer, within the protocol's bounds."""
@@ -971,6 +1100,8 @@ class WorkerAgent:
         """Held credit ids by producer: of one router incarnation, or all with ``None``."""
         out: dict[str, list[int]] = {}
         for held in self._held.values():
+            if held.revoked:
+                continue  # the router ended it: it is not ours to report any more
             if incarnation is None or held.router_incarnation == incarnation:
                 producer, credit_id = held.key
                 ids = out.get(producer)

@@ -18,24 +18,25 @@ declares no children never enters the table (the dominant benchmark case costs n
 Completions (§5.3, §5.6). ``CompletionLog`` numbers completions from 1 and keeps each until a
 cumulative ``Ack`` covers it, with the router incarnation that dispatched its credit;
 ``completion_messages`` turns a run of them into frames: current-incarnation completions as one
-``Completion`` or ``CompletionBatch``, other incarnations' as ``Recovered`` per incarnation, and
-the ``ChildRelease`` of each ended FORK child after its completion.
+``Completion`` or ``CompletionBatch``, other incarnations' as ``Recovered`` per incarnation. An
+ended FORK child's release travels in its completion (``session_ended``), which is acknowledged
+and resent; no separate ``ChildRelease`` follows it (the router would count the second release
+as unknown).
 """
 
 from __future__ import annotations
 
 import itertools
-import random
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from typing import Final
 
 import msgspec
 
+from credit_common.peer import Backoff, Liveness
 from protocol.messages import (
     MAX_IDS,
     BranchMode,
-    ChildRelease,
     Completion,
     CompletionBatch,
     Credit,
@@ -118,8 +119,10 @@ class Session:
         "branch_mode",
         "final_done",
         "history",
+        "last_used",
         "parent",
         "pending_forks",
+        "producer",
         "rebuilt",
         "released",
         "x_correlation_id",
@@ -144,6 +147,10 @@ class Session:
         self.final_done = False
         self.released = False
         """Its end was already reported (or needs no ``ChildRelease``)."""
+        self.producer = ""
+        """The producer whose session it is (sessions are per producer)."""
+        self.last_used = 0.0
+        """When a turn of it last began or ended (the worker's monotonic clock)."""
 
     def __repr__(self) -> str:
         return (
@@ -161,7 +168,15 @@ class Session:
 class SessionStats:
     """Counters of the session table (read by logs and tests)."""
 
-    __slots__ = ("ended", "ended_by_router", "evicted", "fork_parent_missing", "rebuilt", "started")
+    __slots__ = (
+        "ended",
+        "ended_by_router",
+        "evicted",
+        "expired",
+        "fork_parent_missing",
+        "rebuilt",
+        "started",
+    )
 
     def __init__(self) -> None:
         self.started = 0
@@ -174,6 +189,9 @@ class SessionStats:
         """Later turns of sessions this worker did not hold."""
         self.fork_parent_missing = 0
         """FORK children whose parent's history was not here."""
+        self.expired = 0
+        """Dropped as orphans: idle past the router's session TTL, or held from a router
+        incarnation that restarted (it will never send their turns here again)."""
 
     def snapshot(self) -> dict[str, int]:
         """A copy of every counter."""
@@ -186,7 +204,7 @@ class TurnEnd(msgspec.Struct, frozen=True, gc=False):
     session_ended: bool
     """The session is no longer held (goes into ``Completion.session_ended``)."""
     child_release: str | None
-    """A FORK child's id whose session ended with this turn: send ``ChildRelease`` for it."""
+    """A FORK child's id whose session ended with this turn (its completion says so)."""
 
 
 class SessionTable:
@@ -210,15 +228,56 @@ class SessionTable:
     def __contains__(self, x_correlation_id: object) -> bool:
         return x_correlation_id in self._live
 
+    def key(self, producer: str, x_correlation_id: str) -> str:
+        """The table's key of a producer's session: sessions belong to the producer that
+        started them, so two producers' equal ids are two sessions."""
+        return f"{producer}\x1f{x_correlation_id}" if producer else x_correlation_id
+
     def __iter__(self) -> Iterator[Session]:
         return iter(self._live.values())
 
     def __repr__(self) -> str:
         return f"<SessionTable live={len(self._live)} {self.stats.snapshot()}>"
 
-    def get(self, x_correlation_id: str) -> Session | None:
+    def get(self, x_correlation_id: str, producer: str = "") -> Session | None:
         """The held session, or ``None`` (does not refresh its LRU position)."""
-        return self._live.get(x_correlation_id)
+        return self._live.get(self.key(producer, x_correlation_id))
+
+    def expire(self, horizon: float, keep: Iterable[Session] = ()) -> int:
+        """Drop sessions not used since ``horizon`` (histories orphaned by a router that
+        forgot them: it will never send their turns here again), except ``keep``.
+
+        Returns:
+            How many were dropped.
+        """
+        live = self._live
+        kept = {id(s) for s in keep}
+        dropped = 0
+        for key, session in list(live.items()):
+            if session.last_used >= horizon:
+                break  # LRU order: the rest are newer
+            if id(session) in kept:
+                continue
+            del live[key]
+            dropped += 1
+        self.stats.expired += dropped
+        return dropped
+
+    def drop_all_but(self, keep: Iterable[Session]) -> int:
+        """Drop every session except ``keep`` (a new router incarnation knows none of them).
+
+        Returns:
+            How many were dropped.
+        """
+        kept = {id(s) for s in keep}
+        live = self._live
+        dropped = 0
+        for key, session in list(live.items()):
+            if id(session) not in kept:
+                del live[key]
+                dropped += 1
+        self.stats.expired += dropped
+        return dropped
 
     def clear(self) -> int:
         """Drop every session (a drain deadline). Returns how many were dropped."""
@@ -227,22 +286,27 @@ class SessionTable:
         self.stats.ended += count
         return count
 
-    def begin(self, credit: Credit) -> Session:
+    def begin(self, credit: Credit, producer: str = "", now: float = 0.0) -> Session:
         """The session a credit's turn runs in, created (and for a FORK child, copied) if new.
 
         Args:
             credit: the credit about to execute.
+            producer: the producer of its ``Dispatch`` (sessions are per producer).
+            now: the worker's monotonic clock (for the idle expiry).
 
         Returns:
             The session; the executor reads its history and must not keep it.
         """
-        xid = credit.x_correlation_id
+        xid = self.key(producer, credit.x_correlation_id)
         live = self._live
         session = live.get(xid)
         if session is not None:
             live.move_to_end(xid)
+            session.last_used = now
             return session
-        session = self._new(credit)
+        session = self._new(credit, producer)
+        session.producer = producer
+        session.last_used = now
         if credit.turn_index == 0 and credit.num_turns <= 1 and credit.fork_count == 0:
             return session  # begins and ends with this credit: never enters the table
         self.stats.started += 1
@@ -252,11 +316,13 @@ class SessionTable:
             self.stats.evicted += 1
         return session
 
-    def _new(self, credit: Credit) -> Session:
+    def _new(self, credit: Credit, producer: str) -> Session:
         mode = credit.branch_mode
         parent_id = credit.parent_correlation_id
         if mode is _FORK:
-            parent = self._live.get(parent_id) if parent_id is not None else None
+            parent = (
+                self._live.get(self.key(producer, parent_id)) if parent_id is not None else None
+            )
             if parent is None:
                 self.stats.fork_parent_missing += 1
                 return Session(
@@ -265,7 +331,7 @@ class SessionTable:
             history = list(parent.history)  # a copy: the child's turns never reach the parent
             parent.pending_forks -= 1
             if parent.final_done and parent.pending_forks <= 0:
-                self._drop(parent.x_correlation_id)
+                self._drop(self.key(producer, parent.x_correlation_id))
             return Session(
                 credit.x_correlation_id, branch_mode=mode, parent=parent_id, history=history
             )
@@ -281,6 +347,8 @@ class SessionTable:
         *,
         completed: bool,
         turn: Turn | None = None,
+        producer: str = "",
+        now: float = 0.0,
     ) -> TurnEnd:
         """Account for the end of a credit's turn.
 
@@ -291,16 +359,19 @@ class SessionTable:
             completed: ``True`` if the turn completed; a failed or cancelled turn drops the
                 session.
             turn: the finished turn to append to the history (completed turns only).
+            producer: the producer of its ``Dispatch``.
+            now: the worker's monotonic clock.
 
         Returns:
             Whether the session ended, and the FORK child to release, if any.
         """
-        xid = credit.x_correlation_id
+        xid = self.key(producer, credit.x_correlation_id)
         if session is None:
             session = self._live.get(xid)
             if session is None:
-                child = xid if credit.branch_mode is _FORK else None
+                child = credit.x_correlation_id if credit.branch_mode is _FORK else None
                 return TurnEnd(True, child)
+        session.last_used = now
         held = self._live.get(xid) is session
         if completed:
             if turn is not None:
@@ -314,11 +385,11 @@ class SessionTable:
         if session.released:
             return TurnEnd(True, None)
         session.released = True
-        return TurnEnd(True, xid if session.branch_mode is _FORK else None)
+        return TurnEnd(True, session.x_correlation_id if session.branch_mode is _FORK else None)
 
-    def end_session(self, x_correlation_id: str) -> bool:
+    def end_session(self, x_correlation_id: str, producer: str = "") -> bool:
         """The router's ``EndSession``: drop the session. Returns whether it was held."""
-        session = self._live.pop(x_correlation_id, None)
+        session = self._live.pop(self.key(producer, x_correlation_id), None)
         if session is None:
             return False
         session.released = True  # the router ended it: no ChildRelease owed
@@ -416,6 +487,22 @@ class CompletionLog:
             self.acked_seq = seq
         return dropped
 
+    def forget(self, producer: str, credit_ids: Iterable[int]) -> int:
+        """Drop unacknowledged completions of these credits: the router ended them itself
+        (``Cancel(revoked=True)``), so they must never be reported, here or as ``Recovered``.
+
+        Returns:
+            How many were dropped.
+        """
+        ids = set(credit_ids)
+        before = len(self._unacked)
+        self._unacked = deque(
+            e
+            for e in self._unacked
+            if not (e.completion.producer == producer and e.completion.credit_id in ids)
+        )
+        return before - len(self._unacked)
+
     def unacked(self) -> list[Logged]:
         """Every unacknowledged completion, in ``seq`` order."""
         return list(self._unacked)
@@ -437,12 +524,9 @@ def completion_messages(
 
     Returns:
         Per run and chunk: the current incarnation's completions as one ``Completion`` or
-        ``CompletionBatch``, another incarnation's as a ``Recovered`` naming it; then a
-        ``ChildRelease`` for each FORK child they ended (current incarnation only: another
-        incarnation's router holds no reservation to give back).
+        ``CompletionBatch``, another incarnation's as a ``Recovered`` naming it.
     """
     out: list[WorkerToRouter] = []
-    releases: list[WorkerToRouter] = []
     run: list[Completion] = []
     run_incarnation: str | None = None
     for entry in entries:
@@ -451,11 +535,8 @@ def completion_messages(
             run = []
         run_incarnation = entry.router_incarnation
         run.append(entry.completion)
-        if entry.child_release is not None and entry.router_incarnation == router_incarnation:
-            releases.append(ChildRelease(x_correlation_id=entry.child_release))
     if run:
         out.append(_frame(run, run_incarnation, router_incarnation))
-    out.extend(releases)
     return out
 
 
@@ -493,90 +574,6 @@ def bound_in_flight(
 
 
 # ---------------------------------------------------------------------- timing and throttling
-
-
-class Backoff:
-    """Exponential back-off with jitter (re-hello pacing).
-
-    Args:
-        initial_s: the first delay.
-        max_s: the cap.
-        factor: growth per attempt.
-        jitter: each delay is scaled by a random factor in ``[1 - jitter, 1 + jitter]`` so that
-            a fleet of workers does not re-hello in lock-step after a router restart.
-        rng: the source of randomness (seeded in tests).
-    """
-
-    def __init__(
-        self,
-        initial_s: float = 1.0,
-        max_s: float = 10.0,
-        *,
-        factor: float = 2.0,
-        jitter: float = 0.1,
-        rng: random.Random | None = None,
-    ) -> None:
-        if initial_s <= 0 or max_s < initial_s or factor < 1 or not 0 <= jitter < 1:
-            raise ValueError("need 0 < initial_s <= max_s, factor >= 1 and 0 <= jitter < 1")
-        self.initial_s = initial_s
-        self.max_s = max_s
-        self.factor = factor
-        self.jitter = jitter
-        self._rng = rng if rng is not None else random.Random()
-        self._current = initial_s
-
-    def next(self) -> float:
-        """The delay before the next attempt; each call grows the following one."""
-        delay = self._current
-        self._current = min(self.max_s, self._current * self.factor)
-        if self.jitter:
-            delay *= 1 + self._rng.uniform(-self.jitter, self.jitter)
-        return delay
-
-    def reset(self) -> None:
-        """Start again from ``initial_s`` (after a success)."""
-        self._current = self.initial_s
-
-
-class Liveness:
-    """Heartbeat bookkeeping, by deadlines (STYLE R8): any frame counts as a beat.
-
-    Args:
-        heartbeat_interval_s: from ``Welcome``.
-        silence_beats: the router is presumed gone after this many silent intervals.
-    """
-
-    def __init__(self, heartbeat_interval_s: float = 1.0, silence_beats: int = 3) -> None:
-        self.heartbeat_interval_s = heartbeat_interval_s
-        self.silence_beats = silence_beats
-        self.last_rx = 0.0
-        self.last_tx = 0.0
-
-    def restart(self, heartbeat_interval_s: float, now: float) -> None:
-        """A new ``Welcome``: adopt its interval and count both directions from ``now``."""
-        self.heartbeat_interval_s = heartbeat_interval_s
-        self.last_rx = now
-        self.last_tx = now
-
-    def received(self, now: float) -> None:
-        """Something arrived from the router."""
-        self.last_rx = now
-
-    def sent(self, now: float) -> None:
-        """Something was sent to the router."""
-        self.last_tx = now
-
-    def heartbeat_due(self, now: float) -> bool:
-        """Nothing was sent for a whole interval."""
-        return now - self.last_tx >= self.heartbeat_interval_s
-
-    def silent_for(self, now: float) -> float:
-        """Seconds since the router was last heard."""
-        return now - self.last_rx
-
-    def router_gone(self, now: float) -> bool:
-        """The router was silent for ``silence_beats`` intervals."""
-        return now - self.last_rx > self.silence_beats * self.heartbeat_interval_s
 
 
 class LogThrottle:

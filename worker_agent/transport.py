@@ -34,6 +34,7 @@ from typing import Final, Protocol
 
 import zmq
 
+from credit_common.zmqmon import HANDSHAKE_FAILED, Monitor, handshake_failure
 from worker_agent.errors import TransportClosedError, TransportError
 
 __all__ = [
@@ -59,9 +60,10 @@ deliver, ahead of our re-hello, to whatever router answers next."""
 RECONNECT_IVL_MS: Final = 100
 """First reconnect attempt 100 ms after a drop: a restarted router is found quickly."""
 
-RECONNECT_IVL_MAX_MS: Final = 5_000
-"""libzmq doubles the interval up to this (exponential back-off), so a fleet of workers does not
-hammer a router host that is down for long."""
+RECONNECT_IVL_MAX_MS: Final = 500
+"""libzmq doubles the interval up to this (exponential back-off): short enough that a restarted
+router has its workers back within about a second, long enough that a fleet retrying one address
+costs nothing."""
 
 CONNECT_TIMEOUT_MS: Final = 2_000
 """Give up a TCP connect after 2 s and retry, instead of the OS default (minutes) when SYNs to a
@@ -233,6 +235,8 @@ class DealerTransport:
             raise TransportError(endpoint, f"cannot connect: {exc}", exc.errno) from None
         self._sock: zmq.Socket[bytes] | None = sock
         self._fd = fd
+        self._curve = curve is not None
+        self._monitor: Monitor | None = None
         self._loop.add_reader(fd, self._service)
         # Edge-triggered FD: a pipe the socket has not yet seen empty never signals, so drain
         # once now rather than wait for an edge that may never come.
@@ -378,6 +382,30 @@ class DealerTransport:
         if self._on_error is not None:
             self._on_error(error)
 
+    # ------------------------------------------------------------------------------ events
+
+    def watch(
+        self, on_connected: Callable[[], None], on_handshake_failed: Callable[[str], None]
+    ) -> None:
+        """Report connection events: ``on_connected()`` when the router can hear us again (a
+        new connection; under CURVE, a completed handshake), ``on_handshake_failed(why)`` with
+        the reason in words (the router does not accept our key, a CURVE/plaintext mismatch).
+        """
+        sock = self._sock
+        if sock is None or self._monitor is not None:
+            return
+        # Not EVENT_CONNECTED: frames reach the router only once the ZMTP handshake is done.
+        up = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+
+        def on_event(event: int, value: int, endpoint: str) -> None:
+            if event == up:
+                on_connected()
+            elif event & HANDSHAKE_FAILED:
+                on_handshake_failed(handshake_failure(event, value))
+
+        self._monitor = Monitor(sock, up | HANDSHAKE_FAILED, on_event)
+        self._monitor.attach(self._loop)
+
     # ------------------------------------------------------------------------------ closing
 
     def close(self) -> None:
@@ -390,6 +418,9 @@ class DealerTransport:
         if sock is None:
             return
         self._sock = None
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
         self._loop.remove_reader(self._fd)
         with contextlib.suppress(zmq.ZMQError):  # closing anyway; leftovers are logged below
             self._flush_backlog(sock)

@@ -28,6 +28,8 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Final
 
+import msgspec
+
 from credit_common.histogram import Histogram
 from protocol.messages import (
     BranchMode,
@@ -401,7 +403,7 @@ class RouterCore:
                 known.capacity = capacity
             if known.state is WorkerState.SUSPECT:
                 known.state = _awake_state(known)
-            effects.to_worker.append((name, welcome))
+            effects.to_worker.append((name, msgspec.structs.replace(welcome, resumed=True)))
             self.worker_report(name, in_flight, now)
             self._reindex(known)
             self._refill(known, now)

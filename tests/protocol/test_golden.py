@@ -233,7 +233,7 @@ GOLDEN: list[tuple[Msg, str]] = [
             heartbeat_interval_s=0.5,
             inflight_report_interval_s=5.0,
         ),
-        "95a777656c636f6d65a2723101cb3fe0000000000000cb4014000000000000",
+        "96a777656c636f6d65a2723101cb3fe0000000000000cb4014000000000000c2",
     ),
     (
         Dispatch(producer="bench", credit=_CREDIT_FULL),

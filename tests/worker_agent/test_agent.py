@@ -58,7 +58,8 @@ async def test_hello_carries_identity_and_welcome_joins(
     running = await start_agent(name="gpu-7", capacity=5, labels={"host": "h1"})
     hello = await router.welcome()
     assert hello.name == "gpu-7"
-    assert router.identity == b"gpu-7"  # the routing id is the name
+    # The routing id is NAME/INCARNATION (issue 9 scenario 6: two processes never share one).
+    assert router.identity == f"gpu-7/{hello.incarnation}".encode()
     assert hello.protocol_version == PROTOCOL_VERSION
     assert hello.capacity == 5
     assert hello.labels == {"host": "h1", "executor": "sim"}
@@ -243,20 +244,22 @@ async def test_fork_child_copies_parent_history_spawn_child_starts_empty(
     assert spawned.input_tokens == 50
     assert spawned.cached_tokens == 0
 
-    parent_history = sessions.get("P").history  # type: ignore[union-attr]
-    child_history = sessions.get("C").history  # type: ignore[union-attr]
+    parent_history = sessions.get("P", "p").history  # type: ignore[union-attr]
+    child_history = sessions.get("C", "p").history  # type: ignore[union-attr]
     assert len(parent_history) == 1  # a copy: the child's turn never reached the parent
     assert child_history[0] is parent_history[0]
     assert len(child_history) == 2
-    assert len(sessions.get("S").history) == 1  # type: ignore[union-attr]
+    assert len(sessions.get("S", "p").history) == 1  # type: ignore[union-attr]
 
     last = credit(4, "C", turn_index=1, branch_mode=BranchMode.FORK, **child)
     await router.send(Dispatch(producer="p", credit=last))
     done = await router.expect(Completion)
+    # The completion is the child's release (acknowledged, resent): no ChildRelease follows it,
+    # which the router would count as a second, unknown release (issue 9 scenario 20).
     assert done.session_ended
-    release = await router.expect(ChildRelease)  # after the child's last completion
-    assert release.x_correlation_id == "C"
-    assert "C" not in sessions
+    assert sessions.get("C", "p") is None
+    later = await router.collect(0.3)
+    assert not [m for m in later if isinstance(m, ChildRelease)]
 
 
 async def test_end_session_drops_the_history(router: FakeRouter, start_agent: StartAgent) -> None:
@@ -265,9 +268,11 @@ async def test_end_session_drops_the_history(router: FakeRouter, start_agent: St
     await router.send(Dispatch(producer="p", credit=credit(1, "s", num_turns=5)))
     done = await router.expect(Completion)
     assert not done.session_ended
-    assert "s" in running.agent.sessions
-    await router.send(EndSession(x_correlation_id="s", reason="producer done"))
-    await until(lambda: "s" not in running.agent.sessions)
+    assert running.agent.sessions.get("s", "p") is not None
+    # Sessions belong to their producer: another producer's EndSession leaves this one alone.
+    await router.send(EndSession(x_correlation_id="s", reason="not mine", producer="q"))
+    await router.send(EndSession(x_correlation_id="s", reason="producer done", producer="p"))
+    await until(lambda: running.agent.sessions.get("s", "p") is None)
     assert running.agent.sessions.stats.ended_by_router == 1
 
 
