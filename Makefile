@@ -43,6 +43,7 @@ typecheck: install  #? mypy --strict on the packages
 bench: install  #? benchmarks, printed as JSON lines
 	$(RUN) credit-router bench core --json
 	$(RUN) credit-router bench e2e --json
+	$(RUN) python -m loadgen.bench.pacing --json
 
 # The fuzz tests run briefly in `make test`; here each gets FUZZ_EXAMPLES examples (default 5000).
 fuzz: install  #? long fuzz run of the decoders and the router (FUZZ_EXAMPLES=5000 per test)
