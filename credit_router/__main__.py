@@ -330,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands.add_run_arguments(run)
     run.set_defaults(func=_run)
+    report = sub.add_parser("report", help="re-render a run directory (run --output); compare two")
+    commands.add_report_arguments(report)
+    report.set_defaults(func=commands.report_command)
     mock = sub.add_parser(
         "mock-server", help="serve a mock OpenAI-compatible endpoint with a prefix cache"
     )

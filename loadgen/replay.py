@@ -817,7 +817,7 @@ class Replayer:
             model=turn.model or self.options.model,
             max_tokens=turn.output_tokens,
             intended_at_s=_round(intended),
-            submitted_at_s=_round(submitted_at),
+            submitted_at_s=round(submitted_at, 6),
             submitted_unix_s=round(self._unix0 + submitted_at, 6),
             first_token_at_s=_round(first_token_at),
             done_at_s=_round(done_at),

@@ -82,5 +82,5 @@ async def sleep_until(deadline: float, clock: Clock = monotonic, spin_s: float =
         return
     if remaining > spin_s:
         await asyncio.sleep(remaining - spin_s)
-    while clock() < deadline:
+    while clock() < deadline:  # noqa: ASYNC110 - polling a clock, not awaiting an event
         await asyncio.sleep(0)
