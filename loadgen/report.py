@@ -34,6 +34,7 @@ from typing import IO, Any, Final
 import msgspec
 from rich import box
 from rich.console import Console
+from rich.file_proxy import FileProxy
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -743,19 +744,20 @@ class Progress:
         """
         total = f"/{p.expected_credits:,}" if p.expected_credits else ""
         state = f"settling, {p.in_flight} in flight" if p.stopping else f"{p.in_flight} in flight"
+        # (text, rank): the lowest rank goes first when the line does not fit.
         fields = [
-            f"{p.elapsed_s:5.1f}s",
-            f"credits {p.done:,}{total}",
-            f"{rate:6.1f}/s",
-            f"errors {p.errors:,}",
-            state,
+            (f"{p.elapsed_s:5.1f}s", 2),
+            (f"credits {p.done:,}{total}", 9),
+            (f"{rate:6.1f}/s", 1),
+            (f"errors {p.errors:,}", 3),
+            (state, 0),
         ]
         while True:
-            text = "  ".join(fields)
+            text = "  ".join(f for f, _ in fields)
             room = width - len(self.label) - len(text) - 3
-            if room >= 10 or len(fields) <= 2:
+            if room >= 10 or len(fields) == 1:
                 break
-            fields.pop()  # in flight, then errors…: the counts that matter most stay
+            fields.remove(min(fields, key=lambda f: f[1]))
         bar_width = max(0, min(24, room))
         filled = round(self._fraction(p) * bar_width)
         bar = f"[{'#' * filled}{'-' * (bar_width - filled)}] " if bar_width >= 4 else ""
@@ -799,15 +801,16 @@ class Progress:
                 auto_refresh=False,
                 transient=True,
                 redirect_stdout=False,
-                redirect_stderr=self.out is sys.stderr,
+                redirect_stderr=False,
             )
             self._live.start()
-            # Log handlers hold the stream they were given: point them at the live console's
-            # proxy so that log lines print above the progress line instead of into it.
+            # Log handlers hold the stream they were given: point those writing where the line
+            # is drawn at a proxy that prints above the live line instead of into it.
+            proxy = FileProxy(console, self.out)
             for handler in logging.getLogger().handlers:
                 if isinstance(handler, logging.StreamHandler) and handler.stream is self.out:
                     self._handlers.append((handler, handler.stream))
-                    handler.setStream(sys.stderr)
+                    handler.setStream(proxy)
         self._task = asyncio.get_running_loop().create_task(self._draw())
 
     async def stop(self) -> None:
@@ -817,7 +820,9 @@ class Progress:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for handler, stream in self._handlers:
-            handler.setStream(stream)
+            proxy = handler.setStream(stream)
+            if isinstance(proxy, FileProxy):
+                proxy.flush()
         self._handlers.clear()
         if self._live is not None:
             self._live.stop()
