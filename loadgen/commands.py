@@ -137,7 +137,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="--router over TCP with CURVE: the router's public key file (NAME.key)",
     )
     where.add_argument(
-        "--curve-secret-key",
+        "--curve-key",
         type=Path,
         metavar="FILE",
         help="this producer's key pair (NAME.key_secret; NAME must be in the router's allowlist)",
@@ -271,7 +271,7 @@ def _settings(args: argparse.Namespace) -> Any:
         slo=Slo.parse(args.slo) if args.slo else None,
         lateness_threshold_s=args.lateness_threshold_ms / 1e3,
         curve_server_key=args.curve_server_key,
-        curve_secret_key=args.curve_secret_key,
+        curve_key=args.curve_key,
         connect_timeout_s=args.connect_timeout_s,
         preflight=not args.no_preflight,
         argv=tuple(sys.argv[1:]),

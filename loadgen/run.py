@@ -139,7 +139,7 @@ class RunSettings:
     lateness_threshold_s: float = DEFAULT_LATENESS_THRESHOLD_S
     curve_server_key: Path | None = None
     """The router's public key file (``--router`` over TCP with CURVE)."""
-    curve_secret_key: Path | None = None
+    curve_key: Path | None = None
     """This producer's key pair (``NAME.key_secret``; ``NAME`` is its allowlist name)."""
     connect_timeout_s: float = 5.0
     preflight: bool = True
@@ -155,8 +155,8 @@ class RunSettings:
             raise ValueError("--compare starts its own clusters: it cannot use --router")
         if not 0 <= self.max_error_rate <= 1:
             raise ValueError("--max-error-rate must be between 0 and 1")
-        if (self.curve_server_key is None) != (self.curve_secret_key is None):
-            raise ValueError("--curve-server-key and --curve-secret-key go together")
+        if (self.curve_server_key is None) != (self.curve_key is None):
+            raise ValueError("--curve-server-key and --curve-key go together")
         if self.curve_server_key is not None and self.router is None:
             raise ValueError("--curve-server-key is for --router (a local cluster needs none)")
 
@@ -544,11 +544,11 @@ async def _connected(
     """A connected producer; a router that does not answer or refuses is a ``RunError``."""
     name = f"run-{policy}"
     curve = None
-    if settings.curve_server_key is not None and settings.curve_secret_key is not None:
-        public, secret = load_secret(settings.curve_secret_key)
+    if settings.curve_server_key is not None and settings.curve_key is not None:
+        public, secret = load_secret(settings.curve_key)
         curve = (load_public(settings.curve_server_key), public, secret)
         # The router's allowlist names a producer by its key file's name.
-        name = settings.curve_secret_key.name.removesuffix(".key_secret")
+        name = settings.curve_key.name.removesuffix(".key_secret")
     client = RouterClient(endpoint, name=name, curve=curve)
     try:
         await client.connect(timeout_s=settings.connect_timeout_s)

@@ -334,7 +334,9 @@ def test_arrival_times_are_absolute_and_keep_their_mean() -> None:
         times = list(itertools.islice(arrival_times(200, arrival, seed=3, burstiness=0.5), 20_001))
         assert times == sorted(times)
         assert times[-1] == pytest.approx(100.0, rel=0.05)  # 20,000 gaps of 5 ms on average
-    gaps = list(itertools.pairwise(itertools.islice(arrival_times(1, "gamma", burstiness=0.25), 20_001)))
+    gaps = list(
+        itertools.pairwise(itertools.islice(arrival_times(1, "gamma", burstiness=0.25), 20_001))
+    )
     cv = statistics.pstdev(b - a for a, b in gaps) / statistics.mean(b - a for a, b in gaps)
     assert cv == pytest.approx(2.0, rel=0.1)  # shape 0.25: cv = 1 / sqrt(shape), burstier
     with pytest.raises(ValueError, match="must be > 0"):
@@ -362,9 +364,7 @@ async def test_speedup_scales_think_times_and_offsets_and_think_scale_only_think
 ) -> None:
     # Why 3: --speedup divided timestamps but not delays; think times could not be scaled.
     fake = FakeProducer(latency_s=0.001)
-    _, records = await replay(
-        tree(tmp_path, THINK), fake, speedup=speedup, think_scale=think_scale
-    )
+    _, records = await replay(tree(tmp_path, THINK), fake, speedup=speedup, think_scale=think_scale)
     first, second, third = sorted(records, key=lambda r: r.turn_index)
     assert second.intended_at_s is not None and first.done_at_s is not None
     # The think time counts from the previous turn's completion, scaled.
