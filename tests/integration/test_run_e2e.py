@@ -23,10 +23,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from loadgen.replay import CreditRecord, Replayer, ReplayOptions
-from loadgen.run import LocalCluster, RunSettings
 from credit_common.keys import generate
 from loadgen.plots import PLOTS
+from loadgen.replay import CreditRecord, Replayer, ReplayOptions
+from loadgen.run import LocalCluster, RunSettings
 from loadgen.workload import load_workload
 from router_service.client import RouterClient
 from tests.integration.test_faults import Cluster
@@ -248,7 +248,8 @@ def test_an_overloaded_run_warns_and_leaves_a_directory_a_person_can_analyse(
     intended = sorted(r["intended_at_s"] for r in records)
     assert intended == pytest.approx([n / 20 for n in range(30)], abs=1e-6)
     for r in records:
-        assert r["model"] == "mock" and r["max_tokens"] == 10
+        assert r["model"] == "mock"
+        assert r["max_tokens"] == 10
         assert r["request_id"] == f"{r['session']}/0"
         assert r["submitted_unix_s"] > 1.7e9
         assert r["lateness_s"] >= r["submit_to_dispatch_s"]
@@ -264,16 +265,20 @@ def test_an_overloaded_run_warns_and_leaves_a_directory_a_person_can_analyse(
     assert config["workload"]["roots"] == 30
     for name in PLOTS:
         png = (out / "plots" / name).read_bytes()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
+        assert png[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert len(png) > 10_000, name
     # `credit-router report DIR` re-renders it; with two directories, compares them.
     again = _run("report", str(out))
     assert again.returncode == 0, again.stderr
-    assert "30 with an outcome" in again.stdout and "WARNING: p99 lateness" in again.stdout
+    assert "30 with an outcome" in again.stdout
+    assert "WARNING: p99 lateness" in again.stdout
     both = _run("report", str(out), str(out))
-    assert both.returncode == 0 and "lateness p99 ms" in both.stdout
+    assert both.returncode == 0
+    assert "lateness p99 ms" in both.stdout
     (tmp_path / "empty").mkdir()
     bad = _run("report", str(tmp_path / "empty"))
-    assert bad.returncode == 2 and "not a run directory" in bad.stderr
+    assert bad.returncode == 2
+    assert "not a run directory" in bad.stderr
     _no_traceback(bad)
 
 
@@ -314,7 +319,8 @@ def test_a_wrong_router_or_endpoint_is_one_line_and_exit_2_before_any_load(
     _no_traceback(done)
     done = _run("run", "--endpoint", f"http://127.0.0.1:{port}/v1", "--no-progress", timeout=30)
     assert done.returncode == 2
-    assert "cannot reach the server" in done.stderr and "is it running?" in done.stderr
+    assert "cannot reach the server" in done.stderr
+    assert "is it running?" in done.stderr
     _no_traceback(done)
     mock_port = _free_port()
     mock = subprocess.Popen(
@@ -377,7 +383,8 @@ def test_run_submits_to_a_curve_router_with_its_key(tmp_path: Path) -> None:
             "run", str(workload), "--router", cluster.producer_endpoint, "--no-progress",
             "--curve-server-key", server_key, "--curve-key", str(keys / "nope.key_secret"),
         )  # fmt: skip
-        assert missing.returncode == 2 and "nope.key_secret" in missing.stderr
+        assert missing.returncode == 2
+        assert "nope.key_secret" in missing.stderr
         _no_traceback(missing)
     finally:
         cluster.stop()

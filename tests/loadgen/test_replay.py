@@ -308,7 +308,7 @@ class SlowSubmitProducer(FakeProducer):
         self.block_s = block_s
 
     async def submit(self, credit: Credit) -> asyncio.Future[Outcome]:
-        time.sleep(self.block_s)  # blocking on purpose: overhead the schedule must absorb
+        time.sleep(self.block_s)  # noqa: ASYNC251 - blocking on purpose: the schedule absorbs it
         return await super().submit(credit)
 
 
@@ -366,7 +366,8 @@ async def test_speedup_scales_think_times_and_offsets_and_think_scale_only_think
     fake = FakeProducer(latency_s=0.001)
     _, records = await replay(tree(tmp_path, THINK), fake, speedup=speedup, think_scale=think_scale)
     first, second, third = sorted(records, key=lambda r: r.turn_index)
-    assert second.intended_at_s is not None and first.done_at_s is not None
+    assert second.intended_at_s is not None
+    assert first.done_at_s is not None
     # The think time counts from the previous turn's completion, scaled.
     assert second.intended_at_s - first.done_at_s == pytest.approx(think, abs=1e-6)
     # A trace offset counts from the session's first *intended* time, divided by speedup.
@@ -416,7 +417,8 @@ async def test_stop_cancellations_are_not_errors_and_what_the_stop_cut_is_counte
         tree(tmp_path, lines), fake, duration_s=0.1, grace_s=0.05, concurrency=1
     )
     stopped = [r for r in records if r.status == "cancelled"]
-    assert stopped and all(r.stopped for r in stopped)
+    assert stopped
+    assert all(r.stopped for r in stopped)
     assert replayer.errors == 0
     assert replayer.not_sent["stop"].turns == 1  # turn 2 of the cancelled session
     assert replayer.not_sent["failure"].credits == 0
@@ -438,12 +440,14 @@ async def test_records_carry_what_analysis_needs(tmp_path: Path) -> None:
     _, records = await replay(tree(tmp_path, lines), fake, model="m-run")
     by = {r.conversation: r for r in records}
     ok, bad = by["ok"], by["bad"]
-    assert ok.intended_at_s is not None and ok.intended_at_s <= ok.submitted_at_s
+    assert ok.intended_at_s is not None
+    assert ok.intended_at_s <= ok.submitted_at_s
     assert before <= ok.submitted_unix_s <= time.time()
     assert (ok.model, ok.max_tokens) == ("m-turn", 7)
     assert (bad.model, bad.max_tokens) == ("m-run", None)
     assert ok.request_id == f"{ok.session}/0"
-    assert ok.output_tokens == 7 and ok.e2e_from_intended_s is not None
+    assert ok.output_tokens == 7
+    assert ok.e2e_from_intended_s is not None
     assert bad.error == "server says no"
     assert (bad.input_tokens, bad.output_tokens, bad.cached_tokens, bad.ttft_s) == (None,) * 4
     line = json.loads(msgspec.json.encode(bad))
