@@ -23,8 +23,9 @@ $(UV):
 
 install: .venv/.installed  #? create .venv with the project and its dev extras (pinned by uv.lock)
 
-run: install  #? run the main job on its embedded default workload
-	$(RUN) credit-router run
+RUN_OUTPUT ?= runs/latest
+run: install  #? run the main job on its embedded default workload; results in RUN_OUTPUT (runs/latest)
+	$(RUN) credit-router run --output $(RUN_OUTPUT)
 
 test: install  #? run the whole test suite
 	$(RUN) pytest -q

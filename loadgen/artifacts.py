@@ -20,6 +20,7 @@ at the top, ``config.json`` and ``comparison.txt``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from loadgen.plots import PLOTS, draw
 from loadgen.replay import CreditRecord
 from loadgen.report import Report, render_comparison
 
@@ -87,8 +89,6 @@ def write_records_csv(records: list[CreditRecord], path: Path) -> None:
 
 
 def _write_one(directory: Path, report: Report, exit_status: int) -> None:
-    from loadgen.plots import draw
-
     directory.mkdir(parents=True, exist_ok=True)
     records = report.collector.records
     summary = {**report.as_dict(), "exit_status": exit_status}
@@ -120,6 +120,7 @@ def write_run(
         OSError: the directory cannot be written.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    _clear(directory)
     config = {
         "command": ["credit-router", "run", *settings.argv],
         "written_unix_s": time.time(),
@@ -141,6 +142,25 @@ def write_run(
     for report in reports:
         _write_one(directory / _slug(report.policy), report, exit_status)
     (directory / "comparison.txt").write_text(render_comparison(reports, 100) + "\n")
+
+
+_FILES = ("summary.json", "report.txt", "records.jsonl", "records.csv", "comparison.txt")
+
+
+def _clear(directory: Path) -> None:
+    """Remove an earlier run's artifacts from ``directory`` (``make run`` reuses one), so that
+    a single run never sits beside a stale comparison or the other way round. Other files stay.
+    """
+    for sub in [directory, *(p for p in directory.iterdir() if (p / "summary.json").exists())]:
+        for name in _FILES:
+            (sub / name).unlink(missing_ok=True)
+        for name in PLOTS:
+            (sub / "plots" / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (sub / "plots").rmdir()
+        if sub is not directory:
+            with contextlib.suppress(OSError):
+                sub.rmdir()
 
 
 def _slug(text: str) -> str:

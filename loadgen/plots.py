@@ -157,8 +157,19 @@ def _latency_over_time(completed: Sequence[CreditRecord]) -> Figure:
     return fig
 
 
-def _scatter(ax: Axes, points: list[tuple[float, float]], label: str) -> None:
-    ax.scatter([x for x, _ in points], [y for _, y in points], s=4, alpha=0.5, label=label)
+def _scatter(
+    ax: Axes,
+    points: list[tuple[float, float]],
+    label: str,
+    hollow: bool = False,
+    color: str | None = None,
+) -> None:
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    if hollow:  # drawn under the stages it sums, visible where they coincide
+        ax.scatter(xs, ys, s=18, facecolors="none", edgecolors="tab:blue", linewidths=0.6,
+                   label=label)  # fmt: skip
+    else:
+        ax.scatter(xs, ys, s=4, alpha=0.5, label=label, color=color)
 
 
 def _when(r: CreditRecord) -> float:
@@ -181,13 +192,14 @@ def _lateness_over_time(records: Sequence[CreditRecord], threshold_s: float | No
     if not producer and not queue:
         _empty(ax, "schedule data")
         return fig
-    for series, label in (
-        (total, "intended → dispatched (lateness)"),
-        (queue, "submitted → dispatched (router queue)"),
-        (producer, "intended → submitted (producer)"),
+    if total:
+        _scatter(ax, total, "intended → dispatched (lateness)", hollow=True)
+    for series, label, color in (
+        (queue, "submitted → dispatched (router queue)", "tab:orange"),
+        (producer, "intended → submitted (producer)", "tab:green"),
     ):
         if series:
-            _scatter(ax, series, label)
+            _scatter(ax, series, label, color=color)
     if threshold_s is not None:
         ax.axhline(threshold_s * 1e3, color="red", linewidth=1, linestyle="--")
         ax.annotate(
@@ -202,6 +214,10 @@ def _lateness_over_time(records: Sequence[CreditRecord], threshold_s: float | No
     values = [v for _, v in total + queue + producer]
     if values and max(values) > 0 and max(values) > 50 * max(min(values), 0.01):
         ax.set_yscale("symlog", linthresh=1.0)
+    if values:  # from zero, with head room above the latest credit
+        ax.set_ylim(
+            min(0.0, *values), max(max(values) * 1.6, threshold_s * 2e3 if threshold_s else 1)
+        )
     ax.set_xlabel("intended time (s from the run's start)")
     ax.set_ylabel("ms")
     ax.set_title("lateness by stage: how far behind its schedule each credit left")

@@ -510,10 +510,10 @@ class Report:
             _stat_table("lateness by stage, ms (every credit)", self.lateness(), _STAGES, width),
             tail,
         ]
+        text = _to_text(parts, width)
         warning = self.lateness_warning()
-        if warning is not None:
-            parts.append(Text(warning))
-        return _to_text(parts, width)
+        # One line, never folded: a terminal wraps it if it must, and grep finds it whole.
+        return text if warning is None else f"{text}\n{warning}"
 
 
 def _kv_table() -> Table:
