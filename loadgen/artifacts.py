@@ -88,7 +88,7 @@ def write_records_csv(records: list[CreditRecord], path: Path) -> None:
             writer.writerow(["" if (v := getattr(r, name)) is None else v for name in FIELDS])
 
 
-def _write_one(directory: Path, report: Report, exit_status: int) -> None:
+def _write_one(directory: Path, report: Report, exit_status: int, plots: bool) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     records = report.collector.records
     summary = {**report.as_dict(), "exit_status": exit_status}
@@ -98,6 +98,8 @@ def _write_one(directory: Path, report: Report, exit_status: int) -> None:
         for r in records:
             f.write(_encoder.encode(r) + b"\n")
     write_records_csv(records, directory / "records.csv")
+    if not plots:
+        return
     draw(
         records,
         directory / "plots",
@@ -113,8 +115,9 @@ def write_run(
     workload: Workload,
     *,
     exit_status: int,
+    plots: bool = True,
 ) -> None:
-    """Write the run directory (module docstring).
+    """Write the run directory (module docstring); ``plots=False`` leaves out ``plots/``.
 
     Raises:
         OSError: the directory cannot be written.
@@ -137,10 +140,10 @@ def write_run(
     }
     (directory / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     if len(reports) == 1:
-        _write_one(directory, reports[0], exit_status)
+        _write_one(directory, reports[0], exit_status, plots)
         return
     for report in reports:
-        _write_one(directory / _slug(report.policy), report, exit_status)
+        _write_one(directory / _slug(report.policy), report, exit_status, plots)
     (directory / "comparison.txt").write_text(render_comparison(reports, 100) + "\n")
 
 

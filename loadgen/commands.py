@@ -145,6 +145,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--connect-timeout-s",
         type=_positive(float),
+        metavar="S",
         default=5.0,
         help="how long to wait for the router's answer (default 5)",
     )
@@ -169,6 +170,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument(
         "--max-error-rate",
         type=_fraction,
+        metavar="R",
         default=0.0,
         help="fraction of credits that may fail with exit status 0 (default 0: none)",
     )
@@ -181,6 +183,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument(
         "--lateness-threshold-ms",
         type=_non_negative,
+        metavar="MS",
         default=50.0,
         help="warn when p99 lateness (intended → dispatched) passes this (default 50)",
     )

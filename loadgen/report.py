@@ -670,11 +670,12 @@ def render_comparison(reports: Sequence[Report], width: int = 100) -> str:
         ("not sent (failures)", _not_sent_cell("failure")),
         ("not sent (stop)", _not_sent_cell("stop")),
         ("throughput req/s", lambda r: _num(r.as_dict()["throughput_per_s"], ".1f")),
-        ("goodput req/s", _goodput_cell),
         ("sticky hits", lambda r: _pct(r.as_dict()["sticky_hit_rate"])),
         ("prefix-cache hits", lambda r: _pct(r.as_dict()["prefix_cache_hit_rate"])),
         ("rebuilt turns", lambda r: f"{r.collector.rebuilt:,}"),
     ]
+    if any(r.slo is not None for r in reports):
+        rows.insert(6, ("goodput req/s", _goodput_cell))
     for key, label in (
         ("ttft_s", "TTFT"),
         ("ttft_from_intended_s", "TTFT from intended"),
