@@ -424,7 +424,9 @@ class Replayer:
         self._unix0 = time.time()
         opts = self.options
         timer = None
-        if opts.duration_s is not None and opts.mode == "concurrency":
+        if opts.duration_s is not None:
+            # The stop is at the schedule's ``duration_s`` whenever the timer fires: what was
+            # intended before it still goes out, however late.
             duration = opts.duration_s
             timer = loop.call_later(duration, lambda: self.stop(at=duration))
         try:
@@ -512,9 +514,6 @@ class Replayer:
             if self._cut(at):
                 return
             self._start_tree(root, at)
-        if duration is not None and not self._stopping:
-            await self._until(duration)
-            self.stop(at=duration)
 
     async def _drain(self) -> None:
         """Wait for the live trees; past the stop, give them ``grace_s``, then cancel."""

@@ -452,3 +452,13 @@ async def test_records_carry_what_analysis_needs(tmp_path: Path) -> None:
     assert (bad.input_tokens, bad.output_tokens, bad.cached_tokens, bad.ttft_s) == (None,) * 4
     line = json.loads(msgspec.json.encode(bad))
     assert "output_tokens" not in line  # null, not a zero that averages in
+
+
+async def test_a_run_bounded_by_count_ends_with_its_trees_not_at_its_duration(
+    tmp_path: Path,
+) -> None:
+    w = tree(tmp_path, [{"id": "r", "turns": [{"input_tokens": 1}]}])
+    fake = FakeProducer(latency_s=0.001)
+    replayer = Replayer(w, fake, ReplayOptions(mode="rate", rate=50, sessions=3, duration_s=600))
+    await asyncio.wait_for(replayer.run(), 5)  # not 600 s
+    assert replayer.trees_started == 3
