@@ -472,12 +472,16 @@ class Replayer:
         limit = self._limit()
         if opts.mode == "timestamps":
             order = sorted(roots, key=lambda r: self.workload.sessions[r].start_s or 0.0)
-            span = (self.workload.sessions[order[-1]].start_s or 0.0) / opts.speedup
-            for n in range(limit if limit is not None else len(order)):
-                root = order[n % len(order)]
+            first = (self.workload.sessions[order[0]].start_s or 0.0) / opts.speedup
+            last = (self.workload.sessions[order[-1]].start_s or 0.0) / opts.speedup
+            # Another pass over the trace (``sessions`` beyond its length) follows the last
+            # root by the trace's mean gap, as the trace's own next root would.
+            k = len(order)
+            period = (last - first) * k / (k - 1) if k > 1 else 0.0
+            for n in range(limit if limit is not None else k):
+                root = order[n % k]
                 start = (self.workload.sessions[root].start_s or 0.0) / opts.speedup
-                # Another pass over the trace (``sessions`` beyond its length) follows the last.
-                yield root, start + (n // len(order)) * span
+                yield root, start + (n // k) * period
             return
         counter = range(limit) if limit is not None else itertools.count()
         if opts.mode == "rate":

@@ -462,3 +462,13 @@ async def test_a_run_bounded_by_count_ends_with_its_trees_not_at_its_duration(
     replayer = Replayer(w, fake, ReplayOptions(mode="rate", rate=50, sessions=3, duration_s=600))
     await asyncio.wait_for(replayer.run(), 5)  # not 600 s
     assert replayer.trees_started == 3
+
+
+async def test_timestamps_are_anchored_and_a_second_pass_follows_the_first(tmp_path: Path) -> None:
+    lines = [{"id": f"r{i}", "start_s": i * 0.1, "turns": [{"input_tokens": 1}]} for i in range(4)]
+    fake = FakeProducer(latency_s=0.001)
+    _, records = await replay(
+        tree(tmp_path, lines), fake, mode="timestamps", speedup=10, sessions=8
+    )
+    intended = sorted(r.intended_at_s or 0.0 for r in records)
+    assert intended == pytest.approx([n * 0.01 for n in range(8)], abs=1e-9)
