@@ -721,7 +721,9 @@ class Progress:
         self.source = source
         self.duration_s = duration_s
         self.out = out if out is not None else sys.stderr
-        self.tty = self.out.isatty()
+        self._console = Console(file=self.out, highlight=False)
+        # A dumb terminal cannot redraw a line: it gets the plain lines of a log file.
+        self.tty = self._console.is_terminal and not self._console.is_dumb_terminal
         self.interval_s = interval_s if self.tty else quiet_interval_s
         self.label = label
         self._task: asyncio.Task[None] | None = None
@@ -795,7 +797,7 @@ class Progress:
     def start(self) -> None:
         """Start drawing on the running loop."""
         if self.tty:
-            console = Console(file=self.out, highlight=False)
+            console = self._console
             self._live = Live(
                 console=console,
                 get_renderable=self._renderable,

@@ -243,7 +243,10 @@ def test_report_and_progress_fit_a_60_column_terminal() -> None:
     assert "errors 12,345" in progress.line(snapshot, 1.0, 100)
 
 
-def test_log_lines_print_above_the_live_progress_line_not_into_it() -> None:
+def test_log_lines_print_above_the_live_progress_line_not_into_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TERM", "xterm-256color")  # a terminal that can redraw a line
     master, slave = pty.openpty()
     out = os.fdopen(slave, "w", buffering=1)
     handler = logging.StreamHandler(out)
@@ -278,3 +281,13 @@ def test_log_lines_print_above_the_live_progress_line_not_into_it() -> None:
     assert "a log line while the bar is up" in lines  # a line of its own
     assert any(line.startswith("[") and "credits 4/10" in line for line in lines)
     assert handler.stream is out  # given back
+
+
+def test_a_dumb_terminal_gets_plain_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TERM", "dumb")
+    master, slave = pty.openpty()
+    with os.fdopen(slave, "w") as out:
+        progress = Progress(lambda: pytest.fail("not drawn"), duration_s=None, out=out)
+        assert not progress.tty
+        assert progress.interval_s == 10.0
+    os.close(master)
