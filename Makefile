@@ -23,8 +23,9 @@ $(UV):
 
 install: .venv/.installed  #? create .venv with the project and its dev extras (pinned by uv.lock)
 
-run: install  #? run the main job on its embedded default workload
-	$(RUN) credit-router run
+RUN_OUTPUT ?= runs/latest
+run: install  #? run the main job on its embedded default workload; results in RUN_OUTPUT (runs/latest)
+	$(RUN) credit-router run --output $(RUN_OUTPUT)
 
 test: install  #? run the whole test suite
 	$(RUN) pytest -q
@@ -43,6 +44,7 @@ typecheck: install  #? mypy --strict on the packages
 bench: install  #? benchmarks, printed as JSON lines
 	$(RUN) credit-router bench core --json
 	$(RUN) credit-router bench e2e --json
+	$(RUN) python -m loadgen.bench.pacing --json
 
 # The fuzz tests run briefly in `make test`; here each gets FUZZ_EXAMPLES examples (default 5000).
 fuzz: install  #? long fuzz run of the decoders and the router (FUZZ_EXAMPLES=5000 per test)

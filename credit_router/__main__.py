@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     workload = sub.add_parser("workload", help="check, convert or generate workload files")
     workload_cli.add_arguments(workload)
     workload.set_defaults(func=workload_cli.run)
+    report = sub.add_parser("report", help="re-render a run directory (run --output); compare two")
+    commands.add_report_arguments(report)
+    report.set_defaults(func=commands.report_command)
     mock = sub.add_parser(
         "mock-server", help="serve a mock OpenAI-compatible endpoint with a prefix cache"
     )

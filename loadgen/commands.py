@@ -14,8 +14,10 @@ from typing import Any
 
 __all__ = [
     "add_mock_server_arguments",
+    "add_report_arguments",
     "add_run_arguments",
     "mock_server_command",
+    "report_command",
     "run_command",
 ]
 
@@ -32,6 +34,20 @@ def _positive(kind: type[Any]) -> Any:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,9 +73,29 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument(
         "--timestamps", action="store_true", help="start roots at their trace times (start_s)"
     )
-    load.add_argument("--arrival", choices=["poisson", "constant"], default="poisson")
     load.add_argument(
-        "--speedup", type=_positive(float), default=1.0, help="--timestamps: time runs faster"
+        "--arrival",
+        choices=["poisson", "constant", "gamma"],
+        default="poisson",
+        help="--rate: spacing of tree starts (default poisson)",
+    )
+    load.add_argument(
+        "--burstiness",
+        type=_positive(float),
+        default=1.0,
+        help="--arrival gamma: shape of the gaps; 1 is Poisson, < 1 burstier (default 1)",
+    )
+    load.add_argument(
+        "--speedup",
+        type=_positive(float),
+        default=1.0,
+        help="divide every time of the workload (start times, offsets, think times) by this",
+    )
+    load.add_argument(
+        "--think-scale",
+        type=_non_negative,
+        default=1.0,
+        help="multiply think times (a turn's delay_s) by this (0: none)",
     )
     stop = parser.add_argument_group("stop")
     stop.add_argument(
@@ -102,13 +138,63 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--router", metavar="ENDPOINT", help="a running router's producer endpoint (no cluster)"
     )
+    where.add_argument(
+        "--curve-server-key",
+        type=Path,
+        metavar="FILE",
+        help="--router over TCP with CURVE: the router's public key file (NAME.key)",
+    )
+    where.add_argument(
+        "--curve-key",
+        type=Path,
+        metavar="FILE",
+        help="this producer's key pair (NAME.key_secret; NAME must be in the router's allowlist)",
+    )
+    where.add_argument(
+        "--connect-timeout-s",
+        type=_positive(float),
+        metavar="S",
+        default=5.0,
+        help="how long to wait for the router's answer (default 5)",
+    )
+    where.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="do not ask --endpoint servers for /models before sending load",
+    )
     policy = parser.add_argument_group("routing")
     policy.add_argument("--routing-policy", choices=["sticky", "least_loaded"], default="sticky")
     policy.add_argument(
         "--compare", action="store_true", help="run sticky, then least_loaded; print both"
     )
-    output = parser.add_argument_group("output")
+    output = parser.add_argument_group("output and verdict")
+    output.add_argument(
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help="write the run directory: summary, records (JSONL, CSV), config, plots",
+    )
     output.add_argument("--records", type=Path, help="write one JSON line per credit here")
+    output.add_argument(
+        "--max-error-rate",
+        type=_fraction,
+        metavar="R",
+        default=0.0,
+        help="fraction of credits that may fail with exit status 0 (default 0: none)",
+    )
+    output.add_argument(
+        "--slo",
+        metavar="OBJECTIVES",
+        help="e.g. ttft_ms=500,e2e_ms=5000[,itl_ms=50][,attainment=0.99]: report goodput; "
+        "exit 4 if fewer credits meet them than attainment",
+    )
+    output.add_argument(
+        "--lateness-threshold-ms",
+        type=_non_negative,
+        metavar="MS",
+        default=50.0,
+        help="warn when p99 lateness (intended → dispatched) passes this (default 50)",
+    )
     output.add_argument("--json", action="store_true", help="print the report as JSON")
     output.add_argument("--no-progress", action="store_true", help="no progress line")
     output.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
@@ -151,6 +237,7 @@ def _generator(args: argparse.Namespace) -> Any:
 
 def _settings(args: argparse.Namespace) -> Any:
     from loadgen.replay import Mode, ReplayOptions
+    from loadgen.report import Slo
     from loadgen.run import RunSettings
 
     mode: Mode = "timestamps" if args.timestamps else "rate" if args.rate else "concurrency"
@@ -162,11 +249,14 @@ def _settings(args: argparse.Namespace) -> Any:
         concurrency=args.concurrency or 16,
         rate=args.rate or 4.0,
         arrival=args.arrival,
+        burstiness=args.burstiness,
         speedup=args.speedup,
+        think_scale=args.think_scale,
         duration_s=duration,
         sessions=args.sessions,
         grace_s=args.grace_s,
         seed=args.seed,
+        model=args.model,
     )
     return RunSettings(
         workload=args.workload,
@@ -188,6 +278,15 @@ def _settings(args: argparse.Namespace) -> Any:
         json=args.json,
         progress=not args.no_progress,
         keep_logs=args.keep_logs,
+        output=args.output,
+        max_error_rate=args.max_error_rate,
+        slo=Slo.parse(args.slo) if args.slo else None,
+        lateness_threshold_s=args.lateness_threshold_ms / 1e3,
+        curve_server_key=args.curve_server_key,
+        curve_key=args.curve_key,
+        connect_timeout_s=args.connect_timeout_s,
+        preflight=not args.no_preflight,
+        argv=tuple(sys.argv[1:]),
     )
 
 
@@ -208,6 +307,31 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     code: int = main(settings)
     return code
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``credit-router report``."""
+    parser.add_argument(
+        "directories",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="a run directory (run --output); two: compare them side by side",
+    )
+    parser.add_argument("--json", action="store_true", help="print the reports as JSON")
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """``credit-router report DIR [DIR2]``: re-render a run directory, or compare two."""
+    import shutil
+
+    from loadgen.artifacts import report_command as report
+
+    if len(args.directories) > 2:
+        print("credit-router report: give one run directory, or two to compare", file=sys.stderr)
+        return 2
+    width = shutil.get_terminal_size((100, 24)).columns if sys.stdout.isatty() else 100
+    return report(args.directories, json_out=args.json, width=width)
 
 
 def add_mock_server_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,17 +13,29 @@ already started go on).
 How trees start (``ReplayOptions.mode``):
 
 * ``concurrency`` — keep ``concurrency`` trees live; a new one starts when one ends;
-* ``rate`` — start trees at ``rate`` per second (Poisson arrivals, or evenly spaced);
+* ``rate`` — start trees at ``rate`` per second (constant, Poisson or gamma arrivals);
 * ``timestamps`` — start each root at its ``start_s`` (divided by ``speedup``).
 
+Every schedule is anchored (``loadgen.schedule``): a tree's start is an absolute time from the
+run's start, computed from the arrival process or the trace alone, and a turn's is the moment it
+became ready (the previous turn completed, its joins released; a child's: its declaring turn
+completed) plus its think time, or its trace offset from the session's first *intended* time.
+The producer waits until that time and, if it wakes late, sends at once: lateness is recorded per
+credit (``intended_at_s``), never carried into the next arrival. ``speedup`` divides every time
+of the workload (start times, offsets, think times); ``think_scale`` multiplies think times only.
+
 Roots are taken in file order, cycling, so a workload can feed a run longer than itself. The run
-stops issuing after ``duration_s`` or once ``sessions`` trees were started (timestamps: after
+stops issuing after ``duration_s`` (a credit is issued if its intended time is before the stop,
+even when it is sent a little after) or once ``sessions`` trees were started (timestamps: after
 the last root), then waits for the credits in flight up to ``grace_s``, cancels the rest through
 the router, and ends every session it abandoned (``EndSession``), so nothing stays reserved.
 
-Every credit becomes one ``CreditRecord`` (its identity, its outcome and the executor's
-``RequestResult``) handed to ``on_record``; ``affinity`` says whether a turn with history (a
-later turn, or a FORK child's first) ran on the worker that held that history.
+Every credit becomes one ``CreditRecord`` (its identity, its schedule, its outcome and the
+executor's ``RequestResult``) handed to ``on_record``; ``affinity`` says whether a turn with
+history (a later turn, or a FORK child's first) ran on the worker that held that history.
+What the workload declared but the run never sent is counted in ``not_sent`` (``NotSent``): after
+a failed turn (its session's later turns, the children of that turn and later ones, the joins
+that never happened) apart from what the run's stop cut off.
 """
 
 from __future__ import annotations
@@ -34,17 +46,27 @@ import itertools
 import logging
 import random
 import secrets
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import msgspec
 
+from loadgen.schedule import Arrival, Clock, arrival_times, monotonic, sleep_until
 from loadgen.workload import BranchPlan, Recorded, SessionSpec, Workload
 from protocol.inference import TurnRequest, decode_result, encode_request
 from protocol.messages import BranchMode, Credit, Outcome, Status
 
-__all__ = ["CreditRecord", "Mode", "Producer", "ReplayOptions", "ReplayProgress", "Replayer"]
+__all__ = [
+    "CreditRecord",
+    "Mode",
+    "NotSent",
+    "Producer",
+    "ReplayOptions",
+    "ReplayProgress",
+    "Replayer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +97,10 @@ class ReplayOptions:
         mode: ``concurrency``, ``rate`` or ``timestamps``.
         concurrency: live trees in ``concurrency`` mode.
         rate: trees started per second in ``rate`` mode.
-        arrival: ``poisson`` or ``constant`` spacing in ``rate`` mode.
-        speedup: ``timestamps`` mode: trace time runs this much faster.
+        arrival: ``constant``, ``poisson`` or ``gamma`` spacing in ``rate`` mode.
+        burstiness: ``gamma`` arrivals: the gap distribution's shape (1 = Poisson).
+        speedup: the workload's times (start times, offsets, think times) run this much faster.
+        think_scale: think times (a turn's ``delay_s``) are multiplied by this.
         duration_s: stop issuing after this long (``None``: no time limit).
         sessions: stop after starting this many trees (``None``: one pass over the roots when
             there is no ``duration_s`` either).
@@ -85,13 +109,16 @@ class ReplayOptions:
         seed: seeds arrivals and sampled think times.
         allow_migration: set ``allow_migration`` on every credit (else the workload's).
         phase: ``Credit.phase``.
+        model: the model the workers send when a turn names none (for the records only).
     """
 
     mode: Mode = "concurrency"
     concurrency: int = 16
     rate: float = 4.0
-    arrival: Literal["poisson", "constant"] = "poisson"
+    arrival: Arrival = "poisson"
+    burstiness: float = 1.0
     speedup: float = 1.0
+    think_scale: float = 1.0
     duration_s: float | None = None
     sessions: int | None = None
     grace_s: float = 10.0
@@ -99,10 +126,13 @@ class ReplayOptions:
     seed: int = 0
     allow_migration: bool = False
     phase: str = "profiling"
+    model: str | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.rate <= 0 or self.speedup <= 0:
             raise ValueError("concurrency must be >= 1, rate and speedup > 0")
+        if self.burstiness <= 0 or self.think_scale < 0:
+            raise ValueError("burstiness must be > 0 and think_scale >= 0")
         if self.duration_s is not None and self.duration_s <= 0:
             raise ValueError("duration_s must be > 0")
         if self.sessions is not None and self.sessions < 1:
@@ -110,9 +140,16 @@ class ReplayOptions:
 
 
 class CreditRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One credit: who it was, how it ended, what it measured (a line of ``--records``)."""
+    """One credit: who it was, when it was due, how it ended, what it measured.
+
+    A line of ``--records`` and ``records.jsonl``; ``docs/RUN.md`` lists the fields. Times named
+    ``*_at_s`` are seconds from the run's start on the producer's monotonic clock; durations are
+    seconds. Token counts are ``None`` for a credit that did not complete.
+    """
 
     credit_id: int
+    request_id: str = ""
+    """``<session>/<turn>``: the session's ``X-Correlation-ID`` (the worker's header) and turn."""
     session: str
     conversation: str
     root: str
@@ -123,18 +160,42 @@ class CreditRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     turn_index: int = 0
     num_turns: int = 1
     fork_count: int = 0
+    model: str | None = None
+    """The model name sent (the turn's, else the run's ``--model``; ``None`` if unknown)."""
+    max_tokens: int | None = None
+    """The ``max_tokens`` requested (the workload's output length; ``None``: server default)."""
+    intended_at_s: float | None = None
+    """When the schedule wanted it sent."""
     submitted_at_s: float
-    """Seconds from the start of the run."""
+    """When it was submitted to the router."""
+    submitted_unix_s: float = 0.0
+    """The same moment, wall clock (Unix seconds)."""
+    first_token_at_s: float | None = None
+    """When the worker's first-token notice reached the producer."""
+    done_at_s: float | None = None
+    """When its outcome reached the producer."""
     status: str
     reason: str = ""
+    error: str = ""
+    """The worker's detail for a failed request (a server's message)."""
+    stopped: bool = False
+    """Cancelled by the run's own stop (grace period over): not an error."""
     worker: str = ""
     affinity: bool | None = None
     """Had history (later turn, FORK child): did it run on the worker holding it?"""
+    lateness_s: float | None = None
+    """Intended → dispatched: ``submitted_at_s - intended_at_s + submit_to_dispatch_s``."""
     submit_to_dispatch_s: float | None = None
     dispatch_to_outcome_s: float | None = None
     ttft_s: float | None = None
+    """Worker-measured, from the request's send."""
+    ttft_from_intended_s: float | None = None
+    """From the intended time to the first token (what a user of the trace would wait)."""
     itl_s: float | None = None
     e2e_s: float | None = None
+    """Worker-measured, from the request's send to its last byte."""
+    e2e_from_intended_s: float | None = None
+    """From the intended time to the outcome's arrival."""
     input_tokens: int | None = None
     cached_tokens: int | None = None
     output_tokens: int | None = None
@@ -143,13 +204,30 @@ class CreditRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     rebuilt: bool = False
     recorded: Recorded | None = None
     """What the trace recorded for this request (its ``api_time_s``, ``ttft_s``…)."""
-    error: str = ""
-    """A failed credit's detail from the worker: the server's message (bounded)."""
     reasoning_tokens: int | None = None
     """Of ``output_tokens``, reasoning (``None``: unknown)."""
     ttft_content_s: float | None = None
     """Time to the first content token (``ttft_s`` counts reasoning and tool calls too)."""
     tool_calls: int = 0
+
+
+@dataclass
+class NotSent:
+    """What the workload declared and the run never sent, for one cause."""
+
+    turns: int = 0
+    """Later turns of sessions that ended early."""
+    children: int = 0
+    """Child sessions never started (with every session below them)."""
+    credits: int = 0
+    """Requests those turns and children would have sent."""
+    joins: int = 0
+    """Joins that never happened (their children ran, the joining turn did not)."""
+
+    def as_dict(self) -> dict[str, int]:
+        """Plain data."""
+        return {"turns": self.turns, "children": self.children, "credits": self.credits,
+                "joins": self.joins}  # fmt: skip
 
 
 @dataclass
@@ -184,14 +262,20 @@ class _Instance:
         "depth",
         "done",
         "expected_worker",
-        "first_issued_at",
+        "failed",
+        "first_intended",
         "issued",
         "join",
+        "join_turns",
         "joined",
         "joins",
+        "last_done_at",
         "mode",
         "parent",
+        "reached",
+        "ready_at",
         "root_xid",
+        "sleeping",
         "spec",
         "task",
         "tree",
@@ -205,6 +289,7 @@ class _Instance:
         spec: SessionSpec,
         xid: str,
         tree: _Tree,
+        ready_at: float,
         *,
         parent: _Instance | None = None,
         mode: BranchMode | None = None,
@@ -225,11 +310,22 @@ class _Instance:
         self.joins: dict[int, int] = {}
         self.joined = asyncio.Event()
         self.join: tuple[_Instance, int] | None = None
+        self.join_turns: set[int] = set()
+        """Turns that join children already started."""
         self.issued = 0
+        self.reached = 0
+        """Turns the session got to (sent, or for an orchestrator passed)."""
         self.unstarted_forks = 0
-        self.first_issued_at: float | None = None
+        self.ready_at = ready_at
+        """When the next turn became ready (run-start seconds): the tree's or the child's start,
+        then each completion or join release. Its think time counts from here."""
+        self.last_done_at = ready_at
+        self.first_intended: float | None = None
+        self.failed = False
         self.waiting = False
         """Awaiting an outcome (not to be cancelled at the stop: the router ends it)."""
+        self.sleeping = False
+        """Waiting for its intended time or its joins (cancelled at the stop)."""
         self.done = 0
         """Turns finished."""
         self.task: asyncio.Task[None] | None = None
@@ -243,6 +339,10 @@ class Replayer:
         producer: a connected ``RouterClient`` (or anything with its ``Producer`` methods).
         options: how.
         on_record: called with every credit's record, when its outcome arrives.
+        clock: the schedule's clock (``loadgen.schedule.monotonic``; tests may pass another).
+
+    Attributes:
+        not_sent: ``{"failure": NotSent, "stop": NotSent}`` (module docstring).
     """
 
     def __init__(
@@ -251,22 +351,29 @@ class Replayer:
         producer: Producer,
         options: ReplayOptions | None = None,
         on_record: Callable[[CreditRecord], None] | None = None,
+        clock: Clock = monotonic,
     ) -> None:
         self.workload = workload
         self.producer = producer
         self.options = options or ReplayOptions()
         self.on_record = on_record
+        self.clock = clock
         self._rng = random.Random(self.options.seed)
         self._tag = secrets.token_hex(3)
         self._ids = itertools.count(1)
         self._instances = itertools.count(1)
         self._live: set[_Instance] = set()
         self._outstanding: dict[int, _Instance] = {}
+        self._first_tokens: dict[int, float] = {}
+        self._stop_cancelled: set[int] = set()
         self._tree_done = asyncio.Event()
         self._stopping = False
-        self._started_at = 0.0
+        self._stop_at: float | None = None
+        self._t0 = 0.0
+        self._unix0 = 0.0
         self._expected: int | None = None
         self._expected_known = False
+        self._sizes: dict[str, int] = {}
         self.submitted = 0
         self.done = 0
         self.errors = 0
@@ -275,14 +382,18 @@ class Replayer:
         self.trees_started = 0
         self.trees_live = 0
         self.outcomes: dict[str, int] = {}
+        self.not_sent: dict[str, NotSent] = {"failure": NotSent(), "stop": NotSent()}
 
     # ------------------------------------------------------------------ public
 
+    def now(self) -> float:
+        """Seconds since the run started (the schedule's clock)."""
+        return self.clock() - self._t0
+
     def progress(self) -> ReplayProgress:
         """Where the run stands (cheap: counters only)."""
-        loop = asyncio.get_running_loop()
         return ReplayProgress(
-            elapsed_s=loop.time() - self._started_at if self._started_at else 0.0,
+            elapsed_s=self.now() if self._t0 else 0.0,
             submitted=self.submitted,
             done=self.done,
             errors=self.errors,
@@ -293,24 +404,38 @@ class Replayer:
             stopping=self._stopping,
         )
 
-    def stop(self) -> None:
-        """Issue nothing more (what is in flight finishes, within the grace period)."""
+    def first_token(self, credit_id: int, ttft_s: float) -> None:
+        """A worker saw a credit's first token (``RouterClient(on_first_token=…)``)."""
+        if credit_id in self._outstanding:
+            self._first_tokens.setdefault(credit_id, self.now())
+
+    def stop(self, at: float | None = None) -> None:
+        """Issue nothing intended from now (or from ``at``, run-start seconds) on.
+
+        What is in flight finishes, within the grace period; a credit intended before the stop
+        is still sent, however late its producer wakes.
+        """
         if self._stopping:
             return
         self._stopping = True
+        self._stop_at = self.now() if at is None else at
         for inst in list(self._live):
-            if not inst.waiting and inst.task is not None:
+            if inst.sleeping and inst.task is not None:
                 inst.task.cancel()
         self._tree_done.set()
 
     async def run(self) -> None:
         """Replay until a stop condition, then settle what is in flight (module docstring)."""
         loop = asyncio.get_running_loop()
-        self._started_at = loop.time()
+        self._t0 = self.clock()
+        self._unix0 = time.time()
         opts = self.options
         timer = None
         if opts.duration_s is not None:
-            timer = loop.call_later(opts.duration_s, self.stop)
+            # The stop is at the schedule's ``duration_s`` whenever the timer fires: what was
+            # intended before it still goes out, however late.
+            duration = opts.duration_s
+            timer = loop.call_later(duration, lambda: self.stop(at=duration))
         try:
             await self._launch()
             await self._drain()
@@ -343,37 +468,63 @@ class Replayer:
                 self._expected = sum(w.credits_in_tree(roots[i % len(roots)]) for i in range(limit))
         return self._expected
 
+    async def _until(self, at: float) -> None:
+        """Wait until run-start second ``at``."""
+        await sleep_until(self._t0 + at, self.clock)
+
+    def _schedule(self) -> Iterable[tuple[str, float | None]]:
+        """``(root, intended start)`` in order; ``None``: when a slot frees (concurrency)."""
+        opts = self.options
+        roots = self.workload.roots
+        limit = self._limit()
+        if opts.mode == "timestamps":
+            order = sorted(roots, key=lambda r: self.workload.sessions[r].start_s or 0.0)
+            first = (self.workload.sessions[order[0]].start_s or 0.0) / opts.speedup
+            last = (self.workload.sessions[order[-1]].start_s or 0.0) / opts.speedup
+            # Another pass over the trace (``sessions`` beyond its length) follows the last
+            # root by the trace's mean gap, as the trace's own next root would.
+            k = len(order)
+            period = (last - first) * k / (k - 1) if k > 1 else 0.0
+            for n in range(limit if limit is not None else k):
+                root = order[n % k]
+                start = (self.workload.sessions[root].start_s or 0.0) / opts.speedup
+                yield root, start + (n // k) * period
+            return
+        counter = range(limit) if limit is not None else itertools.count()
+        if opts.mode == "rate":
+            times = arrival_times(
+                opts.rate, opts.arrival, seed=opts.seed, burstiness=opts.burstiness
+            )
+            for n, at in zip(counter, times, strict=False):
+                yield roots[n % len(roots)], at
+        else:
+            for n in counter:
+                yield roots[n % len(roots)], None
+
     async def _launch(self) -> None:
         """Start trees as the mode says, until the stop or the limit."""
         opts = self.options
-        limit = self._limit()
-        roots = self.workload.roots
-        if opts.mode == "timestamps":
-            order = sorted(roots, key=lambda r: self.workload.sessions[r].start_s or 0.0)
-            if limit is not None:
-                order = (order * (limit // len(order) + 1))[:limit]
-        else:
-            order = [roots[i % len(roots)] for i in range(limit)] if limit else []
-        loop = asyncio.get_running_loop()
-        for n in itertools.count():
-            if self._stopping or (limit is not None and n >= limit):
-                return
-            root = order[n] if limit is not None else roots[n % len(roots)]
-            if opts.mode == "concurrency":
+        duration = opts.duration_s
+        for root, at in self._schedule():
+            if at is None:  # concurrency: a tree starts when a slot frees
                 while self.trees_live >= opts.concurrency and not self._stopping:
                     self._tree_done.clear()
                     await self._tree_done.wait()
-            elif opts.mode == "rate":
-                if n:
-                    gap = 1 / opts.rate
-                    await asyncio.sleep(
-                        self._rng.expovariate(opts.rate) if opts.arrival == "poisson" else gap
-                    )
-            else:
-                start = (self.workload.sessions[root].start_s or 0.0) / opts.speedup
-                await asyncio.sleep(max(0.0, self._started_at + start - loop.time()))
-            if not self._stopping:
-                self._start_tree(root)
+                if self._stopping:
+                    return
+                self._start_tree(root, self.now())
+                continue
+            if duration is not None and at >= duration:
+                break
+            while not self._cut(at):
+                # In steps, so that a stop (Ctrl-C) is seen during a long gap of a trace.
+                step = min(at, self.now() + 0.25)
+                await self._until(step)
+                if step >= at:
+                    break
+            if self._cut(at):
+                return
+            self._start_tree(root, at)
 
     async def _drain(self) -> None:
         """Wait for the live trees; past the stop, give them ``grace_s``, then cancel."""
@@ -392,6 +543,7 @@ class Replayer:
         if not self._outstanding:
             return
         logger.info("cancelling %d credits still in flight", len(self._outstanding))
+        self._stop_cancelled.update(self._outstanding)
         self.producer.cancel(list(self._outstanding))
         end = loop.time() + opts.cancel_wait_s
         while self._outstanding and loop.time() < end:
@@ -402,14 +554,14 @@ class Replayer:
         if self.unfinished:
             logger.warning("%d credits had no outcome when the replayer stopped", self.unfinished)
 
-    def _start_tree(self, root: str) -> None:
+    def _start_tree(self, root: str, at: float) -> None:
         tree = _Tree(root)
         self.trees_started += 1
         self.trees_live += 1
-        inst = self._instance(self.workload.sessions[root], tree)
+        inst = self._instance(self.workload.sessions[root], tree, at)
         for child in inst.spec.pre_spawns:  # before turn 0: no parent id, depth 1
             pre = self._instance(
-                self.workload.sessions[child], tree, mode=None, parent=None, root_xid=inst.xid
+                self.workload.sessions[child], tree, at, mode=None, parent=None, root_xid=inst.xid
             )
             self._begin(pre)
         self._begin(inst)
@@ -418,6 +570,7 @@ class Replayer:
         self,
         spec: SessionSpec,
         tree: _Tree,
+        ready_at: float,
         *,
         parent: _Instance | None = None,
         mode: BranchMode | None = None,
@@ -425,7 +578,7 @@ class Replayer:
     ) -> _Instance:
         xid = f"{spec.id[:200]}~{self._tag}{next(self._instances):x}"
         root = root_xid or (parent.root_xid if parent is not None else None)
-        inst = _Instance(spec, xid, tree, parent=parent, mode=mode, root_xid=root)
+        inst = _Instance(spec, xid, tree, ready_at, parent=parent, mode=mode, root_xid=root)
         tree.live += 1
         self._live.add(inst)
         return inst
@@ -443,41 +596,64 @@ class Replayer:
         finally:
             self._finish(inst, complete)
 
+    def _intended(self, inst: _Instance, k: int) -> float:
+        """Turn ``k``'s intended time: ready + think time, or its trace offset (anchored)."""
+        opts = self.options
+        turn = inst.spec.turns[k]
+        think = turn.think_time(self._rng) * opts.think_scale / opts.speedup
+        at = inst.ready_at + think
+        if turn.offset_s is not None and inst.first_intended is not None:
+            at = max(at, inst.first_intended + turn.offset_s / opts.speedup)
+        return at
+
+    def _cut(self, at: float) -> bool:
+        """Is a turn intended at ``at`` past the stop?"""
+        return self._stopping and (self._stop_at is None or at >= self._stop_at)
+
     async def _turns(self, inst: _Instance) -> bool:
         """Run the turns; ``True`` if every one completed."""
         spec = inst.spec
-        loop = asyncio.get_running_loop()
-        for k, turn in enumerate(spec.turns):
-            if self._stopping:
+        for k in range(len(spec.turns)):
+            if inst.joins.get(k, 0) > 0:
+                inst.sleeping = True
+                try:
+                    while inst.joins.get(k, 0) > 0:
+                        if self._stopping:
+                            return False
+                        inst.joined.clear()
+                        await inst.joined.wait()
+                finally:
+                    inst.sleeping = False
+            at = self._intended(inst, k)
+            if self._cut(at):
                 return False
-            while inst.joins.get(k, 0) > 0:
-                inst.joined.clear()
-                await inst.joined.wait()
-            wait = turn.think_time(self._rng)
-            if turn.offset_s is not None and inst.first_issued_at is not None:
-                due = inst.first_issued_at + turn.offset_s / self.options.speedup
-                wait = max(wait, due - loop.time())
-            if wait > 0:
-                await asyncio.sleep(wait)
-            if self._stopping:
-                return False
-            if not spec.orchestrator and not await self._issue(inst, k):
+            if at > self.now():
+                inst.sleeping = True
+                try:
+                    await self._until(at)
+                finally:
+                    inst.sleeping = False
+                if self._cut(at):
+                    return False
+            if inst.first_intended is None:
+                inst.first_intended = at
+            inst.reached = k + 1
+            if not spec.orchestrator and not await self._issue(inst, k, at):
                 return False
             inst.done = k + 1
+            # An orchestrator's turn sends nothing: it is over at its intended time.
+            inst.ready_at = at if spec.orchestrator else inst.last_done_at
             self._branches(inst, k)
         return True
 
-    async def _issue(self, inst: _Instance, k: int) -> bool:
+    async def _issue(self, inst: _Instance, k: int, intended: float) -> bool:
         """Send turn ``k`` and await its outcome; ``True`` if it completed."""
-        loop = asyncio.get_running_loop()
         credit = self._credit(inst, k)
         inst.waiting = True
         inst.issued += 1
-        if inst.first_issued_at is None:
-            inst.first_issued_at = loop.time()
-        submitted_at = loop.time() - self._started_at
         try:
             future = await self.producer.submit(credit)
+            submitted_at = self.now()
             self.submitted += 1
             self._outstanding[credit.id] = inst
             try:
@@ -486,9 +662,13 @@ class Replayer:
                 self._outstanding.pop(credit.id, None)
         finally:
             inst.waiting = False
-        self._record(inst, credit, outcome, submitted_at)
+        inst.last_done_at = self.now()
+        self._record(inst, credit, outcome, intended, submitted_at)
         self._tree_done.set()  # wakes _drain's wait on outstanding credits too
-        return outcome.status is Status.COMPLETED
+        if outcome.status is Status.COMPLETED:
+            return True
+        inst.failed = credit.id not in self._stop_cancelled
+        return False
 
     def _credit(self, inst: _Instance, k: int) -> Credit:
         spec = inst.spec
@@ -531,23 +711,60 @@ class Replayer:
         plans: list[BranchPlan] = self.workload.branches.get((inst.spec.id, k), [])
         for plan in plans:
             for child_id in plan.children:
-                if self._stopping:
+                if self._cut(inst.ready_at):
                     if plan.mode is BranchMode.FORK:
                         inst.unstarted_forks += 1
+                    self._not_started(self.not_sent["stop"], child_id)
                     continue
                 child = self._instance(
-                    self.workload.sessions[child_id], inst.tree, parent=inst, mode=plan.mode
+                    self.workload.sessions[child_id],
+                    inst.tree,
+                    inst.ready_at,
+                    parent=inst,
+                    mode=plan.mode,
                 )
                 if plan.join_at is not None:
                     inst.joins[plan.join_at] = inst.joins.get(plan.join_at, 0) + 1
+                    inst.join_turns.add(plan.join_at)
                     child.join = (inst, plan.join_at)
                 self._begin(child)
+
+    def _sessions_in(self, sid: str) -> int:
+        """Sessions one instance of ``sid`` starts, itself included."""
+        cached = self._sizes.get(sid)
+        if cached is None:
+            spec = self.workload.sessions[sid]
+            cached = 1 + sum(self._sessions_in(c) for c in spec.pre_spawns)
+            for t in range(len(spec.turns)):
+                for plan in self.workload.branches.get((sid, t), ()):
+                    cached += sum(self._sessions_in(c) for c in plan.children)
+            self._sizes[sid] = cached
+        return cached
+
+    def _not_started(self, tally: NotSent, child: str) -> None:
+        tally.children += self._sessions_in(child)
+        tally.credits += self.workload.credits_in_tree(child)
+
+    def _count_unsent(self, inst: _Instance) -> None:
+        """The session ended early: count what it will never send, by cause."""
+        tally = self.not_sent["failure" if inst.failed else "stop"]
+        spec = inst.spec
+        if not spec.orchestrator:
+            tally.turns += len(spec.turns) - inst.reached
+            tally.credits += len(spec.turns) - inst.reached
+        for t in range(inst.done, len(spec.turns)):
+            for plan in self.workload.branches.get((spec.id, t), ()):
+                for child in plan.children:
+                    self._not_started(tally, child)
+        tally.joins += sum(1 for t in inst.join_turns if t >= inst.reached)
 
     def _finish(self, inst: _Instance, complete: bool) -> None:
         """The session is over: free what it holds, release its join, maybe its tree."""
         if inst not in self._live:
             return
         self._live.discard(inst)
+        if not complete:
+            self._count_unsent(inst)
         if inst.issued and (not complete or inst.unstarted_forks):
             # Turns or FORK children it declared will never come: the router and the worker
             # free the session (and its reservations) now rather than at their idle timeout.
@@ -555,6 +772,9 @@ class Replayer:
         if inst.join is not None:
             parent, turn = inst.join
             parent.joins[turn] -= 1
+            # The join's release is when the parent's turn becomes ready (if later than its
+            # own previous completion).
+            parent.ready_at = max(parent.ready_at, self.now())
             parent.joined.set()
         tree = inst.tree
         tree.live -= 1
@@ -565,12 +785,19 @@ class Replayer:
     # ------------------------------------------------------------------ records
 
     def _record(
-        self, inst: _Instance, credit: Credit, outcome: Outcome, submitted_at: float
+        self,
+        inst: _Instance,
+        credit: Credit,
+        outcome: Outcome,
+        intended: float,
+        submitted_at: float,
     ) -> None:
         self.done += 1
         status = outcome.status.value
+        stopped = credit.id in self._stop_cancelled and outcome.status is Status.CANCELLED
         self.outcomes[status] = self.outcomes.get(status, 0) + 1
-        if outcome.status is not Status.COMPLETED:
+        completed = outcome.status is Status.COMPLETED
+        if not completed and not stopped:
             self.errors += 1
         result = decode_result(outcome.result)
         expected = inst.expected_worker
@@ -580,10 +807,15 @@ class Replayer:
             affinity = outcome.worker == expected
         if outcome.worker:
             inst.expected_worker = outcome.worker
-        if result is not None and outcome.status is Status.COMPLETED:
+        if result is not None and completed:
             inst.context_tokens = result.input_tokens + result.output_tokens
+        turn = inst.spec.turns[credit.turn_index]
+        done_at = inst.last_done_at
+        first_token_at = self._first_tokens.pop(credit.id, None)
+        wait = outcome.submit_to_dispatch_s
         record = CreditRecord(
             credit_id=credit.id,
+            request_id=f"{credit.x_correlation_id}/{credit.turn_index}",
             session=credit.x_correlation_id,
             conversation=credit.conversation_id,
             root=inst.root_xid,
@@ -594,33 +826,54 @@ class Replayer:
             turn_index=credit.turn_index,
             num_turns=credit.num_turns,
             fork_count=credit.fork_count,
+            model=turn.model or self.options.model,
+            max_tokens=turn.output_tokens,
+            intended_at_s=_round(intended),
             submitted_at_s=round(submitted_at, 6),
+            submitted_unix_s=round(self._unix0 + submitted_at, 6),
+            first_token_at_s=_round(first_token_at),
+            done_at_s=_round(done_at),
             status=status,
             reason=outcome.reason,
+            stopped=stopped,
             worker=outcome.worker,
             affinity=affinity,
-            submit_to_dispatch_s=outcome.submit_to_dispatch_s,
+            lateness_s=_round(submitted_at - intended + wait) if wait is not None else None,
+            submit_to_dispatch_s=wait,
             dispatch_to_outcome_s=outcome.dispatch_to_outcome_s,
-            ttft_s=outcome.ttft_s if result is None or result.ttft_s is None else result.ttft_s,
+            e2e_from_intended_s=_round(done_at - intended),
             recorded=inst.spec.turns[credit.turn_index].recorded,
         )
+        ttft = outcome.ttft_s if result is None or result.ttft_s is None else result.ttft_s
         if result is not None:
             record.http_status = result.http_status
             record.endpoint = result.endpoint or None
-            record.rebuilt = result.rebuilt
             record.error = result.error
-        if result is not None and outcome.status is Status.COMPLETED:
-            # A failed request's token counts are unknown (the result's 0 is only a default).
-            record.itl_s = result.itl_s
-            record.e2e_s = result.e2e_s
-            record.input_tokens = result.input_tokens
-            record.cached_tokens = result.cached_tokens
-            record.output_tokens = result.output_tokens
-            record.reasoning_tokens = result.reasoning_tokens
-            record.ttft_content_s = result.ttft_content_s
-            record.tool_calls = result.tool_calls
+        if completed:
+            record.ttft_s = ttft
+            if first_token_at is not None:
+                record.ttft_from_intended_s = _round(first_token_at - intended)
+            elif ttft is not None and result is not None and result.e2e_s is not None:
+                # No first-token notice: the outcome's arrival less the worker's decode tail.
+                tail = max(0.0, result.e2e_s - ttft)
+                record.ttft_from_intended_s = _round(done_at - intended - tail)
+            if result is not None:
+                # A failed request's token counts are unknown (the result's 0 is a default).
+                record.itl_s = result.itl_s
+                record.e2e_s = result.e2e_s
+                record.input_tokens = result.input_tokens
+                record.cached_tokens = result.cached_tokens
+                record.output_tokens = result.output_tokens
+                record.rebuilt = result.rebuilt
+                record.reasoning_tokens = result.reasoning_tokens
+                record.ttft_content_s = result.ttft_content_s
+                record.tool_calls = result.tool_calls
         if self.on_record is not None:
             self.on_record(record)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -17,6 +17,12 @@ The cluster's processes run in their own process group, so a Ctrl-C reaches only
 the first stops the replay (in-flight credits settle), the second abandons it. Whatever
 happens, the processes are stopped (SIGTERM: workers drain, then the router, then the
 servers; SIGKILL after a few seconds), and their logs are shown if one of them failed.
+
+Before any load: ``--endpoint`` servers are asked for ``/models`` (a dead server, a URL without
+its ``/v1`` or a model the server does not serve is one line and exit 2), and ``--router`` must
+answer the producer handshake (``ipc://`` paths must exist). ``--output DIR`` leaves a run
+directory (``loadgen.artifacts``). The exit status (``EXIT_*``, docs/RUN.md) says whether the
+run is to be trusted.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -40,8 +46,16 @@ from typing import IO, Any, Literal
 import aiohttp
 import uvloop
 
+from credit_common.keys import KeyError_, load_public, load_secret
 from loadgen.replay import Replayer, ReplayOptions
-from loadgen.report import Collector, Progress, Report, render_comparison
+from loadgen.report import (
+    DEFAULT_LATENESS_THRESHOLD_S,
+    Collector,
+    Progress,
+    Report,
+    Slo,
+    render_comparison,
+)
 from loadgen.workload import (
     FileFormat,
     GeneratorParams,
@@ -50,9 +64,35 @@ from loadgen.workload import (
     generate,
     load_workload,
 )
-from router_service.client import RouterClient
+from router_service.client import ProducerRefusedError, RouterClient
 
-__all__ = ["ClusterError", "LocalCluster", "RunSettings", "main", "run"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_ERRORS",
+    "EXIT_INCOMPLETE",
+    "EXIT_OK",
+    "EXIT_SLO",
+    "ClusterError",
+    "LocalCluster",
+    "RunError",
+    "RunSettings",
+    "exit_status",
+    "main",
+    "preflight",
+    "run",
+]
+
+EXIT_OK = 0
+"""Every credit ended, errors within ``--max-error-rate``, SLOs (if any) met."""
+EXIT_ERRORS = 1
+"""More credits failed than ``--max-error-rate`` allows."""
+EXIT_BAD_INPUT = 2
+"""Bad options, workload, key file, endpoint or router address: nothing (more) was sent."""
+EXIT_INCOMPLETE = 3
+"""The run did not finish: credits without an outcome, a cluster process died, the cluster
+did not start, or the run was interrupted."""
+EXIT_SLO = 4
+"""Fewer credits met the ``--slo`` objectives than its ``attainment``."""
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +101,10 @@ Policy = Literal["sticky", "least_loaded"]
 
 class ClusterError(Exception):
     """The local cluster could not start (the message includes the failing process's log)."""
+
+
+class RunError(Exception):
+    """A user's mistake found before the load (one line naming it and its fix): exit 2."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +133,20 @@ class RunSettings:
     progress: bool = True
     keep_logs: bool = False
     startup_timeout_s: float = 30.0
+    output: Path | None = None
+    """The run directory to write (``loadgen.artifacts``)."""
+    max_error_rate: float = 0.0
+    """Errors (not the stop's cancellations) over credits above which the exit status is 1."""
+    slo: Slo | None = None
+    lateness_threshold_s: float = DEFAULT_LATENESS_THRESHOLD_S
+    curve_server_key: Path | None = None
+    """The router's public key file (``--router`` over TCP with CURVE)."""
+    curve_key: Path | None = None
+    """This producer's key pair (``NAME.key_secret``; ``NAME`` is its allowlist name)."""
+    connect_timeout_s: float = 5.0
+    preflight: bool = True
+    argv: tuple[str, ...] = ()
+    """The command line, for the run directory's ``config.json``."""
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.capacity < 1:
@@ -97,6 +155,12 @@ class RunSettings:
             raise ValueError("--mock-servers must be >= 1 (or give --endpoint)")
         if self.compare and self.router is not None:
             raise ValueError("--compare starts its own clusters: it cannot use --router")
+        if not 0 <= self.max_error_rate <= 1:
+            raise ValueError("--max-error-rate must be between 0 and 1")
+        if (self.curve_server_key is None) != (self.curve_key is None):
+            raise ValueError("--curve-server-key and --curve-key go together")
+        if self.curve_server_key is not None and self.router is None:
+            raise ValueError("--curve-server-key is for --router (a local cluster needs none)")
 
 
 def _free_port() -> int:
@@ -361,6 +425,17 @@ class RemoteRouter:
         assert settings.router is not None
         self.producer_endpoint = settings.router
         self.topology = f"router at {settings.router} with its workers"
+        scheme, sep, rest = settings.router.partition("://")
+        if not sep or scheme not in ("tcp", "ipc"):
+            raise RunError(
+                f"--router {settings.router!r}: expected tcp://HOST:PORT or ipc:///PATH "
+                "(the router's --producers endpoint)"
+            )
+        if scheme == "ipc" and not Path(rest).is_socket():
+            raise RunError(
+                f"--router {settings.router}: no socket at {rest} (is the router running, "
+                "with --producers at that path?)"
+            )
 
     async def __aenter__(self) -> RemoteRouter:
         return self
@@ -409,13 +484,17 @@ async def _one(
         path = settings.records
         if settings.compare:
             path = path.with_name(f"{path.stem}.{policy}{path.suffix or '.jsonl'}")
-        records = path.open("wb")
+        try:
+            records = path.open("wb")
+        except OSError as exc:
+            raise RunError(f"--records {path}: {exc.strerror}") from None
     try:
         async with cluster:
             collector = Collector(records)
             loop = asyncio.get_running_loop()
-            async with RouterClient(cluster.producer_endpoint, name=f"run-{policy}") as client:
+            async with _connected(settings, cluster.producer_endpoint, policy) as client:
                 replayer = Replayer(workload, client, settings.replay, on_record=collector.add)
+                client.on_first_token = replayer.first_token
                 interrupts.replayer = replayer
                 progress = None
                 if settings.progress:
@@ -454,9 +533,49 @@ async def _one(
         collector=collector,
         trees_started=replayer.trees_started,
         unfinished=replayer.unfinished,
+        not_sent={cause: tally.as_dict() for cause, tally in replayer.not_sent.items()},
         servers=servers,
         problems=problems,
+        lateness_threshold_s=settings.lateness_threshold_s,
+        slo=settings.slo,
     )
+
+
+@contextlib.asynccontextmanager
+async def _connected(
+    settings: RunSettings, endpoint: str, policy: str
+) -> AsyncIterator[RouterClient]:
+    """A connected producer; a router that does not answer or refuses is a ``RunError``."""
+    name = f"run-{policy}"
+    curve = None
+    if settings.curve_server_key is not None and settings.curve_key is not None:
+        public, secret = load_secret(settings.curve_key)
+        curve = (load_public(settings.curve_server_key), public, secret)
+        # The router's allowlist names a producer by its key file's name.
+        name = settings.curve_key.name.removesuffix(".key_secret")
+    client = RouterClient(endpoint, name=name, curve=curve)
+    try:
+        await client.connect(timeout_s=settings.connect_timeout_s)
+    except TimeoutError:
+        if client.handshake_failure is not None:
+            raise RunError(
+                f"the router at {endpoint} did not accept the connection: "
+                f"{client.handshake_failure}"
+            ) from None
+        hint = (
+            " (is a router listening there? with CURVE, are the keys the router's?)"
+            if settings.router
+            else ""
+        )
+        raise RunError(
+            f"no router answered at {endpoint} within {settings.connect_timeout_s:g} s{hint}"
+        ) from None
+    except ProducerRefusedError as exc:
+        raise RunError(f"the router at {endpoint} refused this producer: {exc}") from None
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 def _workload(settings: RunSettings) -> Workload:
@@ -465,14 +584,80 @@ def _workload(settings: RunSettings) -> Workload:
     return load_workload(settings.workload, settings.fmt, block_tokens=settings.block_tokens)
 
 
+async def preflight(endpoints: tuple[str, ...], model: str, timeout_s: float = 5.0) -> None:
+    """Ask every server for ``/models`` before sending load.
+
+    Raises:
+        RunError: a server that does not answer, a URL whose ``/models`` is not there (with
+            the ``/v1`` it lacks, when that is the fix), or a model the server does not list.
+    """
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
+        for endpoint in endpoints:
+            base = endpoint.removesuffix("/chat/completions").rstrip("/")
+            try:
+                status, doc = await _get_json(http, f"{base}/models")
+                if status == 404 and not base.endswith("/v1"):
+                    fixed, _ = await _get_json(http, f"{base}/v1/models")
+                    if fixed == 200:
+                        raise RunError(
+                            f"--endpoint {endpoint}: the OpenAI API is under /v1 there: "
+                            f"give --endpoint {base}/v1"
+                        )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise RunError(
+                    f"--endpoint {endpoint}: cannot reach the server "
+                    f"({exc.__class__.__name__}: {exc or 'timed out'}); is it running?"
+                ) from None
+            if status == 404:
+                raise RunError(
+                    f"--endpoint {endpoint}: {base}/models answered 404: give the base URL of "
+                    "an OpenAI-compatible API (usually http://HOST:PORT/v1)"
+                )
+            if status != 200:
+                logger.warning("%s/models answered HTTP %d; sending load anyway", base, status)
+                continue
+            served = [str(m.get("id")) for m in (doc or {}).get("data", []) if isinstance(m, dict)]
+            if served and model not in served:
+                raise RunError(
+                    f"--endpoint {endpoint} does not serve model {model!r} (it serves: "
+                    f"{', '.join(served[:5])}); give --model"
+                )
+
+
+async def _get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with http.get(url) as r:
+        try:
+            return r.status, await r.json(content_type=None)
+        except ValueError:
+            return r.status, None
+
+
+def exit_status(
+    reports: list[Report], max_error_rate: float = 0.0, interrupted: bool = False
+) -> int:
+    """The run's exit status (``EXIT_*``): incomplete before errors before SLO breaches."""
+    if interrupted or not reports:
+        return EXIT_INCOMPLETE
+    for r in reports:
+        if r.unfinished or r.problems:
+            return EXIT_INCOMPLETE
+    if any(r.error_rate() > max_error_rate for r in reports):
+        return EXIT_ERRORS
+    if any((r.goodput() or {}).get("breached") for r in reports):
+        return EXIT_SLO
+    return EXIT_OK
+
+
 async def run(settings: RunSettings, out: IO[str] | None = None) -> int:
     """The whole command: load, replay (once or compared), print. Returns the exit status."""
     out = out if out is not None else sys.stdout
     try:
         workload = _workload(settings)
-    except WorkloadError as exc:
+        if settings.preflight and settings.endpoints:
+            await preflight(settings.endpoints, settings.model)
+    except (WorkloadError, RunError) as exc:
         print(f"credit-router run: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     interrupts = _Interrupts()
     interrupts.install()
     policies: list[Policy] = ["sticky", "least_loaded"] if settings.compare else [settings.policy]
@@ -482,12 +667,46 @@ async def run(settings: RunSettings, out: IO[str] | None = None) -> int:
             reports.append(await _one(settings, workload, policy, interrupts))
             if interrupts.count:
                 break
+    except (RunError, KeyError_) as exc:
+        print(f"credit-router run: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except ClusterError as exc:
         print(f"credit-router run: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_INCOMPLETE
     _print(settings, reports, out)
-    completed = sum(r.collector.statuses.get("completed", 0) for r in reports)
-    return 0 if completed and not any(r.problems for r in reports) else 1
+    code = exit_status(reports, settings.max_error_rate, interrupted=bool(interrupts.count))
+    if settings.output is not None:
+        from loadgen.artifacts import write_run
+
+        try:
+            write_run(settings.output, reports, settings, workload, exit_status=code)
+        except OSError as exc:
+            print(f"credit-router run: cannot write {settings.output}: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(f"run directory: {settings.output}", file=sys.stderr)
+    if code != EXIT_OK:
+        print(f"credit-router run: {_verdict(code, reports, settings)}", file=sys.stderr)
+    return code
+
+
+def _verdict(code: int, reports: list[Report], settings: RunSettings) -> str:
+    """One line saying why the exit status is not 0."""
+    if code == EXIT_INCOMPLETE:
+        unfinished = sum(r.unfinished for r in reports)
+        return f"exit {code}: the run is incomplete ({unfinished} credits without an outcome, " + (
+            "a cluster process failed)" if any(r.problems for r in reports) else "or interrupted)"
+        )
+    if code == EXIT_ERRORS:
+        rate = max(r.error_rate() for r in reports)
+        return (
+            f"exit {code}: {rate:.2%} of credits failed, above --max-error-rate "
+            f"{settings.max_error_rate:g}"
+        )
+    return f"exit {code}: the SLOs were not met (see goodput)"
+
+
+def _width(out: IO[str]) -> int:
+    return shutil.get_terminal_size((100, 24)).columns if out.isatty() else 100
 
 
 def _print(settings: RunSettings, reports: list[Report], out: IO[str]) -> None:
@@ -497,12 +716,13 @@ def _print(settings: RunSettings, reports: list[Report], out: IO[str]) -> None:
         doc: Any = reports[0].as_dict() if len(reports) == 1 else [r.as_dict() for r in reports]
         print(json.dumps(doc, indent=2), file=out)
         return
+    width = _width(out)
     for report in reports:
-        print(report.render(), file=out)
+        print(report.render(width), file=out)
         print(file=out)
     if len(reports) > 1:
         print("sticky vs least-loaded routing, same workload, fresh servers each:", file=out)
-        print(render_comparison(reports), file=out)
+        print(render_comparison(reports, width), file=out)
 
 
 def main(settings: RunSettings) -> int:

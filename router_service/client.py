@@ -145,6 +145,9 @@ class RouterClient:
         """Outcomes for credits this client was not waiting for."""
         self.errors: list[ErrorReport] = []
         """Error reports the router sent (kept for inspection; also logged)."""
+        self.handshake_failure: str | None = None
+        """Why the last connection handshake failed, in words (a key the router does not
+        accept, a CURVE/plaintext mismatch), or ``None``."""
 
     # ----------------------------------------------------------------- life cycle
 
@@ -196,8 +199,9 @@ class RouterClient:
             self._raise_if_final()
         except TimeoutError:
             await self.close()
+            why = f": {self.handshake_failure}" if self.handshake_failure else ""
             raise TimeoutError(
-                f"no router answered at {self.endpoint} in {timeout_s:.1f} s"
+                f"no router answered at {self.endpoint} in {timeout_s:.1f} s{why}"
             ) from None
         except BaseException:
             await self.close()
@@ -262,9 +266,14 @@ class RouterClient:
             self._wake.set()
 
     def _on_handshake_failed(self, why: str) -> None:
-        logger.warning("handshake with %s failed: %s", self.endpoint, why)
+        self.handshake_failure = why
+        # While connecting, connect() raises with the reason: no log line of our own.
+        joined = self.session.router_incarnation is not None
+        logger.log(logging.WARNING if joined else logging.DEBUG, "handshake with %s failed: %s",
+                   self.endpoint, why)  # fmt: skip
         if self.session.auth_failed(why):
-            logger.error("giving up on %s: %s", self.endpoint, self.session.why)
+            if joined:
+                logger.error("giving up on %s: %s", self.endpoint, self.session.why)
             self._end_unsent(f"auth_failed: {why}")
             self._wake.set()
 

@@ -10,19 +10,26 @@ request of an agent tree carried: a FORK child's first request holds its parent'
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from credit_common.keys import generate
+from loadgen.plots import PLOTS
 from loadgen.replay import CreditRecord, Replayer, ReplayOptions
 from loadgen.run import LocalCluster, RunSettings
 from loadgen.workload import load_workload
 from router_service.client import RouterClient
+from tests.integration.test_faults import Cluster
 from tests.loadgen.workload.test_format import write
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -196,3 +203,206 @@ async def test_the_watchdog_reports_a_cluster_process_that_exits() -> None:
     cluster.failed = False  # nothing to keep: the test saw the log
     await cluster.stop()
     assert not cluster.log_dir.exists()
+
+
+# ---------------------------------------------------------------------- issue 11 and 13
+
+
+def _run(*args: str, timeout: float = 80) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "credit_router", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _no_traceback(done: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_an_overloaded_run_warns_and_leaves_a_directory_a_person_can_analyse(
+    tmp_path: Path,
+) -> None:
+    # Why 2, 6, 7: one worker slot against 20 requests/s of ~100 ms each: credits wait in the
+    # router. The report must say so, the records must carry the intended time, and the run
+    # directory must hold the exports and plots.
+    lines = [
+        {"id": f"q{i}", "turns": [{"input_tokens": 20, "output_tokens": 10}]} for i in range(30)
+    ]
+    workload = write(tmp_path, *lines)
+    out = tmp_path / "run"
+    done = _run(
+        "run", str(workload), "--workers", "1", "--capacity", "1", "--mock-servers", "1",
+        "--rate", "20", "--arrival", "constant", "--sessions", "30", "--no-progress",
+        "--output", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "WARNING: p99 lateness" in done.stdout
+    assert "router queue" in done.stdout.split("WARNING")[1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["outcomes"] == {"completed": 30}
+    assert summary["exit_status"] == 0
+    assert summary["lateness"]["submitted_to_dispatched_s"]["p99"] > 0.5
+    latency = summary["latency"]
+    assert latency["ttft_from_intended_s"]["p50"] > 2 * latency["ttft_s"]["p50"]
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 30
+    intended = sorted(r["intended_at_s"] for r in records)
+    assert intended == pytest.approx([n / 20 for n in range(30)], abs=1e-6)
+    for r in records:
+        assert r["model"] == "mock"
+        assert r["max_tokens"] == 10
+        assert r["request_id"] == f"{r['session']}/0"
+        assert r["submitted_unix_s"] > 1.7e9
+        assert r["lateness_s"] >= r["submit_to_dispatch_s"]
+    with (out / "records.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 30
+    assert float(rows[5]["intended_at_s"]) == pytest.approx(
+        next(r["intended_at_s"] for r in records if r["credit_id"] == int(rows[5]["credit_id"]))
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["replay"]["rate"] == 20
+    assert config["versions"]["matplotlib"] != "not installed"
+    assert config["workload"]["roots"] == 30
+    for name in PLOTS:
+        png = (out / "plots" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert len(png) > 10_000, name
+    # `credit-router report DIR` re-renders it; with two directories, compares them.
+    again = _run("report", str(out))
+    assert again.returncode == 0, again.stderr
+    assert "30 with an outcome" in again.stdout
+    assert "WARNING: p99 lateness" in again.stdout
+    both = _run("report", str(out), str(out))
+    assert both.returncode == 0
+    assert "lateness p99 ms" in both.stdout
+    (tmp_path / "empty").mkdir()
+    bad = _run("report", str(tmp_path / "empty"))
+    assert bad.returncode == 2
+    assert "not a run directory" in bad.stderr
+    _no_traceback(bad)
+
+
+def test_the_exit_status_says_whether_the_run_can_be_trusted(tmp_path: Path) -> None:
+    # Why 5: one failed credit in eight used to exit 0 (any completed credit sufficed).
+    lines: list[Any] = [
+        {"id": f"ok{i}", "turns": [{"messages": user("hi"), "output_tokens": 2}]} for i in range(7)
+    ] + [{"id": "broken", "turns": [{"messages": user("no"), "extra": {"mock_fault": "http_503"}}]}]
+    workload = write(tmp_path, *lines)
+    base = ["run", str(workload), "--workers", "1", "--mock-servers", "1", "--no-progress"]
+    strict = _run(*base)
+    assert strict.returncode == 1, strict.stderr
+    assert "exit 1: 12.50% of credits failed, above --max-error-rate 0" in strict.stderr
+    lenient = _run(*base, "--max-error-rate", "0.2", "--slo", "e2e_ms=60000,attainment=0.8")
+    assert lenient.returncode == 0, lenient.stderr
+    assert "goodput" in lenient.stdout
+    breached = _run(*base, "--max-error-rate", "0.2", "--slo", "ttft_ms=0.001")
+    assert breached.returncode == 4, breached.stderr
+    assert "exit 4: the SLOs were not met" in breached.stderr
+
+
+def test_a_wrong_router_or_endpoint_is_one_line_and_exit_2_before_any_load(
+    tmp_path: Path,
+) -> None:
+    # Issue 13 Why 2 and 7: tracebacks for a missing router; 6,768 failed credits in 5 s for a
+    # dead endpoint, with no pre-flight check.
+    done = _run("run", "--router", "ipc:///nonexistent", "--no-progress", timeout=20)
+    assert done.returncode == 2
+    assert "no socket at /nonexistent" in done.stderr
+    _no_traceback(done)
+    port = _free_port()
+    done = _run(
+        "run", "--router", f"tcp://127.0.0.1:{port}", "--connect-timeout-s", "1",
+        "--no-progress", timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert f"no router answered at tcp://127.0.0.1:{port} within 1 s" in done.stderr
+    _no_traceback(done)
+    done = _run("run", "--endpoint", f"http://127.0.0.1:{port}/v1", "--no-progress", timeout=30)
+    assert done.returncode == 2
+    assert "cannot reach the server" in done.stderr
+    assert "is it running?" in done.stderr
+    _no_traceback(done)
+    mock_port = _free_port()
+    mock = subprocess.Popen(
+        [sys.executable, "-m", "credit_router", "mock-server", "--port", str(mock_port),
+         "--model", "served", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_http(f"http://127.0.0.1:{mock_port}/health")
+        base = f"http://127.0.0.1:{mock_port}"
+        done = _run("run", "--endpoint", base, "--model", "served", "--no-progress", timeout=30)
+        assert done.returncode == 2
+        assert f"give --endpoint {base}/v1" in done.stderr
+        _no_traceback(done)
+        done = _run("run", "--endpoint", f"{base}/v1", "--model", "other", "--no-progress")
+        assert done.returncode == 2
+        assert "does not serve model 'other' (it serves: served)" in done.stderr
+        _no_traceback(done)
+    finally:
+        mock.terminate()
+        mock.wait(10)
+
+
+def test_run_submits_to_a_curve_router_with_its_key(tmp_path: Path) -> None:
+    # Issue 13 Why 7: `run` had no CURVE options for a TCP producer endpoint.
+    keys = tmp_path / "keys"
+    generate(keys / "router", ["router"])
+    generate(keys / "allowed", ["w-1", "loadgen", "stranger"])
+    (keys / "allowed" / "stranger.key").unlink()  # a key pair the router does not list
+    workload = write(tmp_path, *({"id": f"s{i}", "turns": [{"input_tokens": 5}]} for i in range(4)))
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_router(
+            "--curve-secret-key-file", str(keys / "router" / "router.key_secret"),
+            "--curve-allowed-keys", str(keys / "allowed"),
+        )  # fmt: skip
+        cluster.start_worker(
+            "w-1",
+            "--curve-server-key", str(keys / "router" / "router.key"),
+            "--curve-key", str(keys / "allowed" / "w-1.key_secret"),
+        )  # fmt: skip
+        asyncio.run(cluster.workers_active("w-1"))
+        server_key = str(keys / "router" / "router.key")
+        ok = _run(
+            "run", str(workload), "--router", cluster.producer_endpoint, "--no-progress",
+            "--curve-server-key", server_key,
+            "--curve-key", str(keys / "allowed" / "loadgen.key_secret"), "--json",
+        )  # fmt: skip
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["outcomes"] == {"completed": 4}
+        refused = _run(
+            "run", str(workload), "--router", cluster.producer_endpoint, "--no-progress",
+            "--curve-server-key", server_key, "--connect-timeout-s", "1",
+            "--curve-key", str(keys / "allowed" / "stranger.key_secret"),
+        )  # fmt: skip
+        assert refused.returncode == 2
+        assert "does not accept this CURVE key" in refused.stderr  # the reason, in words
+        _no_traceback(refused)
+        missing = _run(
+            "run", str(workload), "--router", cluster.producer_endpoint, "--no-progress",
+            "--curve-server-key", server_key, "--curve-key", str(keys / "nope.key_secret"),
+        )  # fmt: skip
+        assert missing.returncode == 2
+        assert "nope.key_secret" in missing.stderr
+        _no_traceback(missing)
+    finally:
+        cluster.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, within_s: float = 15.0) -> None:
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

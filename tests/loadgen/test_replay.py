@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import statistics
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import msgspec
 import pytest
 
 from loadgen.replay import CreditRecord, Replayer, ReplayOptions
+from loadgen.schedule import arrival_times
 from loadgen.workload import Workload, load_workload
 from protocol.inference import RequestResult, decode_request, encode_result
 from protocol.messages import BranchMode, Credit, Outcome, Status
@@ -61,6 +64,7 @@ class FakeProducer:
             output_tokens=request.output_tokens or 1,
             ttft_s=0.001,
             e2e_s=delay,
+            error="" if status is Status.COMPLETED else "server says no",
         )
         outcome = Outcome(
             credit_id=credit.id,
@@ -291,3 +295,180 @@ async def test_orchestrator_rounds_and_pre_spawns_send_no_requests_of_their_own(
     main = fake.by_conversation("main")[0]
     assert (bg.parent_correlation_id, bg.branch_mode, bg.agent_depth) == (None, None, 1)
     assert bg.root_correlation_id == main.x_correlation_id
+
+
+# ---------------------------------------------------------------------- issue 11: honesty
+
+
+class SlowSubmitProducer(FakeProducer):
+    """Each submission blocks the event loop a little (encoding, a busy machine)."""
+
+    def __init__(self, block_s: float) -> None:
+        super().__init__(latency_s=0.0)
+        self.block_s = block_s
+
+    async def submit(self, credit: Credit) -> asyncio.Future[Outcome]:
+        time.sleep(self.block_s)  # noqa: ASYNC251 - blocking on purpose: the schedule absorbs it
+        return await super().submit(credit)
+
+
+async def test_rate_holds_its_schedule_when_each_start_costs_time(tmp_path: Path) -> None:
+    # Why 1: relative sleeps added each start's cost to the gap (100/s with 3 ms per start
+    # gave ~77 trees in 1 s). Anchored, every tree intended before the stop is started, and
+    # its intended time is n / rate exactly, whatever the lateness of its wake-up.
+    w = tree(tmp_path, [{"id": "r", "turns": [{"input_tokens": 1}]}])
+    fake = SlowSubmitProducer(block_s=0.003)
+    replayer, records = await replay(
+        w, fake, mode="rate", rate=100, arrival="constant", duration_s=1.0
+    )
+    assert replayer.trees_started == 100
+    intended = sorted(r.intended_at_s for r in records if r.intended_at_s is not None)
+    assert intended == pytest.approx([n / 100 for n in range(100)], abs=1e-9)
+    assert all(r.submitted_at_s >= (r.intended_at_s or 0.0) for r in records)
+
+
+def test_arrival_times_are_absolute_and_keep_their_mean() -> None:
+    constant = list(itertools.islice(arrival_times(1_000, "constant"), 5_001))
+    assert constant[5_000] == 5.0  # a product, not 5,000 additions of 0.001
+    for arrival in ("poisson", "gamma"):
+        times = list(itertools.islice(arrival_times(200, arrival, seed=3, burstiness=0.5), 20_001))
+        assert times == sorted(times)
+        assert times[-1] == pytest.approx(100.0, rel=0.05)  # 20,000 gaps of 5 ms on average
+    gaps = list(
+        itertools.pairwise(itertools.islice(arrival_times(1, "gamma", burstiness=0.25), 20_001))
+    )
+    cv = statistics.pstdev(b - a for a, b in gaps) / statistics.mean(b - a for a, b in gaps)
+    assert cv == pytest.approx(2.0, rel=0.1)  # shape 0.25: cv = 1 / sqrt(shape), burstier
+    with pytest.raises(ValueError, match="must be > 0"):
+        next(arrival_times(0, "constant"))
+
+
+THINK: list[Any] = [
+    {
+        "id": "s",
+        "turns": [
+            {"input_tokens": 1},
+            {"input_tokens": 1, "delay_s": 0.4},
+            {"input_tokens": 1, "offset_s": 2.0},
+        ],
+    }
+]
+
+
+@pytest.mark.parametrize(
+    ("speedup", "think_scale", "think", "offset"),
+    [(4.0, 1.0, 0.1, 0.5), (1.0, 0.5, 0.2, 2.0), (2.0, 0.5, 0.1, 1.0)],
+)
+async def test_speedup_scales_think_times_and_offsets_and_think_scale_only_think_times(
+    tmp_path: Path, speedup: float, think_scale: float, think: float, offset: float
+) -> None:
+    # Why 3: --speedup divided timestamps but not delays; think times could not be scaled.
+    fake = FakeProducer(latency_s=0.001)
+    _, records = await replay(tree(tmp_path, THINK), fake, speedup=speedup, think_scale=think_scale)
+    first, second, third = sorted(records, key=lambda r: r.turn_index)
+    assert second.intended_at_s is not None
+    assert first.done_at_s is not None
+    # The think time counts from the previous turn's completion, scaled.
+    assert second.intended_at_s - first.done_at_s == pytest.approx(think, abs=1e-6)
+    # A trace offset counts from the session's first *intended* time, divided by speedup.
+    assert third.intended_at_s == pytest.approx((first.intended_at_s or 0.0) + offset, abs=1e-6)
+
+
+async def test_what_a_failure_prunes_is_counted(tmp_path: Path) -> None:
+    # Why 4: children of failed turns and their joins were silently never sent.
+    lines: list[Any] = [
+        {
+            "id": "p",
+            "turns": [
+                {"input_tokens": 1, "spawns": [{"children": ["early"], "join_at": 2}]},
+                {"input_tokens": 1, "forks": ["f"]},
+                {"input_tokens": 1},
+            ],
+        },
+        {"id": "early", "turns": [{"input_tokens": 1}]},
+        {"id": "f", "turns": [{"input_tokens": 1}, {"input_tokens": 1, "spawns": ["g"]}]},
+        {"id": "g", "turns": [{"input_tokens": 1}]},
+    ]
+
+    def script(c: Credit) -> tuple[Status, float]:
+        failed = c.conversation_id == "p" and c.turn_index == 1
+        return (Status.FAILED if failed else Status.COMPLETED), 0.002
+
+    fake = FakeProducer(script)
+    replayer, records = await replay(tree(tmp_path, lines), fake)
+    failure = replayer.not_sent["failure"]
+    # p's turn 2 never went; f (with g below it) never started; p's join at 2 never happened.
+    assert (failure.turns, failure.children, failure.joins) == (1, 2, 1)
+    assert failure.credits == 1 + 2 + 1  # p's turn 2, f's two turns, g's one
+    assert replayer.not_sent["stop"].credits == 0
+    declared = tree(tmp_path, lines).credits_in_tree("p")
+    assert len(records) + failure.credits == declared  # nothing unaccounted for
+
+
+async def test_stop_cancellations_are_not_errors_and_what_the_stop_cut_is_counted(
+    tmp_path: Path,
+) -> None:
+    # Why 4: --compare counted the run's own stop cancellations as errors.
+    lines: list[Any] = [
+        {"id": "r", "turns": [{"input_tokens": 1}, {"input_tokens": 1}, {"input_tokens": 1}]}
+    ]
+    fake = FakeProducer(lambda c: (Status.COMPLETED, 0.01 if c.turn_index == 0 else -1))
+    replayer, records = await replay(
+        tree(tmp_path, lines), fake, duration_s=0.1, grace_s=0.05, concurrency=1
+    )
+    stopped = [r for r in records if r.status == "cancelled"]
+    assert stopped
+    assert all(r.stopped for r in stopped)
+    assert replayer.errors == 0
+    assert replayer.not_sent["stop"].turns == 1  # turn 2 of the cancelled session
+    assert replayer.not_sent["failure"].credits == 0
+
+
+async def test_records_carry_what_analysis_needs(tmp_path: Path) -> None:
+    # Why 6: intended time, wall clock, model, max_tokens, request id, error text; a failed
+    # credit has no token counts.
+    lines: list[Any] = [
+        {"id": "ok", "turns": [{"input_tokens": 3, "output_tokens": 7, "model": "m-turn"}]},
+        {"id": "bad", "turns": [{"input_tokens": 3}]},
+    ]
+
+    def script(c: Credit) -> tuple[Status, float]:
+        return (Status.FAILED if c.conversation_id == "bad" else Status.COMPLETED), 0.002
+
+    fake = FakeProducer(script)
+    before = time.time()
+    _, records = await replay(tree(tmp_path, lines), fake, model="m-run")
+    by = {r.conversation: r for r in records}
+    ok, bad = by["ok"], by["bad"]
+    assert ok.intended_at_s is not None
+    assert ok.intended_at_s <= ok.submitted_at_s
+    assert before <= ok.submitted_unix_s <= time.time()
+    assert (ok.model, ok.max_tokens) == ("m-turn", 7)
+    assert (bad.model, bad.max_tokens) == ("m-run", None)
+    assert ok.request_id == f"{ok.session}/0"
+    assert ok.output_tokens == 7
+    assert ok.e2e_from_intended_s is not None
+    assert bad.error == "server says no"
+    assert (bad.input_tokens, bad.output_tokens, bad.cached_tokens, bad.ttft_s) == (None,) * 4
+    line = json.loads(msgspec.json.encode(bad))
+    assert "output_tokens" not in line  # null, not a zero that averages in
+
+
+async def test_a_run_bounded_by_count_ends_with_its_trees_not_at_its_duration(
+    tmp_path: Path,
+) -> None:
+    w = tree(tmp_path, [{"id": "r", "turns": [{"input_tokens": 1}]}])
+    fake = FakeProducer(latency_s=0.001)
+    replayer = Replayer(w, fake, ReplayOptions(mode="rate", rate=50, sessions=3, duration_s=600))
+    await asyncio.wait_for(replayer.run(), 5)  # not 600 s
+    assert replayer.trees_started == 3
+
+
+async def test_timestamps_are_anchored_and_a_second_pass_follows_the_first(tmp_path: Path) -> None:
+    lines = [{"id": f"r{i}", "start_s": i * 0.1, "turns": [{"input_tokens": 1}]} for i in range(4)]
+    fake = FakeProducer(latency_s=0.001)
+    _, records = await replay(
+        tree(tmp_path, lines), fake, mode="timestamps", speedup=10, sessions=8
+    )
+    intended = sorted(r.intended_at_s or 0.0 for r in records)
+    assert intended == pytest.approx([n * 0.01 for n in range(8)], abs=1e-9)
