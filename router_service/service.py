@@ -443,9 +443,12 @@ class RouterService:
     def _on_auth_failure(self, who: str, why: str) -> None:
         self.auth_failures += 1
         now = self.now()
-        errors = self._errors.get(("auth", b""))
+        # Rate-limited per host and reason (a refused peer retries every half second), not
+        # for all peers at once: a second bad peer must not hide behind the first.
+        key = ("auth", f"{who.rsplit(':', 1)[0]} {why}".encode())
+        errors = self._errors.get(key)
         if errors is None:
-            errors = self._errors[("auth", b"")] = _PeerErrors(now)
+            errors = self._errors[key] = _PeerErrors(now)
         suppressed = errors.loggable(now)
         if suppressed is not None:
             logger.warning(
