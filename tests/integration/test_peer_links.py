@@ -26,8 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
-from protocol import Credit, Outcome, Status
+from protocol import PROTOCOL_VERSION, Credit, Outcome, Status
+from protocol.codec import decode_router_to_worker, encode
+from protocol.messages import Dispatch, DispatchBatch, Hello, Refusal, Welcome
 from router_service.client import RouterClient
 from router_service.security import generate
 from tests.integration.test_faults import Cluster, _port, payload
@@ -549,3 +552,45 @@ async def test_killed_worker_is_noticed_at_once_not_by_the_silence_timeout(
         assert len(ended) == 4
         print(f"scenario 19: a killed worker's credits ended lost after {max(ended):.2f} s")
         assert max(ended) < 3.0, f"noticed only by the silence timeout: {ended}"
+
+
+async def test_worker_closing_its_socket_is_noticed_at_once(procs: Procs) -> None:
+    """Scenario 19 (socket closed, process alive): a worker written from PROTOCOL.md alone joins,
+    takes a credit and closes its socket. The credit ends ``lost: worker_lost`` after the short
+    grace, well before the 5 s silence timeout."""
+    silence_s = 5.0
+    procs.start_router("--heartbeat-interval-s", "1", "--lost-after-s", str(silence_s))
+    await procs.until(lambda d: True, what="the router's /status")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, b"raw/1")
+    sock.connect(procs.worker_endpoint)
+    try:
+        hello = Hello(name="raw", incarnation="1", protocol_version=PROTOCOL_VERSION, capacity=1)
+        sock.send(encode(hello))
+
+        async def next_message(within_s: float) -> object:
+            deadline = time.monotonic() + within_s
+            while time.monotonic() < deadline:
+                try:
+                    return decode_router_to_worker(sock.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    await asyncio.sleep(0.01)
+            raise AssertionError("nothing from the router")
+
+        assert isinstance(await next_message(5), Welcome)
+        async with counting(procs.producer_endpoint) as client:
+            future = await client.submit(Credit(id=1, x_correlation_id="s"))
+            while not isinstance(msg := await next_message(5), Dispatch | DispatchBatch):
+                assert not isinstance(msg, Refusal), msg
+            sock.close(linger=0)
+            closed_at = time.monotonic()
+            outcome = await asyncio.wait_for(future, 20)
+            took = time.monotonic() - closed_at
+        print(f"scenario 19: a closed worker socket's credit ended lost after {took:.2f} s")
+        assert (outcome.status, outcome.reason) == (Status.LOST, "worker_lost")
+        assert took < 3.0, f"noticed only by the silence timeout: {took:.2f} s"
+    finally:
+        sock.close(linger=0)
+        ctx.term()
