@@ -193,6 +193,8 @@ class PeerSession:
         """Welcomes that named a new router incarnation."""
         self._next_hello_at: float | None = None
         self._hello_unsent = False
+        self._auth_reasons: list[str] = []
+        """The distinct reasons of the failed handshakes since the last welcome."""
 
     def __repr__(self) -> str:
         return f"<PeerSession {self.state.value} router={self.router_incarnation}>"
@@ -240,6 +242,7 @@ class PeerSession:
         self.state = PeerState.READY
         self.backoff.reset()
         self.auth_failures = 0
+        self._auth_reasons.clear()
         self._next_hello_at = None
         if previous is not None and previous != incarnation:
             self.restarts += 1
@@ -286,9 +289,13 @@ class PeerSession:
         if self.final:
             return False
         self.auth_failures += 1
+        if why not in self._auth_reasons:
+            # The same failure is reported in several words: a router that refuses plaintext
+            # may close the connection before saying why ("Broken pipe"). Keep each.
+            self._auth_reasons.append(why)
         if self.auth_failures >= self.max_auth_failures:
             self.state = PeerState.FAILED
-            self.why = f"{why} ({self.auth_failures} handshakes in a row)"
+            self.why = f"{'; '.join(self._auth_reasons)} ({self.auth_failures} handshakes in a row)"
             return True
         return False
 

@@ -89,6 +89,9 @@ LOG_EVERY_S: Final = 10.0
 HELD_OUTCOMES: Final = 1_000_000
 """Outcome frames kept for a producer key that has no link yet (e.g. ``Recovered`` outcomes
 that arrive at a restarted router before their producer said hello again)."""
+DISCONNECT_RECHECK_S: Final = 0.05
+"""After a worker's connection closed, when to ask again whether its routing id still has a
+connection (the first answer may come before libzmq dropped the old one)."""
 REVOKE_WAIT_S: Final = 1.0
 """At shutdown, how long to wait for workers to confirm a ``Cancel(revoked=True)``."""
 STALE_INCARNATION: Final = "stale_incarnation"
@@ -443,23 +446,32 @@ class RouterService:
     def _on_auth_failure(self, who: str, why: str) -> None:
         self.auth_failures += 1
         now = self.now()
-        errors = self._errors.get(("auth", b""))
+        # Rate-limited per host and reason (a refused peer retries every half second), not
+        # for all peers at once: a second bad peer must not hide behind the first.
+        key = ("auth", f"{who.rsplit(':', 1)[0]} {why}".encode())
+        errors = self._errors.get(key)
         if errors is None:
-            errors = self._errors[("auth", b"")] = _PeerErrors(now)
+            errors = self._errors[key] = _PeerErrors(now)
         suppressed = errors.loggable(now)
         if suppressed is not None:
             logger.warning(
                 "authentication failure peer=%s: %s (%d more suppressed)", who, why, suppressed
             )
 
-    def _on_worker_disconnect(self, identity: bytes) -> None:
+    def _on_worker_disconnect(self, identity: bytes, recheck: bool = True) -> None:
         link = self.workers.get(identity)
         if link is None or link.state is not LinkState.JOINED:
             return
         # The monitor says a connection of this routing id closed; the same process may have
         # reconnected already (a new connection takes the id over). A send tells which.
-        assert self._workers_sock is not None
+        if self._workers_sock is None:
+            return  # closed meanwhile
         gone = link.outbox or not self._workers_sock.send(identity, self._beat)
+        if not gone and recheck and self._loop is not None:
+            # libzmq reports the close before the socket drops the peer's pipe (a round trip
+            # between its threads): a send right now may still be taken. Ask again shortly.
+            self._loop.call_later(DISCONNECT_RECHECK_S, self._on_worker_disconnect, identity, False)
+            return
         if gone and self._names.get(link.name) is link and link.name in self.core.workers:
             self._event("worker_connection_closed")
             logger.info("worker connection closed name=%s", link.name)

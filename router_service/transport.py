@@ -16,6 +16,7 @@ after sending, since a send can consume the edge.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -441,8 +442,21 @@ class DealerSocket(_Driven):
         if event == self._up_event:
             if self._on_connected is not None:
                 self._on_connected()
-        elif event & HANDSHAKE_FAILED and self._on_handshake_failed is not None:
-            self._on_handshake_failed(handshake_failure(event, value))
+        elif event & HANDSHAKE_FAILED:
+            if self._on_handshake_failed is not None:
+                self._on_handshake_failed(handshake_failure(event, value))
+            if self._loop is not None:
+                # libzmq never reconnects after a failed handshake (a protocol error ends the
+                # session): without this, one failure would leave us knocking on nothing.
+                self._loop.call_later(RECONNECT_IVL_MAX_MS / 1000, self._reconnect)
+
+    def _reconnect(self) -> None:
+        if self._loop is None:
+            return  # closed meanwhile
+        with contextlib.suppress(zmq.ZMQError):  # the failed session may be gone already
+            self._sock.disconnect(self.endpoint)
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.connect(self.endpoint)
 
     def _drain(self) -> bool:
         recv = self._sock.recv

@@ -437,7 +437,8 @@ class WorkerAgent:
         if self._refusal is not None:
             refusal = self._refusal
             raise RefusedError(refusal.reason, refusal.router_version, refusal.peer_version)
-        if self._session.state is PeerState.FAILED:
+        if self._stop is StopReason.REFUSED:
+            # Not the session's state: shutdown() closed the session, which was FAILED.
             raise RefusedError(f"authentication failed: {self._session.why}", 0, PROTOCOL_VERSION)
         if self._transport_error is not None:
             raise self._transport_error

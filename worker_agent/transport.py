@@ -237,6 +237,7 @@ class DealerTransport:
         self._fd = fd
         self._curve = curve is not None
         self._monitor: Monitor | None = None
+        self._reconnect_at: asyncio.TimerHandle | None = None
         self._loop.add_reader(fd, self._service)
         # Edge-triggered FD: a pipe the socket has not yet seen empty never signals, so drain
         # once now rather than wait for an edge that may never come.
@@ -402,9 +403,25 @@ class DealerTransport:
                 on_connected()
             elif event & HANDSHAKE_FAILED:
                 on_handshake_failed(handshake_failure(event, value))
+                # libzmq never reconnects after a failed handshake (a protocol error ends the
+                # session): without this, one failure would leave the agent knocking on
+                # nothing, and never reaching its limit of failures in a row.
+                self._reconnect_at = self._loop.call_later(
+                    RECONNECT_IVL_MAX_MS / 1000, self._reconnect
+                )
 
         self._monitor = Monitor(sock, up | HANDSHAKE_FAILED, on_event)
         self._monitor.attach(self._loop)
+
+    def _reconnect(self) -> None:
+        self._reconnect_at = None
+        sock = self._sock
+        if sock is None:
+            return
+        with contextlib.suppress(zmq.ZMQError):  # the failed session may be gone already
+            sock.disconnect(self.endpoint)
+        with contextlib.suppress(zmq.ZMQError):
+            sock.connect(self.endpoint)
 
     # ------------------------------------------------------------------------------ closing
 
@@ -427,6 +444,9 @@ class DealerTransport:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
+        if self._reconnect_at is not None:
+            self._reconnect_at.cancel()
+            self._reconnect_at = None
         if self._backlog:
             logger.warning(
                 "transport closed with unsent frames endpoint=%s frames=%d",
