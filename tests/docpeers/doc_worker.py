@@ -88,6 +88,9 @@ class DocWorker:
         # cleared: running credits do not finish until it is set again (a test holds them)
         self.gate = threading.Event()
         self.gate.set()
+        # §5.3: "Set session_ended when you dropped the session's history (final turn, an
+        # error, a cancellation)": this worker drops it on a failed or cancelled turn.
+        self.drop_history_on_failure = True
         self.endpoint = endpoint
         self.name = name
         self.incarnation = wire.new_incarnation("w")
@@ -248,7 +251,9 @@ class DocWorker:
         history = self._sessions.setdefault(session, [])
         result = msgspec.msgpack.encode({"worker": self.name, "history": list(history)})
         history.append(credit[C_TURN])
-        ended = credit[C_TURN] == credit[C_NUM_TURNS] - 1 or status != "completed"
+        ended = credit[C_TURN] == credit[C_NUM_TURNS] - 1 or (
+            status != "completed" and self.drop_history_on_failure
+        )
         if ended:
             self._sessions.pop(session, None)
         if status == "completed" and run.router_incarnation == self.router_incarnation:

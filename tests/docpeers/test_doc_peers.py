@@ -330,3 +330,42 @@ def test_router_sigterm_restart_doc_peers_rejoin_and_every_credit_ends_once(
     cluster: Cluster,
 ) -> None:
     _restart_scenario(cluster, "term")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ROUTER BUG (or doc gap): §5.1 says the router never has more than `capacity` "
+    "credits in flight on a worker, but after a restart the new router fills the worker's whole "
+    "capacity again although the Hello's in_flight still lists the credits the old incarnation "
+    "dispatched (they are still running and will come back as Recovered)",
+)
+def test_capacity_holds_across_a_router_restart(cluster: Cluster) -> None:
+    old = cluster.router()
+    worker = cluster.worker("gpu-1", capacity=2)
+    producer = cluster.producer("bench")
+    wait_for(lambda: worker.welcomed and producer.welcomed, what="welcomes")
+    worker.gate.clear()
+    for credit_id in (0, 1):
+        producer.submit(wire.credit(credit_id, f"s-{credit_id}"))
+    wait_for(lambda: worker.holding == 2, what="2 credits on the worker")
+    old.kill()
+    new = cluster.router()
+    wait_for(
+        lambda: (
+            welcomed_by(worker, new.incarnation or "") is not None
+            and welcomed_by(producer, new.incarnation or "") is not None
+        ),
+        5,
+        "welcomes from the new router",
+    )
+    most = 0
+    for credit_id in (10, 11):
+        producer.submit(wire.credit(credit_id, f"s-{credit_id}"))
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        most = max(most, worker.holding)
+        time.sleep(0.01)
+    worker.gate.set()
+    assert producer.wait_outcomes([0, 1, 10, 11], 10)
+    assert_one_outcome_each(producer, [0, 1, 10, 11])
+    assert most <= 2, f"{most} credits at once on a worker of capacity 2"
