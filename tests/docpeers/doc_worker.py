@@ -66,6 +66,7 @@ class WorkerLog:
     ended_sessions: list[tuple[str, str]] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
     refusal: tuple[str, str] | None = None
+    left: bool = False  # said Goodbye
     bad_frames: int = 0
     unknown_tags: int = 0
 
@@ -116,6 +117,7 @@ class DocWorker:
         self._next_hello = 0.0
         self._loop_at = 0.0
         self._draining: float | None = None
+        self._leave_after: float | None = None  # set by another thread, acted on in the loop
 
     # -- life --------------------------------------------------------------------------------
     def start(self) -> DocWorker:
@@ -129,6 +131,10 @@ class DocWorker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+
+    def leave(self, deadline_s: float) -> None:
+        """The worker decides to drain (§5.5): ``Draining``, finish, ``Goodbye``."""
+        self._leave_after = deadline_s
 
     def session_count(self) -> int:
         return len(self._sessions)
@@ -239,8 +245,12 @@ class DocWorker:
             self._report()
         if now - self._last_tx >= self.heartbeat_interval_s * 0.5:
             self._send(["hb", now])
+        if self._leave_after is not None and self._draining is None:
+            self._draining = now + self._leave_after
+            self._send(["draining", self._leave_after])
         if self._draining is not None and (not self._running or now >= self._draining):
             self._send(["bye", "drained"])
+            self.log.left = True
             self._stop.set()
 
     def _finish(self, key: tuple[str, int], run: _Running, now: float) -> None:
@@ -343,7 +353,7 @@ class DocWorker:
             duration = float(msgspec.msgpack.decode(payload).get("sleep_s", duration))
         cancel_after = wire.field(credit, C_CANCEL_AFTER)
         if cancel_after is not None and cancel_after < duration:
-            duration, outcome = cancel_after, ("failed", "client_disconnect")
+            duration, outcome = cancel_after, ("cancelled", "client_disconnect")
         self._running[key] = _Running(
             producer, credit, self.router_incarnation or "", now, now + duration, outcome
         )

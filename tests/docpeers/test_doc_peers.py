@@ -168,7 +168,33 @@ def test_doc_producer_cancel_reaches_the_doc_worker_and_ends_once(cluster: Clust
     assert producer.outcomes[1][1:3] == ["cancelled", "cancelled"]
     assert worker.holding == 0
 
-    assert_one_outcome_each(producer, [1])
+    # cancel_after_s: the worker's own abort, passed through as it reported it (§5.3, §7).
+    producer.submit(wire.credit(2, "hasty", cancel_after_s=0.01, payload=slow))
+    assert producer.wait_outcomes([2], 5)
+    assert producer.outcomes[2][1:3] == ["cancelled", "client_disconnect"]
+    assert_one_outcome_each(producer, [1, 2])
+
+
+def test_a_doc_worker_that_leaves_finishes_its_credits_and_gets_no_new_sessions(
+    cluster: Cluster,
+) -> None:
+    cluster.router()
+    leaving, staying = cluster.worker("gpu-1", exec_s=0.3), cluster.worker("gpu-2")
+    producer = cluster.producer("bench")
+    wait_for(lambda: leaving.welcomed and staying.welcomed and producer.welcomed, what="welcomes")
+    producer.submit(wire.credit(1, "old", num_turns=2))
+    producer.submit(wire.credit(2, "other", num_turns=2))
+    wait_for(lambda: leaving.holding == 1, what="a credit on gpu-1")
+    leaving.leave(deadline_s=5.0)  # §5.5: Draining, finish, Goodbye
+    wait_for(lambda: leaving.log.left, 5, "Goodbye")
+    assert producer.wait_outcomes([1, 2], 5)
+    fresh = list(range(10, 16))
+    for credit_id in fresh:
+        producer.submit(wire.credit(credit_id, f"new-{credit_id}"))
+    assert producer.wait_outcomes(fresh, 5)
+    assert_one_outcome_each(producer, [1, 2, *fresh])
+    assert {producer.outcomes[i][1] for i in (1, 2)} == {"completed"}
+    assert {producer.outcomes[i][3] for i in fresh} == {"gpu-2"}
 
 
 @pytest.mark.xfail(
