@@ -153,6 +153,41 @@ def test_doc_producer_credits_run_on_doc_workers_with_one_outcome_each(cluster: 
     assert alice.log.first_tokens == len(alice_ids)
 
 
+def test_fork_children_run_on_their_parents_doc_worker_from_its_history(cluster: Cluster) -> None:
+    cluster.router()
+    workers = [cluster.worker("gpu-1"), cluster.worker("gpu-2")]
+    producer = cluster.producer("bench")
+    wait_for(lambda: all(w.welcomed for w in workers) and producer.welcomed, what="welcomes")
+    ids = []
+    for tree in range(4):  # enough trees that least-loaded alone would spread the children
+        parent = f"agent-{tree}"
+        base = 100 * tree
+        producer.submit(wire.credit(base, parent, num_turns=2, fork_count=2))
+        assert producer.wait_outcomes([base], 5)
+        for child in (1, 2):
+            producer.submit(
+                wire.credit(
+                    base + child,
+                    f"{parent}-fork-{child}",
+                    parent_correlation_id=parent,
+                    root_correlation_id=parent,
+                    branch_mode="fork",
+                    agent_depth=1,
+                )
+            )
+        assert producer.wait_outcomes([base + 1, base + 2], 5)
+        producer.submit(wire.credit(base + 3, parent, turn_index=1, num_turns=2))
+        assert producer.wait_outcomes([base + 3], 5)
+        tree_ids = [base, base + 1, base + 2, base + 3]
+        ids += tree_ids
+        outcomes = [producer.outcomes[i] for i in tree_ids]
+        assert [o[1] for o in outcomes] == ["completed"] * 4
+        assert len({o[3] for o in outcomes}) == 1, f"tree {tree} spread: {outcomes}"
+        # §5.3: a FORK child starts from a copy of its parent's history
+        assert [result_of(o)["history"] for o in outcomes] == [[], [0], [0], [0]]
+    assert_one_outcome_each(producer, ids)
+
+
 def test_doc_producer_cancel_reaches_the_doc_worker_and_ends_once(cluster: Cluster) -> None:
     cluster.router()
     worker = cluster.worker("gpu-1")
