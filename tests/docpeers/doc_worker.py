@@ -89,6 +89,8 @@ class DocWorker:
         # cleared: running credits do not finish until it is set again (a test holds them)
         self.gate = threading.Event()
         self.gate.set()
+        # set: the process is frozen (SIGSTOP-like): it reads, sends and runs nothing
+        self.frozen = threading.Event()
         # §5.3: "Set session_ended when you dropped the session's history (final turn, an
         # error, a cancellation)": this worker drops it on a failed or cancelled turn.
         self.drop_history_on_failure = True
@@ -136,6 +138,9 @@ class DocWorker:
         """The worker decides to drain (§5.5): ``Draining``, finish, ``Goodbye``."""
         self._leave_after = deadline_s
 
+    def unacknowledged(self) -> int:
+        return len(self._unacked)
+
     def session_count(self) -> int:
         return len(self._sessions)
 
@@ -160,6 +165,10 @@ class DocWorker:
         self._loop_at = time.monotonic()
         try:
             while not self._stop.is_set() and self.log.refusal is None:
+                if self.frozen.is_set():
+                    time.sleep(0.01)
+                    self._loop_at = time.monotonic()
+                    continue
                 events = dict(poller.poll(10))
                 now = time.monotonic()
                 late = now - self._loop_at > 0.2  # §5.6 rule 1: skip the judgement when late

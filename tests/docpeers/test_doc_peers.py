@@ -53,8 +53,10 @@ class Cluster:
         self.routers: list[RouterProcess] = []
         self.peers: list[DocWorker | DocProducer] = []
 
-    def router(self, *, wait: bool = True) -> RouterProcess:
-        router = RouterProcess(self.workers_endpoint, self.producers_endpoint, *ROUTER_FLAGS)
+    def router(self, *extra: str, wait: bool = True) -> RouterProcess:
+        router = RouterProcess(
+            self.workers_endpoint, self.producers_endpoint, *ROUTER_FLAGS, *extra
+        )
         self.routers.append(router)
         router.launch()
         return router.wait_ready() if wait else router
@@ -268,6 +270,31 @@ def test_stale_incarnation_is_rejected_unrun_and_runs_when_submitted_again(
     assert [producer.outcomes[i][1] for i in (7, 8)] == ["completed", "completed"]
     assert worker.log.dispatched.count((worker.log.dispatched[0][0], 7)) == 1
     assert_one_outcome_each(producer, [7, 8])
+
+
+def test_a_frozen_doc_worker_that_wakes_up_adds_no_second_outcome(cluster: Cluster) -> None:
+    cluster.router("--lost-after-s", "0.8")
+    worker = cluster.worker("gpu-1")
+    producer = cluster.producer("bench")
+    wait_for(lambda: worker.welcomed and producer.welcomed, what="welcomes")
+    worker.gate.clear()
+    producer.submit(wire.credit(1, "s", num_turns=2))
+    wait_for(lambda: worker.holding == 1, what="the dispatch")
+    worker.frozen.set()  # silent past the grace: lost (§5.2)
+    assert producer.wait_outcomes([1], 5)
+    assert producer.outcomes[1][1:3] == ["lost", "worker_lost"]
+    worker.gate.set()
+    worker.frozen.clear()  # it wakes, completes the credit, is told unknown_worker, rejoins
+    wait_for(lambda: len(worker.log.welcomes) >= 2, 5, "the worker to rejoin")
+    assert worker.log.welcomes[-1][2] is False, "the router held nothing of it (resumed=false)"
+    wait_for(lambda: worker.unacknowledged() == 0, 5, "the late completion to be acknowledged")
+    assert [c[1:] for c in worker.log.completed] == [(1, "completed")]
+    producer.submit(wire.credit(2, "s", turn_index=1, num_turns=2))
+    producer.submit(wire.credit(3, "fresh"))
+    assert producer.wait_outcomes([2, 3], 5)
+    assert producer.outcomes[2][1:3] == ["rejected", "session_lost"]  # §7
+    assert producer.outcomes[3][1] == "completed"
+    assert_one_outcome_each(producer, [1, 2, 3])
 
 
 def test_refusal_name_mismatch_is_final(cluster: Cluster) -> None:
