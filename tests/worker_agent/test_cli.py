@@ -58,7 +58,7 @@ def test_usage_errors_return_2(argv: list[str], capsys: pytest.CaptureFixture[st
     assert main(argv) == 2
     err = capsys.readouterr().err
     # argparse's usage line, or one line naming the setting (no traceback either way).
-    assert "usage:" in err or err.startswith("worker_agent: invalid setting"), err
+    assert "usage:" in err or err.startswith("credit-router worker: invalid setting"), err
     assert "Traceback" not in err
 
 

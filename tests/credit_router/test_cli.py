@@ -1,0 +1,306 @@
+"""The ``credit-router`` command line as a user meets it: real processes, real sockets.
+
+Issue 13, "Why" 2 and 7: a user's mistake is one line naming the problem and its fix, exit
+status 2, and a traceback only with ``--debug``; ``--version``; no internal note in the help;
+``keys generate`` refuses to overwrite; ``top`` quits on ``q``; ``status`` shows each worker's
+executor and endpoint; JSON logs carry fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from credit_router.__main__ import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "credit_router"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_cli(*argv: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *argv], capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, check=False
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> str:
+    """Exit 2, no traceback, one line on stderr that names the problem (``words``)."""
+    err = result.stderr
+    assert result.returncode == 2, (result.returncode, err)
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- help, version
+
+
+def test_version_prints_the_package_version() -> None:
+    from importlib.metadata import version
+
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"credit-router {version('credit-router')}"
+
+
+def test_top_level_help_has_no_internal_note() -> None:
+    text = build_parser().format_help()
+    assert "configures logging" not in text
+    assert "``" not in text  # reST markup of a docstring
+    assert "serve" in text
+    assert "worker" in text
+    assert "--version" in text
+
+
+def test_log_level_spelled_alike_by_serve_and_worker() -> None:
+    """Both take lower-case levels, in any case, with the same help wording."""
+    from worker_agent.__main__ import build_parser as worker_parser
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    worker = worker_parser()
+    for parser in (serve, worker):
+        action = next(a for a in parser._actions if "--log-level" in a.option_strings)
+        assert list(action.choices or []) == ["debug", "info", "warning", "error"]
+        assert parser.parse_args(["--log-level", "INFO"]).log_level == "info"
+    assert worker.prog == "credit-router worker"
+
+
+# ----------------------------------------------------------------------- the one error path
+
+
+def test_malformed_toml_config_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text('log_level = "info\nhttp_port = 1\n')
+    line = assert_one_line_error(
+        run_cli("config", "show", "--config", str(config)), str(config), "not valid TOML", "line 1"
+    )
+    assert "TOMLDecodeError" not in line
+    worker = run_cli("worker", "--config", str(config))
+    assert_one_line_error(worker, str(config), "not valid TOML")
+
+
+def test_missing_worker_key_file_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    missing = tmp_path / "router.key"
+    result = run_cli(
+        "worker",
+        "--router",
+        "tcp://127.0.0.1:1",
+        "--curve-server-key",
+        str(missing),
+        "--curve-key",
+        str(tmp_path / "w.key_secret"),
+    )
+    line = assert_one_line_error(result, str(missing), "no such file", "keys generate")
+    assert "KeyError_" not in line
+    assert "Invalid certificate" not in line
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("x = = 1\n")
+    result = run_cli("--debug", "config", "show", "--config", str(config))
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+
+
+def test_http_port_in_use_is_one_line_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    ipc = tmp_path / "producers.ipc"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(
+            "serve",
+            "--worker-endpoint",
+            "tcp://127.0.0.1:0",
+            "--producer-endpoint",
+            f"ipc://{ipc}",
+            "--http-port",
+            str(port),
+        )
+    assert_one_line_error(result, f"127.0.0.1:{port}", "--http-port")
+    assert "router started" not in result.stderr
+    assert not ipc.exists()
+
+
+def test_internal_error_is_one_line_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unexpected exception is a bug: one line saying so, exit 1; --debug re-raises it."""
+    import credit_router.__main__ as cli
+
+    def broken(args: object) -> int:
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(cli, "_config_show", broken)
+    assert main(["config", "show"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "internal error" in err
+    assert "--debug" in err
+    with pytest.raises(ZeroDivisionError):
+        main(["config", "show", "--debug"])
+
+
+# ---------------------------------------------------------------------------------- keys
+
+
+def test_keys_generate_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    first = run_cli("keys", "generate", str(tmp_path), "router")
+    assert first.returncode == 0, first.stderr
+    secret = (tmp_path / "router.key_secret").read_bytes()
+    again = run_cli("keys", "generate", str(tmp_path), "router")
+    assert_one_line_error(again, "router.key", "exists", "--force")
+    assert (tmp_path / "router.key_secret").read_bytes() == secret
+    forced = run_cli("keys", "generate", str(tmp_path), "router", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert (tmp_path / "router.key_secret").read_bytes() != secret
+
+
+# ------------------------------------------------------------------ status and top, for real
+
+
+@pytest.fixture
+def router_and_worker(tmp_path: Path) -> Iterator[str]:
+    """A real ``serve`` and a real ``worker --executor openai`` joined to it; yields the URL.
+
+    The router logs JSON into ``tmp_path / "router.log"``.
+    """
+    http_port, worker_port = free_port(), free_port()
+    log = (tmp_path / "router.log").open("w")
+    router = subprocess.Popen(
+        [
+            *CLI,
+            "serve",
+            "--worker-endpoint",
+            f"tcp://127.0.0.1:{worker_port}",
+            "--producer-endpoint",
+            f"ipc://{tmp_path / 'p.ipc'}",
+            "--http-port",
+            str(http_port),
+            "--log-format",
+            "json",
+        ],
+        cwd=ROOT,
+        stderr=log,
+    )
+    worker = subprocess.Popen(
+        [
+            *CLI,
+            "worker",
+            "--router",
+            f"tcp://127.0.0.1:{worker_port}",
+            "--name",
+            "gpu0",
+            "--executor",
+            "openai",
+            "--endpoint",
+            "http://127.0.0.1:9/v1",
+            "--model",
+            "llama",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/status", timeout=2) as response:
+                    if json.load(response)["workers"]:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "worker did not join"
+            time.sleep(0.1)
+        yield url
+    finally:
+        for process in (worker, router):
+            process.terminate()
+        worker.wait(timeout=20)
+        router.wait(timeout=20)
+        log.close()
+
+
+def test_status_shows_each_workers_executor_and_endpoint(router_and_worker: str) -> None:
+    result = run_cli("status", "--url", router_and_worker)
+    assert result.returncode == 0, result.stderr
+    header, row = [
+        line for line in result.stdout.splitlines() if "gpu0" in line or "WORKER" in line
+    ]
+    assert "EXECUTOR" in header
+    assert "ENDPOINT" in header
+    columns = row.split()
+    assert "openai" in columns
+    assert "http://127.0.0.1:9/v1" in columns
+    with urllib.request.urlopen(f"{router_and_worker}/status", timeout=2) as response:
+        (worker,) = json.load(response)["workers"]
+    assert worker["labels"]["model"] == "llama"
+
+
+def test_status_of_a_dead_router_is_one_line() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    assert_one_line_error(run_cli("status", "--url", url), url, "credit-router serve")
+
+
+def test_top_quits_on_q(router_and_worker: str) -> None:
+    """``top`` on a terminal (a pty): draws the table, then ``q`` ends it with status 0."""
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen(
+        [*CLI, "top", "--url", router_and_worker, "--interval-s", "30"],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        cwd=ROOT,
+    )
+    os.close(secondary)
+    screen = b""
+    try:
+        deadline = time.monotonic() + 20
+        while b"gpu0" not in screen and time.monotonic() < deadline:
+            ready, _, _ = select.select([primary], [], [], 0.5)
+            if ready:
+                screen += os.read(primary, 65536)
+        assert b"gpu0" in screen, screen
+        assert b"q quit" in screen, screen
+        os.write(primary, b"q")
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(primary)
+
+
+# ------------------------------------------------------------------------------------ logs
+
+
+def test_json_logs_are_fields_not_a_text_line(router_and_worker: str, tmp_path: Path) -> None:
+    """The router's JSON log: ``msg`` holds words, ``key=value`` pairs are typed fields."""
+    logs = (tmp_path / "router.log").read_text()
+    events = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    started = [e for e in events if e["msg"] == "router started"]
+    assert started, logs
+    assert started[0]["workers"].startswith("tcp://127.0.0.1:")
+    assert all("=" not in e["msg"].split(":")[0] for e in events), events
