@@ -58,7 +58,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         help_text = (field.description or "").split(".")[0] or None
         kind = _scalar(field.annotation)
         choices = _choices(field.annotation)
-        if kind is bool:
+        if name == "latency_buckets_s":
+            parser.add_argument(*flags, dest=name, type=_buckets, metavar="S,S,...", help=help_text)
+        elif kind is bool:
             parser.add_argument(*flags, dest=name, action="store_const", const=True, help=help_text)
         elif choices is not None:
             # Case-insensitive, like the worker's: --log-level INFO and --log-level info agree.
@@ -80,6 +82,16 @@ def _scalar(annotation: Any) -> Any:
     if origin is typing.Annotated:
         return _scalar(args[0])
     return annotation if annotation in (int, float, bool, str) else str
+
+
+def _buckets(text: str) -> tuple[float, ...]:
+    """``--latency-buckets-s 0,0.001,0.1`` as bounds (argparse reports a ``ValueError``)."""
+    from credit_common.histogram import parse_buckets
+
+    try:
+        return parse_buckets(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _choices(annotation: Any) -> tuple[str, ...] | None:
@@ -132,6 +144,12 @@ def _serve(args: argparse.Namespace) -> int:
         spawn_affinity_slack=settings.spawn_affinity_slack,
         sticky=settings.routing_policy == "sticky",
     )
+    if settings.latency_buckets_s is not None:
+        from credit_common.histogram import Histogram
+
+        bounds = tuple(settings.latency_buckets_s)
+        core.stats.submit_to_dispatch_s = Histogram(bounds)
+        core.stats.dispatch_to_outcome_s = Histogram(bounds)
     curve, allowlist = _curve(settings)
     service = RouterService(
         core,
@@ -427,9 +445,17 @@ def _version() -> str:
         return "0+unknown"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error: the problem, then where the help is (exit 2)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        """Print ``PROG: MESSAGE (see PROG --help)`` and exit with status 2."""
+        self.exit(2, f"{self.prog}: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
-    parser = argparse.ArgumentParser(prog="credit-router", description=DESCRIPTION)
+    parser = _Parser(prog="credit-router", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     # main() takes --debug anywhere on the line (before or after the sub-command).
     parser.add_argument(

@@ -22,6 +22,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     SecretStr,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -94,11 +95,22 @@ class RouterSettings(LayeredSettings):
     latency_histograms: bool = True
     """Keep the submit->dispatch and completion histograms (set false only to measure what
     they cost: every other metric is computed at scrape time and costs nothing per credit)."""
+    latency_buckets_s: tuple[NonNegativeFloat, ...] | None = None
+    """Upper bounds (seconds, increasing) of the two delay histograms; flag: comma-separated
+    (``--latency-buckets-s 0,0.001,0.01,0.1,1``), environment: a JSON list. Default: 0, then
+    10 µs to 120 s, ~3 per decade."""
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
     insecure: bool = False
     """Allow plaintext on a non-loopback worker endpoint (logs a warning)."""
     curve: CurveSettings = CurveSettings()
+
+    @field_validator("latency_buckets_s")
+    @classmethod
+    def _increasing(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None and (not value or list(value) != sorted(set(value))):
+            raise ValueError("must be a non-empty list of strictly increasing bounds")
+        return value
 
     @model_validator(mode="after")
     def _grace_covers_suspicion(self) -> RouterSettings:

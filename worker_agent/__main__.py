@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import sys
+import typing
 from pathlib import Path
 from typing import Final
 
@@ -39,9 +40,17 @@ EXIT_REFUSED = 2
 EXIT_USAGE = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error: the problem, then where the help is (exit 2)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        """Print ``PROG: MESSAGE (see PROG --help)`` and exit with status 2."""
+        self.exit(2, f"{self.prog}: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser(prog: str = "credit-router worker") -> argparse.ArgumentParser:
     """The argument parser of the worker agent."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description=(
             "Join a credit router and execute its credits: against an OpenAI-compatible "
@@ -81,6 +90,12 @@ def build_parser(prog: str = "credit-router worker") -> argparse.ArgumentParser:
         type=float,
         help="on SIGTERM, leave after at most this long (default 30)",
     )
+    parser.add_argument(
+        "--latency-buckets-s",
+        type=_buckets,
+        metavar="S,S,...",
+        help="upper bounds of the TTFT and duration histograms, seconds (default 10us..120s)",
+    )
     parser.add_argument("--http-host", help="HTTP endpoints bind address (default 127.0.0.1)")
     parser.add_argument("--http-port", type=int, help="serve /metrics, /livez, /readyz here")
     parser.add_argument(
@@ -104,6 +119,15 @@ def build_parser(prog: str = "credit-router worker") -> argparse.ArgumentParser:
     )
     parser.set_defaults(first_token_events=None)
     return parser
+
+
+def _buckets(text: str) -> tuple[float, ...]:
+    from credit_common.histogram import parse_buckets
+
+    try:
+        return parse_buckets(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _settle(args: argparse.Namespace) -> WorkerSettings:
@@ -205,6 +229,11 @@ async def _run(args: argparse.Namespace, transport_factory: TransportFactory | N
         drain_deadline_s=args.drain_deadline_s,
         transport_factory=transport_factory,
     )
+    if args.latency_buckets_s is not None:
+        from credit_common.histogram import Histogram
+
+        agent.stats.ttft_s = Histogram(tuple(args.latency_buckets_s))
+        agent.stats.duration_s = Histogram(tuple(args.latency_buckets_s))
     _install_signals(agent, args.drain_deadline_s)
     http = WorkerHttp(agent, args.http_host, args.http_port) if args.http_port is not None else None
     try:

@@ -306,6 +306,8 @@ class WorkerAgent:
         self.completions = CompletionLog()
         self.stats = AgentStats()
         self._executor = executor
+        self.executor = executor
+        """What runs the credits (read by ``/metrics`` for its token counts)."""
         self._transport_factory = transport_factory
         self._transport: Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -59,7 +59,7 @@ from protocol.inference import (
 )
 from protocol.messages import BranchMode, Credit, Status
 from worker_agent.core import LogThrottle, Session, Turn
-from worker_agent.executor import ExecResult, FirstTokenCallback
+from worker_agent.executor import ExecResult, FirstTokenCallback, TokenCounts
 
 __all__ = ["OpenAIExecutor", "add_arguments", "executor_from_args"]
 
@@ -88,10 +88,15 @@ class _Details(msgspec.Struct):
     cached_tokens: int | None = None
 
 
+class _CompletionDetails(msgspec.Struct):
+    reasoning_tokens: int | None = None
+
+
 class _Usage(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt_tokens_details: _Details | None = None
+    completion_tokens_details: _CompletionDetails | None = None
 
 
 class _Chunk(msgspec.Struct):
@@ -203,6 +208,8 @@ class OpenAIExecutor:
         if pool_size < 1 or request_timeout_s <= 0 or connect_timeout_s <= 0:
             raise ValueError("pool_size must be >= 1 and timeouts > 0")
         self.endpoints = [_Endpoint(e) for e in endpoints]
+        self.tokens = TokenCounts()
+        """Tokens of completed credits, as the server reported them (``/metrics``)."""
         self._by_label = {e.label: e for e in self.endpoints}
         self.model = model
         self.stream = stream
@@ -389,10 +396,13 @@ class OpenAIExecutor:
         messages: list[dict[str, Any]],
     ) -> ExecResult:
         usage = answer.usage
+        reasoning = 0
         if usage is not None:
             prompt, output = usage.prompt_tokens, usage.completion_tokens
             details = usage.prompt_tokens_details
             cached = details.cached_tokens if details is not None else None
+            thinking = usage.completion_tokens_details
+            reasoning = (thinking.reasoning_tokens or 0) if thinking is not None else 0
         else:  # the server did not say: our own estimate (words, plus a marker per message)
             prompt = sum(len(str(m.get("content", "")).split()) + 1 for m in messages)
             output, cached = answer.chunks or len(answer.text.split()), None
@@ -419,6 +429,7 @@ class OpenAIExecutor:
                 request=_record_encoder.encode(record),
                 response=answer.text.encode(),
             )
+        self.tokens.add(prompt, cached, output, reasoning)
         return ExecResult(
             Status.COMPLETED, ttft_s=answer.ttft_s, result=encode_result(result), turn=turn
         )

@@ -42,8 +42,18 @@ class WorkerSettings(LayeredSettings):
     """``/metrics``, ``/livez``, ``/readyz`` (off unless set)."""
     labels: dict[str, str] = Field(default_factory=dict)
     """Extra labels announced in the hello (host and executor are added)."""
+    latency_buckets_s: tuple[NonNegativeFloat, ...] | None = None
+    """Upper bounds (seconds, increasing) of the TTFT and duration histograms (default 10 µs
+    to 120 s); flag comma-separated, environment a JSON list."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("latency_buckets_s")
+    @classmethod
+    def _increasing(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None and (not value or list(value) != sorted(set(value))):
+            raise ValueError("must be a non-empty list of strictly increasing bounds")
+        return value
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

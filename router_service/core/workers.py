@@ -76,6 +76,7 @@ class Worker:
 
     __slots__ = (
         "capacity",
+        "dispatched",
         "drain_deadline",
         "draining",
         "entry",
@@ -85,6 +86,7 @@ class Worker:
         "last_seen",
         "name",
         "order",
+        "outcomes",
         "pending",
         "queue",
         "sent",
@@ -116,6 +118,10 @@ class Worker:
         """Sticky entries pinned to it, by their key."""
         self.sent = 0
         """Credits sent (a late joiner starts at the fleet mean)."""
+        self.dispatched = 0
+        """Credits dispatched to it since it joined (a true counter, for its metrics)."""
+        self.outcomes: dict[str, int] = {}
+        """Outcomes of credits dispatched to it, by status (for its metrics)."""
         self.seq = 0
         """Router-wide sequence number of its last dispatch (older = smaller = preferred)."""
         self.queue: deque[Ticket] = deque()
