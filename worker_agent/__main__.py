@@ -151,6 +151,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     name = args.name.encode("utf-8")
     if not 0 < len(name) <= 255 or name[0] == 0:
         parser.error("--name must be 1-255 bytes of UTF-8")
+    if args.executor == "openai" and not str(args.model).strip():
+        parser.error("--model is empty: give the model the server serves (its /v1/models id)")
 
 
 def _configure_logging(level: str, fmt: str = "text") -> None:
