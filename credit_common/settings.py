@@ -1,8 +1,7 @@
 """Layered settings shared by the router and the worker agent: defaults < TOML file
 (``--config``) < environment < command-line flags, and one-line errors naming the setting.
 
-Read once, at the edge (a ``__main__``), and handed inward as plain keyword arguments
-(STYLE R11).
+Read once, at the edge (a ``__main__``), and handed inward as plain keyword arguments.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Router configuration: defaults < TOML file (``--config``) < environment < command-line flags.
 
 Read once, at the edge (``__main__``), and handed inward as plain keyword arguments; the core
-and the service never import this module (STYLE R11). Environment variables are
+and the service never import this module. Environment variables are
 ``CREDIT_ROUTER_<FIELD>``, nested with ``__`` (``CREDIT_ROUTER_CURVE__SECRET_KEY_FILE``).
 Durations are float seconds named ``*_s``. A bad value fails with one line naming the setting.
 """
@@ -89,7 +89,7 @@ class RouterSettings(LayeredSettings):
     spawn_affinity_slack: NonNegativeFloat | None = None
     """Put a SPAWN child's first turn on its parent's worker when within this load ratio."""
     routing_policy: RoutingPolicy = "sticky"
-    """``sticky`` (routing.md); ``least_loaded`` routes every credit as a new session, FORK
+    """``sticky`` (docs/ROUTING.md); ``least_loaded`` routes every credit as a new session, FORK
     children too: a baseline for measuring what stickiness is worth (``credit-router run
     --compare``), never for production."""
     latency_histograms: bool = True

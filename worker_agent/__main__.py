@@ -3,7 +3,7 @@
 The only place that configures logging, installs signal handlers and maps outcomes to exit codes:
 0 when the agent drained (by itself or at its deadline), 1 after a forced exit or a failed
 socket, 2 when the router refused it or the command line is wrong. The event loop is uvloop's,
-chosen by ``asyncio.Runner``'s loop factory (no global policy; STYLE R10).
+chosen by ``asyncio.Runner``'s loop factory (no global policy).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """WorkerAgent: the worker side of the router conversation (PROTOCOL.md §5), on one asyncio loop.
 
-Life cycle (STYLE R10): ``serve()`` runs ``startup()`` (connect, first ``Hello``), then
+Life cycle: ``serve()`` runs ``startup()`` (connect, first ``Hello``), then
 ``main_loop()`` (a tick that drives every deadline), then ``shutdown()`` (settle what is still
 running, flush, ``Goodbye``, close). Signals are the CLI's business: it calls ``drain()`` and
 ``force_exit()``, which only record the request and wake the loop.

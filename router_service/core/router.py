@@ -2,7 +2,7 @@
 
 No ``await``, no sockets, no clock reads: every method takes ``now`` (seconds, monotonic) and
 records what must happen in an ``Effects`` value that the service takes with ``take_effects()``
-and performs. The contract is ``routing.md``; the section numbers below refer to it.
+and performs. The contract is ``docs/ROUTING.md``; the section numbers below refer to it.
 
 Theory of operation
 -------------------
@@ -230,7 +230,7 @@ class RouterCore:
             queue_timeout_s: if set, a credit that waited this long in the router for a worker
                 ends ``rejected: queue_timeout`` (``None``: it waits until cancelled).
             observe_latency: keep the delay histograms (off only to measure what they cost).
-            sticky: route sessions to the worker holding them (routing.md). ``False`` is the
+            sticky: route sessions to the worker holding them (docs/ROUTING.md). ``False`` is the
                 baseline that shows what stickiness is worth: every credit is routed as a new
                 session to the least-loaded worker, FORK children too, and no entry is made.
             now: the clock at creation.
