@@ -109,13 +109,37 @@ def parse_command(argv: list[str]) -> None:
     from worker_agent.__main__ import build_parser as worker_parser
 
     rest = [a for a in argv if a != "--debug"]
+    code: object = 0
     try:
         if rest[:1] == ["worker"]:
             worker_parser().parse_args(rest[1:])
         else:
             build_parser().parse_args(rest)
-    except SystemExit as exc:
-        assert exc.code == 0, f"credit-router {shlex.join(argv)}: does not parse"
+    except SystemExit as exc:  # --help and --version exit 0, usage errors 2
+        code = exc.code
+    assert code == 0, f"credit-router {shlex.join(argv)}: does not parse"
+
+
+def check_shell(where: str, body: str, console: bool) -> None:
+    """``bash -n`` on the script; every ``credit-router`` command line through the parsers."""
+    script = shell_commands(body, console=console)
+    bash = shutil.which("bash")
+    assert bash is not None
+    done = subprocess.run([bash, "-n"], input=script, capture_output=True, text=True)
+    assert done.returncode == 0, f"{where}: {done.stderr}"
+    for words in command_lines(script):
+        argv = credit_router_argv(words)
+        if argv is not None:
+            parse_command(argv)
+
+
+def check_jsonl(where: str, body: str) -> None:
+    for number, text in enumerate(body.splitlines(), 1):
+        if text.strip():
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as exc:
+                pytest.fail(f"{where}: line {number} of the example is not JSON: {exc}")
 
 
 @pytest.mark.parametrize(("path", "line", "language", "body"), EXAMPLES)
@@ -125,25 +149,12 @@ def test_fenced_example(
     where = f"{path.relative_to(ROOT)}:{line}"
     assert language in KNOWN, f"{where}: fence without a known language ({language!r})"
     if language in SHELL:
-        script = shell_commands(body, console=language == "console")
-        bash = shutil.which("bash")
-        assert bash is not None
-        done = subprocess.run([bash, "-n"], input=script, capture_output=True, text=True)
-        assert done.returncode == 0, f"{where}: {done.stderr}"
-        for words in command_lines(script):
-            argv = credit_router_argv(words)
-            if argv is not None:
-                parse_command(argv)
-                capsys.readouterr()
+        check_shell(where, body, console=language == "console")
+        capsys.readouterr()
     elif language == "json":
         json.loads(body)
     elif language == "jsonl":
-        for number, text in enumerate(body.splitlines(), 1):
-            if text.strip():
-                try:
-                    json.loads(text)
-                except json.JSONDecodeError as exc:
-                    pytest.fail(f"{where}: line {number} of the example is not JSON: {exc}")
+        check_jsonl(where, body)
     elif language == "toml":
         tomllib.loads(body)
     elif language == "yaml":
@@ -173,9 +184,7 @@ PENDING = {"router_service/service.py": "STYLE R10"}
 
 
 def tracked_files() -> list[str]:
-    done = subprocess.run(
-        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
-    )
+    done = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
     return [name for name in done.stdout.split() if (ROOT / name).is_file()]
 
 
@@ -205,3 +214,44 @@ def test_every_markdown_link_to_a_document_resolves() -> None:
     for path in DOCS:
         for match in re.finditer(r"`(?:docs/)?([A-Z][A-Z_]*\.md)`", path.read_text()):
             assert match.group(1) in names, f"{path.name}: {match.group(1)} is not in docs/"
+
+
+# ----------------------------------------------------------------------------- DEPLOY.md
+
+
+def shell_examples(path: Path) -> str:
+    return "\n".join(body for _, language, body in fences(path) if language in SHELL)
+
+
+def test_deploy_md_creates_keys_before_it_enables_anything() -> None:
+    """Issue 13: followed as written, DEPLOY.md started a plaintext, unauthenticated router on
+    0.0.0.0: "edit it first" came after ``enable --now``, and the example ran insecure."""
+    text = shell_examples(ROOT / "docs" / "DEPLOY.md")
+    first_key = text.index("credit-router keys generate")
+    first_check = text.index("credit-router config show")
+    first_start = text.index("enable --now")
+    assert first_key < first_check < first_start
+    assert text.index("create secret generic") < text.index("kubectl apply")
+
+
+def test_no_example_runs_plaintext_off_loopback() -> None:
+    for path in DOCS:
+        for line, language, body in fences(path):
+            if language in SHELL:
+                assert "--insecure" not in body, f"{path.name}:{line}"
+                assert "INSECURE" not in body, f"{path.name}:{line}"
+    for env in (ROOT / "deploy").rglob("*.env.example"):
+        assert "INSECURE" not in env.read_text(), env
+
+
+def test_key_paths_agree_across_readme_deploy_and_units() -> None:
+    """Issue 13: README.md and DEPLOY.md used different key directories."""
+    where = re.compile(r"/etc/credit-router/(keys|allowed|workers\.d)\b")
+    sources = [
+        ROOT / "README.md",
+        ROOT / "docs" / "DEPLOY.md",
+        *(ROOT / "deploy" / "systemd").iterdir(),
+        *(ROOT / "deploy" / "k8s").iterdir(),
+    ]
+    used = {m.group(1) for path in sources for m in where.finditer(path.read_text())}
+    assert used == {"keys", "allowed"}

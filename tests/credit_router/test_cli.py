@@ -304,3 +304,48 @@ def test_json_logs_are_fields_not_a_text_line(router_and_worker: str, tmp_path: 
     assert started, logs
     assert started[0]["workers"].startswith("tcp://127.0.0.1:")
     assert all("=" not in e["msg"].split(":")[0] for e in events), events
+
+
+def test_latency_buckets_are_configurable(tmp_path: Path) -> None:
+    """``--latency-buckets-s`` sets the delay histograms' bounds, on the router and a worker."""
+    http_port, worker_port, agent_port = free_port(), free_port(), free_port()
+    router = subprocess.Popen(
+        [
+            *CLI, "serve", "--worker-endpoint", f"tcp://127.0.0.1:{worker_port}",
+            "--producer-endpoint", f"ipc://{tmp_path / 'p.ipc'}",
+            "--http-port", str(http_port), "--latency-buckets-s", "0,0.5,2",
+        ],
+        cwd=ROOT, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    worker = subprocess.Popen(
+        [
+            *CLI, "worker", "--router", f"tcp://127.0.0.1:{worker_port}", "--name", "w",
+            "--http-port", str(agent_port), "--latency-buckets-s", "0.125,4",
+        ],
+        cwd=ROOT, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        def metrics(port: int) -> str:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as response:
+                        text: str = response.read().decode()
+                        return text
+                except OSError:
+                    assert time.monotonic() < deadline, f"no /metrics on {port}"
+                    time.sleep(0.1)
+
+        routed = metrics(http_port)
+        assert 'credit_router_submit_to_dispatch_seconds_bucket{le="0.5"}' in routed
+        assert 'credit_router_dispatch_to_completion_seconds_bucket{le="2.0"}' in routed
+        assert 'le="1e-05"' not in routed
+        agent = metrics(agent_port)
+        assert 'credit_worker_ttft_seconds_bucket{le="0.125"}' in agent
+        assert 'le="1e-05"' not in agent
+    finally:
+        for process in (worker, router):
+            process.terminate()
+        worker.wait(timeout=20)
+        router.wait(timeout=20)
