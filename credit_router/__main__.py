@@ -198,26 +198,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check_port_free(host: str, port: int) -> None:
     """Raise ``UserError`` when ``host:port`` cannot be bound for listening."""
-    import socket
+    from credit_common.web import port_problem
 
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
+    problem = port_problem(host, port)
+    if problem is not None:
         raise UserError(
-            f"invalid setting http_host: cannot resolve {host!r} ({exc.strerror}); "
-            "give an address of this host, e.g. --http-host 127.0.0.1"
-        ) from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        # As aiohttp binds: SO_REUSEADDR, so a port in TIME_WAIT is free, a listener is not.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise UserError(
-                f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}; stop the process "
-                "using it, or pick another port (--http-port, CREDIT_ROUTER_HTTP_PORT)"
-            ) from None
+            f"cannot serve HTTP on {host}:{port}: {problem}; stop the process using it, or "
+            "pick another port (--http-port, CREDIT_ROUTER_HTTP_PORT)"
+        )
 
 
 def _curve(settings: RouterSettings) -> tuple[tuple[bytes, bytes] | None, Any]:

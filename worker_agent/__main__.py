@@ -275,6 +275,15 @@ def main(argv: list[str] | None = None, prog: str = "credit-router worker") -> i
         _settle(args)
         _check(parser, args)
         transport_factory = _transport_factory(args)
+        if args.http_port:
+            from credit_common.web import port_problem
+
+            problem = port_problem(args.http_host, args.http_port)
+            if problem is not None:
+                raise SettingsError(
+                    f"cannot serve HTTP on {args.http_host}:{args.http_port}: {problem}; stop "
+                    "the process using it, or pick another --http-port"
+                )
     except (SettingsError, KeyError_) as exc:
         if debug:
             raise

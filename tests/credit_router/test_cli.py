@@ -349,3 +349,12 @@ def test_latency_buckets_are_configurable(tmp_path: Path) -> None:
             process.terminate()
         worker.wait(timeout=20)
         router.wait(timeout=20)
+
+
+def test_worker_http_port_in_use_is_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("worker", "--router", "tcp://127.0.0.1:1", "--http-port", str(port))
+    assert_one_line_error(result, f"127.0.0.1:{port}", "--http-port")
