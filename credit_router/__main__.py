@@ -55,13 +55,15 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
             continue
         flag = f"--{name.replace('_', '-')}"
         flags = [flag, _ALIASES[name]] if name in _ALIASES else [flag]
-        help_text = (field.description or "").split(".")[0] or None
+        help_text = _help(field.description, field.default)
         kind = _scalar(field.annotation)
         choices = _choices(field.annotation)
         if name == "latency_buckets_s":
             parser.add_argument(*flags, dest=name, type=_buckets, metavar="S,S,...", help=help_text)
         elif kind is bool:
-            parser.add_argument(*flags, dest=name, action="store_const", const=True, help=help_text)
+            parser.add_argument(
+                *flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text
+            )
         elif choices is not None:
             # Case-insensitive, like the worker's: --log-level INFO and --log-level info agree.
             parser.add_argument(*flags, dest=name, type=str.lower, choices=choices, help=help_text)
@@ -82,6 +84,20 @@ def _scalar(annotation: Any) -> Any:
     if origin is typing.Annotated:
         return _scalar(args[0])
     return annotation if annotation in (int, float, bool, str) else str
+
+
+def _help(description: str | None, default: object) -> str:
+    """A flag's help: the setting's first sentence, plain text, and its default."""
+    first = (description or "").split(". ")[0].split("\n\n")[0].rstrip(".")
+    first = " ".join(first.replace("``", "").split())
+    shown = (
+        "none"
+        if default is None
+        else str(default).lower()
+        if isinstance(default, bool)
+        else default
+    )
+    return f"{first} (default: {shown})" if first else f"default: {shown}"
 
 
 def _buckets(text: str) -> tuple[float, ...]:

@@ -59,6 +59,7 @@ class RouterSettings(LayeredSettings):
         env_nested_delimiter="__",
         frozen=True,
         extra="forbid",
+        use_attribute_docstrings=True,  # the docstrings are the CLI's help
     )
 
     worker_endpoint: str = "tcp://127.0.0.1:5557"

@@ -358,3 +358,13 @@ def test_worker_http_port_in_use_is_one_line() -> None:
         port = taken.getsockname()[1]
         result = run_cli("worker", "--router", "tcp://127.0.0.1:1", "--http-port", str(port))
     assert_one_line_error(result, f"127.0.0.1:{port}", "--http-port")
+
+
+def test_every_serve_flag_has_help_and_booleans_turn_off() -> None:
+    """Each setting's flag says what it is and its default; a true-by-default boolean has a
+    ``--no-`` form (``--latency-histograms`` alone could never turn them off)."""
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    for action in serve._actions:
+        if action.option_strings and action.dest not in ("help",):
+            assert action.help, action.option_strings
+    assert serve.parse_args(["--no-latency-histograms"]).latency_histograms is False
