@@ -384,3 +384,18 @@ def test_worker_exposition_passes_promtool_check_metrics(harness: TrafficHarness
     report = (check.stdout + check.stderr).decode()
     assert check.returncode == 0, report
     assert report.strip() == "", report
+
+
+def test_every_metric_an_alert_reads_is_scraped(prometheus: PrometheusAPI) -> None:
+    """An alert on a metric nobody exports evaluates "ok" and never fires: each name a rule
+    reads has series in this Prometheus, scraped from the real router."""
+    wait_for("router scraped", lambda: prometheus.vector(f'up{{job="{JOB}"}} == 1'))
+    names = {
+        name
+        for group in yaml.safe_load(RULES.read_text())["groups"]
+        for rule in group["rules"]
+        for name in re.findall(r"\b((?:credit_router|credit_worker)_[a-z0-9_]+)\b", rule["expr"])
+    }
+    assert names
+    for name in sorted(names):
+        wait_for(f"series of {name}", functools.partial(prometheus.vector, f"count({name}) > 0"))
