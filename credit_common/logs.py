@@ -10,6 +10,7 @@ first, then any ``extra=`` fields; journald and log shippers get one event per l
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import re
@@ -39,6 +40,10 @@ def _value(value: Any) -> Any:
         return value.decode("utf-8", "replace")
     if isinstance(value, list | tuple | set | frozenset):
         return [_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(_value(k)): _value(v) for k, v in value.items()}
+    if isinstance(value, enum.Enum):
+        return _value(value.value)
     return str(value)
 
 

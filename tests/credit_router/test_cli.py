@@ -368,3 +368,26 @@ def test_every_serve_flag_has_help_and_booleans_turn_off() -> None:
         if action.option_strings and action.dest not in ("help",):
             assert action.help, action.option_strings
     assert serve.parse_args(["--no-latency-histograms"]).latency_histograms is False
+
+
+def test_json_log_values_are_json_not_python_reprs() -> None:
+    """Bytes, dicts, enums and %r arguments reach the JSON as JSON values, not reprs."""
+    import logging
+
+    from credit_common.logs import JsonFormatter
+    from protocol.messages import Status
+
+    def render(msg: str, *args: object) -> dict[str, object]:
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, msg, args, None)
+        out: dict[str, object] = json.loads(JsonFormatter().format(record))
+        return out
+
+    event = render(
+        "worker stopped name=%s stats=%s status=%s", b"gpu0", {"ok": 2}, Status.COMPLETED
+    )
+    assert event["msg"] == "worker stopped"
+    assert event["name"] == "gpu0"
+    assert event["stats"] == {"ok": 2}
+    assert event["status"] == "completed"
+    assert render("invalid message from %r", b"w2")["msg"] == "invalid message from w2"
+    assert render("done: %d%% in %.1fs", 50, 1.25)["msg"] == "done: 50% in 1.2s"
