@@ -391,3 +391,21 @@ def test_json_log_values_are_json_not_python_reprs() -> None:
     assert event["status"] == "completed"
     assert render("invalid message from %r", b"w2")["msg"] == "invalid message from w2"
     assert render("done: %d%% in %.1fs", 50, 1.25)["msg"] == "done: 50% in 1.2s"
+
+
+def test_missing_router_key_file_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    missing = tmp_path / "router.key_secret"
+    result = run_cli(
+        "serve",
+        "--worker-endpoint",
+        "tcp://0.0.0.0:0",
+        "--producer-endpoint",
+        f"ipc://{tmp_path / 'p.ipc'}",
+        "--http-port",
+        "0",
+        "--curve-secret-key-file",
+        str(missing),
+        "--curve-allowed-keys",
+        str(tmp_path),
+    )
+    assert_one_line_error(result, str(missing), "no such file", "keys generate")
