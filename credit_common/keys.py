@@ -15,7 +15,22 @@ __all__ = ["KeyError_", "generate", "load_public", "load_secret"]
 
 
 class KeyError_(Exception):
-    """A key file is missing or malformed; the message names the file."""
+    """A key file is missing or malformed; the message names the file and the fix."""
+
+
+_FIX = "create key pairs with `credit-router keys generate DIR NAME` (docs/DEPLOY.md)"
+
+
+def _problem(path: Path, exc: Exception) -> str:
+    if not path.exists():
+        return "no such file"
+    if not path.is_file():
+        return "not a file"
+    try:
+        path.open("rb").close()
+    except PermissionError:
+        return "permission denied (is it readable by this service's user?)"
+    return str(exc)
 
 
 def generate(directory: Path, names: Iterable[str]) -> list[Path]:
@@ -34,9 +49,9 @@ def load_secret(path: Path) -> tuple[bytes, bytes]:
     try:
         public, secret = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as exc:
-        raise KeyError_(f"cannot read key pair {path}: {exc}") from None
+        raise KeyError_(f"cannot read key pair {path}: {_problem(path, exc)}; {_FIX}") from None
     if secret is None:
-        raise KeyError_(f"{path} holds no secret key (use the .key_secret file)")
+        raise KeyError_(f"{path} holds no secret key; give the NAME.key_secret file, not NAME.key")
     return public, secret
 
 
@@ -45,5 +60,5 @@ def load_public(path: Path) -> bytes:
     try:
         public, _ = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as exc:
-        raise KeyError_(f"cannot read public key {path}: {exc}") from None
+        raise KeyError_(f"cannot read public key {path}: {_problem(path, exc)}; {_FIX}") from None
     return public

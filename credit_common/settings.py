@@ -1,12 +1,12 @@
 """Layered settings shared by the router and the worker agent: defaults < TOML file
 (``--config``) < environment < command-line flags, and one-line errors naming the setting.
 
-Read once, at the edge (a ``__main__``), and handed inward as plain keyword arguments
-(STYLE R11).
+Read once, at the edge (a ``__main__``), and handed inward as plain keyword arguments.
 """
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -59,6 +59,13 @@ class LayeredSettings(BaseSettings):
             return cls(**{k: v for k, v in flags.items() if v is not None})
         except ValidationError as exc:
             raise SettingsError(describe_error(exc)) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(
+                f"config file {config_file} is not valid TOML: {exc}; fix it at that place "
+                "(https://toml.io: strings are quoted, one key = value per line)"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"cannot read config file {config_file}: {exc}") from None
         finally:
             cls.config_file = None
 

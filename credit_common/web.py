@@ -13,9 +13,29 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-__all__ = ["Endpoints"]
+__all__ = ["Endpoints", "port_problem"]
 
 logger = logging.getLogger(__name__)
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound for listening (e.g. "Address already in use"), or
+    ``None`` when it can. Binds as aiohttp does (``SO_REUSEADDR``), then lets go: the CLIs ask
+    before they start anything, so a taken port is one line, not a half-started process."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host!r} ({exc.strerror})"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 class Endpoints:

@@ -80,7 +80,7 @@ IdList = Annotated[list[int], msgspec.Meta(max_length=MAX_IDS)]
 
 
 class BranchMode(enum.StrEnum):
-    """How a child session relates to its parent (``routing.md`` §1)."""
+    """How a child session relates to its parent (``docs/ROUTING.md`` §1)."""
 
     FORK = "fork"
     """Starts from a copy of the parent's history: must run on the parent's worker."""

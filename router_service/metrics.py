@@ -4,7 +4,10 @@ Nothing here runs on the hot path: the core keeps plain counters and cheap histo
 (``CoreStats``), and this collector turns them into series when Prometheus scrapes, on the
 event-loop thread (the HTTP server runs on the same loop), so it always sees a consistent state.
 Names follow the Prometheus guide: prefix ``credit_router_``, base units, ``_total`` counters; the
-only label with many values is ``worker`` (bounded by the fleet), never a session or a credit.
+only label with many values is ``worker`` (bounded by the fleet: a worker's series go when it
+leaves), never a session or a credit. Outcome reasons are a bounded label
+(``router_service.core.router.reason_label``). The registry also holds prometheus_client's
+``ProcessCollector`` (``process_*``: CPU, memory, open files, start time).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from prometheus_client import ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -68,9 +72,19 @@ class RouterCollector(Collector):
         stats = core.stats
         yield _counter("credits_submitted", "Credits submitted by producers.", stats.submitted)
         yield _counter("credits_dispatched", "Credits sent to a worker.", stats.dispatched)
-        yield _labelled_counter(
-            "credit_outcomes", "Credits ended, by outcome status.", "status", stats.outcomes
+        outcomes = CounterMetricFamily(
+            f"{PREFIX}_credit_outcomes",
+            "Credits ended, by status and bounded reason (none for completed).",
+            labels=["status", "reason"],
         )
+        for status, count in sorted(stats.outcomes.items()):
+            if status == "completed":
+                outcomes.add_metric([status, "none"], count)
+            elif count == 0:
+                outcomes.add_metric([status, "none"], 0)  # the series exists from the start
+        for (status, reason), count in sorted(stats.outcome_reasons.items()):
+            outcomes.add_metric([status, reason], count)
+        yield outcomes
         in_flight = sum(len(w.tickets) for w in core.workers.values())
         queued = len(core.queue) + sum(len(w.queue) for w in core.workers.values())
         yield _gauge("credits_in_flight", "Credits dispatched without an outcome.", in_flight)
@@ -135,17 +149,55 @@ class RouterCollector(Collector):
         capacity = GaugeMetricFamily(
             f"{PREFIX}_worker_capacity", "Declared capacity per worker.", labels=["worker"]
         )
+        dispatched = CounterMetricFamily(
+            f"{PREFIX}_worker_dispatched",
+            "Credits dispatched to each worker since it joined.",
+            labels=["worker"],
+        )
+        ended = CounterMetricFamily(
+            f"{PREFIX}_worker_outcomes",
+            "Outcomes of credits dispatched to each worker, by status.",
+            labels=["worker", "status"],
+        )
+        info = GaugeMetricFamily(
+            f"{PREFIX}_worker_info",
+            "One series per worker: its state and what answers its credits (1).",
+            labels=["worker", "state", "executor", "endpoint"],
+        )
         for name, worker in core.workers.items():
             by_state[worker.state.value] += 1
             load.add_metric([name], len(worker.tickets))
             capacity.add_metric([name], worker.capacity)
+            dispatched.add_metric([name], worker.dispatched)
+            for status, count in sorted(worker.outcomes.items()):
+                ended.add_metric([name, status], count)
+            labels = worker.labels
+            info.add_metric(
+                [
+                    name,
+                    worker.state.value,
+                    labels.get("executor", ""),
+                    labels.get("endpoint", ""),
+                ],
+                1,
+            )
         states = GaugeMetricFamily(f"{PREFIX}_workers", "Workers by state.", labels=["state"])
         for state, count in by_state.items():
             states.add_metric([state], count)
         yield states
         yield load
         yield capacity
+        yield dispatched
+        yield ended
+        yield info
         yield _counter("workers_lost", "Workers lost or gone.", stats.workers_lost)
+        yield _labelled_counter(
+            "worker_departures",
+            "Workers that left the table: worker_lost (silent, replaced) or worker_left "
+            "(drained, said goodbye).",
+            "reason",
+            stats.departures,
+        )
         yield _counter(
             "worker_suspicions", "Times a worker missed its heartbeats.", stats.suspicions
         )
@@ -214,4 +266,5 @@ def make_registry(service: RouterService) -> CollectorRegistry:
     """A fresh registry holding the router's collector (one per service; tests get their own)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RouterCollector(service))
+    ProcessCollector(registry=registry)
     return registry

@@ -1,7 +1,7 @@
 """Router configuration: defaults < TOML file (``--config``) < environment < command-line flags.
 
 Read once, at the edge (``__main__``), and handed inward as plain keyword arguments; the core
-and the service never import this module (STYLE R11). Environment variables are
+and the service never import this module. Environment variables are
 ``CREDIT_ROUTER_<FIELD>``, nested with ``__`` (``CREDIT_ROUTER_CURVE__SECRET_KEY_FILE``).
 Durations are float seconds named ``*_s``. A bad value fails with one line naming the setting.
 """
@@ -22,6 +22,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     SecretStr,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -58,6 +59,7 @@ class RouterSettings(LayeredSettings):
         env_nested_delimiter="__",
         frozen=True,
         extra="forbid",
+        use_attribute_docstrings=True,  # the docstrings are the CLI's help
     )
 
     worker_endpoint: str = "tcp://127.0.0.1:5557"
@@ -88,17 +90,28 @@ class RouterSettings(LayeredSettings):
     spawn_affinity_slack: NonNegativeFloat | None = None
     """Put a SPAWN child's first turn on its parent's worker when within this load ratio."""
     routing_policy: RoutingPolicy = "sticky"
-    """``sticky`` (routing.md); ``least_loaded`` routes every credit as a new session, FORK
+    """``sticky`` (docs/ROUTING.md); ``least_loaded`` routes every credit as a new session, FORK
     children too: a baseline for measuring what stickiness is worth (``credit-router run
     --compare``), never for production."""
     latency_histograms: bool = True
     """Keep the submit->dispatch and completion histograms (set false only to measure what
     they cost: every other metric is computed at scrape time and costs nothing per credit)."""
+    latency_buckets_s: tuple[NonNegativeFloat, ...] | None = None
+    """Upper bounds (seconds, increasing) of the two delay histograms; flag: comma-separated
+    (``--latency-buckets-s 0,0.001,0.01,0.1,1``), environment: a JSON list. Default: 0, then
+    10 µs to 120 s, ~3 per decade."""
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
     insecure: bool = False
     """Allow plaintext on a non-loopback worker endpoint (logs a warning)."""
     curve: CurveSettings = CurveSettings()
+
+    @field_validator("latency_buckets_s")
+    @classmethod
+    def _increasing(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None and (not value or list(value) != sorted(set(value))):
+            raise ValueError("must be a non-empty list of strictly increasing bounds")
+        return value
 
     @model_validator(mode="after")
     def _grace_covers_suspicion(self) -> RouterSettings:

@@ -40,6 +40,11 @@ def status(service: RouterService) -> dict[str, Any]:
             "sent": w.sent,
             "silent_s": round(now - w.last_seen, 3),
             "incarnation": w.incarnation,
+            # What answers its credits (the worker's hello labels): sim or a real server.
+            "executor": w.labels.get("executor", ""),
+            "endpoint": w.labels.get("endpoint", ""),
+            "dispatched": w.dispatched,
+            "outcomes": dict(w.outcomes),
             "labels": w.labels,
         }
         for name, w in sorted(core.workers.items())

@@ -1,6 +1,6 @@
 """WorkerAgent: the worker side of the router conversation (PROTOCOL.md §5), on one asyncio loop.
 
-Life cycle (STYLE R10): ``serve()`` runs ``startup()`` (connect, first ``Hello``), then
+Life cycle: ``serve()`` runs ``startup()`` (connect, first ``Hello``), then
 ``main_loop()`` (a tick that drives every deadline), then ``shutdown()`` (settle what is still
 running, flush, ``Goodbye``, close). Signals are the CLI's business: it calls ``drain()`` and
 ``force_exit()``, which only record the request and wake the loop.
@@ -330,6 +330,8 @@ class WorkerAgent:
         self.completions = CompletionLog()
         self.stats = AgentStats()
         self._executor = executor
+        self.executor = executor
+        """What runs the credits (read by ``/metrics`` for its token counts)."""
         self._transport_factory = transport_factory
         self._transport: Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

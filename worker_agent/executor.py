@@ -73,6 +73,34 @@ class ExecResult(msgspec.Struct, frozen=True, gc=False):
     turn: Turn | None = None
 
 
+class TokenCounts:
+    """Token totals of the credits an executor completed, for ``/metrics``.
+
+    The definitions are the report's (``loadgen.report``): ``prompt`` counts every completed
+    credit's prompt tokens; ``prompt_cache_reported`` only those whose server said how many were
+    cached, which ``cached`` sums. The prefix-cache hit rate is ``cached /
+    prompt_cache_reported``, as in the report. ``reasoning`` is part of ``completion``.
+    """
+
+    __slots__ = ("cached", "completion", "prompt", "prompt_cache_reported", "reasoning")
+
+    def __init__(self) -> None:
+        self.prompt = 0
+        self.prompt_cache_reported = 0
+        self.cached = 0
+        self.completion = 0
+        self.reasoning = 0
+
+    def add(self, prompt: int, cached: int | None, completion: int, reasoning: int = 0) -> None:
+        """Count one completed credit's tokens."""
+        self.prompt += prompt
+        if cached is not None:
+            self.prompt_cache_reported += prompt
+            self.cached += cached
+        self.completion += completion
+        self.reasoning += reasoning
+
+
 class Executor(Protocol):
     """Runs credits. One instance per worker agent; it may keep per-worker state (a cache)."""
 
@@ -269,6 +297,8 @@ class SimExecutor:
         self.default_output_tokens = default_output_tokens
         self.cache = PrefixCache(cache_blocks)
         self.prompt_tokens_total = 0
+        self.tokens = TokenCounts()
+        """Tokens of completed credits (``/metrics``)."""
         self.cached_tokens_total = 0
         self._memo: dict[tuple[int, int, int], bytes] = {}
 
@@ -342,6 +372,7 @@ class SimExecutor:
         if encoded is None:
             ttft = self.base_ttft_s + prompt * self.prefill_s_per_token
             encoded = self._encode_result(key, ttft)
+        self.tokens.add(prompt, 0, output)
         return ExecResult(Status.COMPLETED, ttft_s=0.0, result=encoded)
 
     def _plan(self, credit: Credit, session: Session) -> _Plan | ExecResult:
@@ -411,6 +442,7 @@ class SimExecutor:
         encoded = self._memo.get(key)
         if encoded is None:
             encoded = self._encode_result(key, plan.ttft_s)
+        self.tokens.add(plan.prompt_tokens, plan.cached_tokens, plan.output_tokens)
         return ExecResult(Status.COMPLETED, ttft_s=ttft_s, result=encoded, turn=plan.turn)
 
     def _encode_result(self, key: tuple[int, int, int], ttft_s: float) -> bytes:

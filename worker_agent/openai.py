@@ -92,7 +92,7 @@ from worker_agent.apis import (
     error_message,
 )
 from worker_agent.core import LogThrottle, Session, Turn
-from worker_agent.executor import ExecResult, FirstTokenCallback
+from worker_agent.executor import ExecResult, FirstTokenCallback, TokenCounts
 from worker_agent.sse import DEFAULT_MAX_EVENT_BYTES, EventTooLong, SSEDecoder
 from worker_agent.tokenizer import Tokenizer, TokenizerError
 
@@ -211,6 +211,8 @@ class OpenAIExecutor:
             raise ValueError("max_event_bytes must be >= 1")
         self.api = api_named(api)
         self.endpoints = [_Endpoint(e, self.api) for e in endpoints]
+        self.tokens = TokenCounts()
+        """Tokens of completed credits, as the server reported them (``/metrics``)."""
         self._by_label = {e.label: e for e in self.endpoints}
         self.model = model
         self.stream = stream
@@ -497,6 +499,7 @@ class OpenAIExecutor:
             ttft_content_s=answer.ttft_content_s,
             tool_calls=len(calls),
         )
+        self.tokens.add(prompt, gen.cached_tokens, output, result.reasoning_tokens or 0)
         turn = None
         if credit.turn_index < credit.num_turns - 1 or credit.fork_count:
             record = _TurnRecord(messages=added, endpoint=endpoint.label, tool_calls=calls)

@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveInt, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from credit_common.settings import LayeredSettings, SettingsError
@@ -42,8 +42,24 @@ class WorkerSettings(LayeredSettings):
     """``/metrics``, ``/livez``, ``/readyz`` (off unless set)."""
     labels: dict[str, str] = Field(default_factory=dict)
     """Extra labels announced in the hello (host and executor are added)."""
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    latency_buckets_s: tuple[NonNegativeFloat, ...] | None = None
+    """Upper bounds (seconds, increasing) of the TTFT and duration histograms (default 10 µs
+    to 120 s); flag comma-separated, environment a JSON list."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("latency_buckets_s")
+    @classmethod
+    def _increasing(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None and (not value or list(value) != sorted(set(value))):
+            raise ValueError("must be a non-empty list of strictly increasing bounds")
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        """``INFO`` and ``info`` alike, as the router accepts them."""
+        return value.lower() if isinstance(value, str) else value
 
     @classmethod
     def load(cls, config_file: Path | None = None, **flags: Any) -> WorkerSettings:

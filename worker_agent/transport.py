@@ -6,7 +6,7 @@ Rules:
   the frames of one wakeup as a list, ``discard_backlog()`` and ``close()`` (the ``Transport``
   protocol), and ``worker_agent.errors`` exceptions: every ``zmq.ZMQError`` is mapped here.
 * No per-message ``await``: the socket's ``ZMQ_FD`` is registered with ``loop.add_reader`` and
-  drained with ``recv(NOBLOCK)`` until ``zmq.Again`` (zmq-throughput-limits.md, technique 1).
+  drained with ``recv(NOBLOCK)`` until ``zmq.Again``.
   ``ZMQ_FD`` is edge-triggered: it signals only when the socket's command mailbox gets
   something, and any ``send``/``recv``/``EVENTS`` call may consume that edge. So we drain once
   right after ``add_reader``, always drain to ``EAGAIN``, re-check ``EVENTS & POLLIN`` after the

@@ -4,7 +4,7 @@ Each scenario keeps ``concurrency`` credits in flight: every round takes the cor
 completes each batch from its worker (as a worker's ``CompletionBatch`` would arrive), and submits
 one new credit per completion. A *decision* is one credit routed and its completion accounted
 (a send + completion pair), the unit AIPerf's router figures use (119 k single-turn and 263 k
-sticky per second at 64 workers on this machine class, ``aiperf-credit-router.md`` §15.3).
+sticky per second at 64 workers on this machine class, ``docs/AIPERF.md`` §4).
 
 Credits and completions are built before the timed loop: they are made by producers and
 workers, not by the router. ``bytes_per_session`` is measured with ``tracemalloc`` over live

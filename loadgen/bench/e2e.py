@@ -10,7 +10,7 @@ One run measures, on the same machine, minutes apart:
 For each: closed-loop credits/s round trip (a producer keeps ``window`` credits in flight and
 submits one per outcome), the router process's CPU per credit, and at half load (an open loop
 at half the router's closed-loop rate) the p50/p99 submit→outcome latency. Ratios are what to
-read (``zmq-throughput-limits.md``: absolute numbers drift tens of percent on this VM).
+read: absolute numbers drift tens of percent between runs on a shared VM.
 
 The scale run connects ``scale_agents`` worker agents (several per process) that only beat,
 and reports the router's idle CPU.

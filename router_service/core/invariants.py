@@ -1,4 +1,4 @@
-"""The invariants of ``routing.md`` §7, checkable after any event (tests and fuzzing use this).
+"""The invariants of ``docs/ROUTING.md`` §7, checkable after any event (tests and fuzzing use this).
 
 ``check_invariants(core)`` raises ``AssertionError`` naming the first broken invariant.
 It walks the whole state, so it is for tests, never for the hot path.
@@ -15,7 +15,7 @@ __all__ = ["check_invariants", "check_no_leak"]
 def check_invariants(
     core: RouterCore, *, submitted: int | None = None, outcomes: int | None = None
 ) -> None:
-    """Assert invariants 1–6 of ``routing.md`` §7 (and the table's own bookkeeping).
+    """Assert invariants 1–6 of ``docs/ROUTING.md`` §7 (and the table's own bookkeeping).
 
     Args:
         core: the router to check.

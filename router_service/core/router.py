@@ -2,7 +2,7 @@
 
 No ``await``, no sockets, no clock reads: every method takes ``now`` (seconds, monotonic) and
 records what must happen in an ``Effects`` value that the service takes with ``take_effects()``
-and performs. The contract is ``routing.md``; the section numbers below refer to it.
+and performs. The contract is ``docs/ROUTING.md``; the section numbers below refer to it.
 
 Theory of operation
 -------------------
@@ -30,7 +30,7 @@ from typing import Final
 
 import msgspec
 
-from credit_common.histogram import Histogram
+from credit_common.histogram import WAIT_BUCKETS_S, Histogram
 from protocol.messages import (
     BranchMode,
     Cancel,
@@ -73,6 +73,31 @@ DRAINING: Final = "router_draining"
 
 _TAKEN: Final = "x_correlation_id is already another session's (each session needs its own)"
 
+ROUTER_REASONS: Final = frozenset(
+    {
+        PARENT_UNAVAILABLE, SESSION_LOST, SESSION_EXPIRED, SESSION_EVICTED, WORKER_LOST,
+        WORKER_LEFT, ORPHANED, QUEUE_FULL, QUEUE_TIMEOUT, INVALID_CREDIT, CANCELLED, SHUTDOWN,
+        DRAINING, "router_restarted",
+    }
+)  # fmt: skip
+"""Reasons the router itself gives; any other is a worker's own words."""
+
+
+def reason_label(status: str, reason: str) -> str:
+    """A metric label for an outcome's reason, from a bounded set.
+
+    The router's own reasons (``ROUTER_REASONS``, detail after a ``:`` dropped) stay as they
+    are; a worker's free text becomes ``worker_error`` (failed) or ``worker`` (other
+    statuses), so the label never takes more than ~16 values.
+    """
+    head = reason.split(":", 1)[0].strip()
+    if head in ROUTER_REASONS:
+        return head
+    if not head:
+        return "none"
+    return "worker_error" if status == "failed" else "worker"
+
+
 #: Tombstone reason left by an eviction -> the rejection reason of the session's next credit.
 _EVICTION_REASONS: Final = {
     "worker_lost": SESSION_LOST,
@@ -89,6 +114,11 @@ class CoreStats:
         self.submitted = 0
         self.dispatched = 0
         self.outcomes: dict[str, int] = {s.value: 0 for s in Status}
+        self.outcome_reasons: dict[tuple[str, str], int] = {}
+        """Outcomes other than ``completed`` by ``(status, reason_label(reason))``."""
+        self.departures: dict[str, int] = {WORKER_LOST: 0, WORKER_LEFT: 0}
+        """Workers that left the table: ``worker_lost`` (silence, a new incarnation) or
+        ``worker_left`` (a drain that ended with a Goodbye)."""
         self.sticky_hits = 0
         self.sticky_misses = 0
         """Credits that started or re-started a session on a least-loaded worker."""
@@ -113,10 +143,15 @@ class CoreStats:
         self.refusals = 0
         self.suspicions = 0
         """Times a worker went silent for ``suspect_after_missed`` beats."""
-        self.submit_to_dispatch_s = Histogram()
+        self.submit_to_dispatch_s = Histogram(WAIT_BUCKETS_S)
         """How long credits waited in the router (coordinated omission made visible)."""
         self.dispatch_to_outcome_s = Histogram()
         """How long a worker held a credit until its completion arrived."""
+
+    def count_reason(self, status: str, reason: str) -> None:
+        """Count an outcome that is not ``completed`` under its bounded reason label."""
+        key = (status, reason_label(status, reason))
+        self.outcome_reasons[key] = self.outcome_reasons.get(key, 0) + 1
 
     def snapshot(self) -> dict[str, object]:
         """A copy of every counter, for status pages and tests."""
@@ -199,7 +234,7 @@ class RouterCore:
             queue_timeout_s: if set, a credit that waited this long in the router for a worker
                 ends ``rejected: queue_timeout`` (``None``: it waits until cancelled).
             observe_latency: keep the delay histograms (off only to measure what they cost).
-            sticky: route sessions to the worker holding them (routing.md). ``False`` is the
+            sticky: route sessions to the worker holding them (docs/ROUTING.md). ``False`` is the
                 baseline that shows what stickiness is worth: every credit is routed as a new
                 session to the least-loaded worker, FORK children too, and no entry is made.
             now: the clock at creation.
@@ -462,6 +497,10 @@ class RouterCore:
             tickets.discard(ticket)
             status = done.status
             counts[status] += 1
+            by_worker = worker.outcomes
+            by_worker[status] = by_worker.get(status, 0) + 1
+            if status is not _COMPLETED:
+                stats.count_reason(status, done.reason)
             if waited is not None:
                 waited(ticket.dispatched_at - ticket.submitted_at)
                 held(now - ticket.dispatched_at)
@@ -813,6 +852,7 @@ class RouterCore:
         ticket.dispatched_at = now
         worker.tickets.add(ticket)
         worker.sent += 1
+        worker.dispatched += 1
         self._seq += 1
         worker.seq = self._seq
         self.stats.dispatched += 1
@@ -969,6 +1009,7 @@ class RouterCore:
         self.index.discard(worker)
         del self.workers[worker.name]
         self.stats.workers_lost += 1
+        self.stats.departures[reason] = self.stats.departures.get(reason, 0) + 1
         if disconnect:
             self._effects.disconnect.append(worker.name)
         # Credits chosen for it but not yet sent leave with the rest of its in-flight set.
@@ -1006,6 +1047,10 @@ class RouterCore:
                 self.table.unreserve(entry, parent, 1)
                 self._maybe_evict(entry)
         self.stats.outcomes[status] += 1
+        if status is not _COMPLETED:
+            self.stats.count_reason(status, reason)
+        if dispatched and worker is not None:
+            worker.outcomes[status] = worker.outcomes.get(status, 0) + 1
         outcome = Outcome(
             credit_id=credit.id,
             status=status,

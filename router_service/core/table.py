@@ -10,10 +10,10 @@ started), and an alias is *live* while its session can still send turns. The ent
 
     (0 if parent_final_seen else 1) + reservations of all its nodes + live aliases
 
-and the entry is evicted when it reaches zero (``routing.md`` §3). An alias stays resolvable for
-as long as its session is live, holds reservations, or has aliases below it: a grandchild's turns
-route through its parent's id, so AIPerf's nested-FORK hazard (the last child releases before its
-own children start, and they lose the entry) cannot happen here.
+and the entry is evicted when it reaches zero (``docs/ROUTING.md`` §3). An alias stays
+resolvable for as long as its session is live, holds reservations, or has aliases below it: a
+grandchild's turns route through its parent's id, so AIPerf's nested-FORK hazard (the last
+child releases before its own children start, and they lose the entry) cannot happen here.
 
 ``entries`` is kept in least-recently-used order (a plain dict keeps insertion order, and a
 refresh re-inserts the key at the end), so both safety nets — idle TTL and the ``max_sessions``

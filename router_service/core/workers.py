@@ -4,7 +4,7 @@ No I/O in this module, no clock reads: time is passed in as ``now``.
 
 The index answers "which worker gets a new session?" exactly as a brute-force scan would: the
 worker with the smallest key ``(in_flight / capacity, live sessions, credits sent, last dispatch
-sequence, join order)`` among the workers that accept new sessions (``routing.md`` §4).
+sequence, join order)`` among the workers that accept new sessions (``docs/ROUTING.md`` §4).
 
 It is a binary heap with *lazy* entries. A worker's key only grows when it is sent a credit (load,
 sent and sequence all go up), and it is about to be picked again only if it is still the minimum,
@@ -33,7 +33,7 @@ __all__ = ["LoadIndex", "Ticket", "Worker", "WorkerState"]
 
 
 class WorkerState(enum.Enum):
-    """Where a worker is in its life (``routing.md`` §6)."""
+    """Where a worker is in its life (``docs/ROUTING.md`` §6)."""
 
     ACTIVE = "active"
     """Takes new sessions and turns of its sessions."""
@@ -62,7 +62,7 @@ class Ticket(msgspec.Struct, eq=False):
     missed: bool = False
     """Missing from the worker's last in-flight report (first strike)."""
     booked: bool = False
-    """Its entry book-keeping (routing.md §3) is done: it was dispatched once and handed
+    """Its entry book-keeping (docs/ROUTING.md §3) is done: it was dispatched once and handed
     back undelivered, so a second dispatch must not count it again."""
 
     def __repr__(self) -> str:
@@ -76,6 +76,7 @@ class Worker:
 
     __slots__ = (
         "capacity",
+        "dispatched",
         "drain_deadline",
         "draining",
         "entry",
@@ -85,6 +86,7 @@ class Worker:
         "last_seen",
         "name",
         "order",
+        "outcomes",
         "pending",
         "queue",
         "sent",
@@ -116,6 +118,10 @@ class Worker:
         """Sticky entries pinned to it, by their key."""
         self.sent = 0
         """Credits sent (a late joiner starts at the fleet mean)."""
+        self.dispatched = 0
+        """Credits dispatched to it since it joined (a true counter, for its metrics)."""
+        self.outcomes: dict[str, int] = {}
+        """Outcomes of credits dispatched to it, by status (for its metrics)."""
         self.seq = 0
         """Router-wide sequence number of its last dispatch (older = smaller = preferred)."""
         self.queue: deque[Ticket] = deque()

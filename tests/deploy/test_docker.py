@@ -118,7 +118,7 @@ def test_no_remote_add_and_apt_lists_cleaned() -> None:
 
 def test_ports_healthcheck_and_entrypoint() -> None:
     runtime = dict(stages()[-1])
-    assert set(runtime["EXPOSE"].split()) == {"5557", "5558", "9464"}
+    assert set(runtime["EXPOSE"].split()) == {"5557", "5558", "9464", "9465"}
     assert "/livez" in runtime["HEALTHCHECK"]
     assert json.loads(runtime["ENTRYPOINT"]) == ["credit-router"], "exec form: PID 1 gets SIGTERM"
     assert json.loads(runtime["CMD"]) == ["serve"]
@@ -131,3 +131,23 @@ def test_context_filter_lets_the_build_inputs_through(path: str) -> None:
     ignore = (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
     assert f"!{path}" in ignore or f"!{path}/" in ignore
     assert (ROOT / path).exists()
+
+
+def test_the_image_holds_every_package_of_the_wheel() -> None:
+    """Issue 13: the build copied three of the six packages, so the wheel it built lacked
+    ``credit_router`` (the entry point) and what it imports."""
+    import tomllib
+
+    text = DOCKERFILE.read_text()
+    copied = set(re.findall(r"^COPY (\w+)/ \1/$", text, re.M))
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = set(pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"])
+    assert packages <= copied, packages - copied
+
+
+def test_healthcheck_is_valid_python_for_router_and_worker() -> None:
+    runtime = dict(stages()[-1])
+    command = json.loads(runtime["HEALTHCHECK"].split("CMD", 1)[1])
+    compile(command[2], "HEALTHCHECK", "exec")
+    assert "9464" in command[2]
+    assert "9465" in command[2]

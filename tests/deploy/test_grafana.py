@@ -66,8 +66,14 @@ def test_queries_are_scoped_by_job_and_instance(dashboard: dict[str, Any]) -> No
             selectors = SELECTOR.findall(expr)
             assert selectors, expr
             for metric, matchers in selectors:
-                assert 'job=~"$job"' in matchers, (panel["title"], metric)
-                assert 'instance=~"$instance"' in matchers, (panel["title"], metric)
+                # Worker series come from the workers' scrape job, the rest from the router's.
+                job, instance = (
+                    ("$worker_job", "$worker_instance")
+                    if metric.startswith("credit_worker_")
+                    else ("$job", "$instance")
+                )
+                assert f'job=~"{job}"' in matchers, (panel["title"], metric)
+                assert f'instance=~"{instance}"' in matchers, (panel["title"], metric)
 
 
 @pytest.mark.parametrize(
@@ -92,6 +98,12 @@ def test_queries_are_scoped_by_job_and_instance(dashboard: dict[str, Any]) -> No
         ("Evictions by reason", "sum by (reason) (rate(credit_router_session_evictions_total"),
         ("Invalid messages by reason", "credit_router_invalid_messages_total"),
         ("Event-loop lag", "credit_router_event_loop_lag_seconds"),
+        ("Error rate", 'status=~"failed|lost|rejected"'),
+        ("Per-worker dispatch rate", "sum by (worker) (rate(credit_router_worker_dispatched_total"),
+        ("Per-worker outcomes", "credit_router_worker_outcomes_total"),
+        ("Prefix-cache hit rate", 'credit_worker_prompt_tokens_total{job=~"$worker_job", '),
+        ("Tokens / s", "credit_worker_reasoning_tokens_total"),
+        ("Process CPU and memory", "process_cpu_seconds_total"),
     ],
 )
 def test_required_panel(dashboard: dict[str, Any], title: str, needle: str) -> None:
@@ -106,3 +118,19 @@ def test_rate_windows_use_the_rate_interval(dashboard: dict[str, Any]) -> None:
             expr = target["expr"]
             if "rate(" in expr:
                 assert expr.count("[$__rate_interval]") == expr.count("rate("), expr
+
+
+def test_sticky_hit_rate_leaves_first_turns_out(dashboard: dict[str, Any]) -> None:
+    """The report's definition: turns with history on the worker holding it. Counting
+    first-turn misses read 76 % where the report said 100 % (issue 13)."""
+    (target,) = {p["title"]: p for p in panels(dashboard)}["Sticky hit rate"]["targets"]
+    assert "sticky_misses" not in target["expr"]
+    assert "session_migrations_total" in target["expr"]
+    assert "session_rehomes_total" in target["expr"]
+
+
+def test_anomaly_panel_shows_no_counter_of_clean_runs(dashboard: dict[str, Any]) -> None:
+    """Releases of FORK children already released by their final completion rise on every
+    clean run with FORKs: they buried the real anomalies (issue 13)."""
+    panel = {p["title"]: p for p in panels(dashboard)}["Dropped and anomalous messages"]
+    assert not any("unknown_child_releases" in t["expr"] for t in panel["targets"])

@@ -26,6 +26,7 @@ RULES = DEPLOY / "prometheus" / "rules.yml"
 CRDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
 }
 KUBERNETES_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 DRAIN_DEADLINE_S = 30.0
@@ -162,11 +163,63 @@ def test_worker_args_are_accepted_by_the_worker() -> None:
     from worker_agent.__main__ import build_parser
 
     c = container(one("DaemonSet", "credit-worker"))
-    values = {**env(c), "NODE_NAME": "gpu-node-1"}
+    values = {
+        **env(c),
+        "NODE_NAME": "gpu-node-1",
+        # What DEPLOY.md's ConfigMap holds.
+        "INFERENCE_ENDPOINT": "http://vllm.inference:8000/v1",
+        "INFERENCE_MODEL": "meta-llama/Llama-3.1-8B-Instruct",
+    }
     argv = [re.sub(r"\$\((\w+)\)", lambda m: str(values[m.group(1)]), a) for a in c["args"][1:]]
     args = build_parser().parse_args(argv)
     assert args.router == "tcp://credit-router:5557"
     assert args.name == "gpu-node-1"
+    assert args.curve_key.name == "gpu-node-1.key_secret"
+
+
+def test_workers_run_a_real_server_by_default() -> None:
+    """Issue 13: the DaemonSet ran the simulator. Executor, endpoint and model are required:
+    openai, and the other two from a ConfigMap the pod cannot start without."""
+    c = container(one("DaemonSet", "credit-worker"))
+    args, variables = c["args"], env(c)
+    assert args[args.index("--executor") + 1] == "openai"
+    for flag, var in (("--endpoint", "INFERENCE_ENDPOINT"), ("--model", "INFERENCE_MODEL")):
+        assert args[args.index(flag) + 1] == f"$({var})"
+        ref = variables[var]["configMapKeyRef"]
+        assert ref["name"] == "credit-worker-inference"
+        assert ref["optional"] is False
+
+
+def test_no_plaintext_and_keys_from_secrets() -> None:
+    """Issue 13: the manifests ran plaintext ZeroMQ (CREDIT_ROUTER_INSECURE=true)."""
+    router = one("Deployment", "credit-router")
+    variables = env(container(router))
+    assert "CREDIT_ROUTER_INSECURE" not in variables
+    assert variables["CREDIT_ROUTER_CURVE__SECRET_KEY_FILE"].startswith("/etc/credit-router/keys/")
+    volumes = {v["name"]: v for v in router["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["keys"]["secret"]["secretName"] == "credit-router-keys"
+    assert volumes["keys"]["secret"]["defaultMode"] & 0o007 == 0, "not world-readable"
+    worker = one("DaemonSet", "credit-worker")
+    volumes = {v["name"]: v for v in worker["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["keys"]["secret"]["secretName"] == "credit-worker-keys"
+    assert volumes["keys"]["secret"]["defaultMode"] & 0o007 == 0
+
+
+def test_workers_are_probed_and_scraped() -> None:
+    """Issue 13: workers had no probes and no scrape job."""
+    worker = one("DaemonSet", "credit-worker")
+    c = container(worker)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert env(c)["CREDIT_ROUTER_WORKER_HTTP_PORT"] == str(ports["http"])
+    assert env(c)["CREDIT_ROUTER_WORKER_HTTP_HOST"] == "0.0.0.0"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    monitor = one("PodMonitor", "credit-worker")
+    labels = worker["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "http"
+    assert endpoint["path"] == "/metrics"
 
 
 def test_network_policy_admits_the_workers() -> None:

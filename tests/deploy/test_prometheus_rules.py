@@ -19,6 +19,8 @@ ALERTS = {
     "CreditRouterQueueGrowing",
     "CreditRouterEventLoopLag",
     "CreditRouterInvalidMessages",
+    "CreditRouterErrorRate",
+    "CreditRouterReplayLate",
 }
 
 
@@ -82,3 +84,12 @@ def test_rules_read_only_metrics_the_router_exposes() -> None:
 
 def test_alert_names_match() -> None:
     assert {rule["alert"] for rule in rules()} == ALERTS
+
+
+def test_worker_lost_ignores_drains() -> None:
+    """A planned drain (workers leaving with a Goodbye) is not a loss (issue 13): the rule
+    reads only ``worker_lost`` departures and suspect workers, never a fall in active ones."""
+    (rule,) = [r for r in rules() if r["alert"] == "CreditRouterWorkerLost"]
+    assert 'reason="worker_lost"' in rule["expr"]
+    assert 'state="active"' not in rule["expr"]
+    assert "workers_lost_total" not in rule["expr"]

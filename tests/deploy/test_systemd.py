@@ -4,6 +4,7 @@ them and scores their sandboxing. The environment example is checked by the rout
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -93,10 +94,8 @@ def test_stop_timeout_outlasts_the_drain() -> None:
     stop = seconds(keys(ROUTER_UNIT, "Service")["TimeoutStopSec"])
     assert stop >= drain + 10, (stop, drain)
     worker = keys(WORKER_UNIT, "Service")
-    worker_args = env_file(SYSTEMD / "worker.env.example")["CREDIT_WORKER_ARGS"]
-    match = re.search(r"--drain-deadline-s (\S+)", worker_args)
-    assert match, worker_args
-    worker_drain = float(match.group(1))
+    worker_env = env_file(SYSTEMD / "worker.env.example")
+    worker_drain = float(worker_env["CREDIT_ROUTER_WORKER_DRAIN_DEADLINE_S"])
     assert seconds(worker["TimeoutStopSec"]) >= worker_drain + 10
 
 
@@ -111,11 +110,11 @@ def test_worker_template_keys() -> None:
     values = dict(service)
     exec_start = values["ExecStart"]
     assert exec_start.startswith(f"{INSTALLED} worker ")
-    assert "--router ${CREDIT_ROUTER_WORKER_ENDPOINT}" in exec_start
     assert "--name %i" in exec_start
     env_files = [v for k, v in service if k == "EnvironmentFile"]
     assert "/etc/credit-router/worker.env" in env_files
-    assert "-/etc/credit-router/worker-%i.env" in env_files
+    # Required (no "-"): it names this instance's inference server.
+    assert "/etc/credit-router/worker-%i.env" in env_files
     assert values["Restart"] == "on-failure"
     assert values["KillSignal"] == "SIGTERM"
     assert values["DynamicUser"] == "yes"
@@ -203,20 +202,86 @@ def test_systemd_analyze_security_exposure(verifiable_units: Path, unit: str) ->
     assert float(match.group(1)) <= 2.5, done.stdout
 
 
-def test_worker_command_line_is_accepted_by_the_worker() -> None:
-    """The template's ExecStart, expanded as systemd would for instance gpu0, parses."""
-    from worker_agent.__main__ import build_parser
-
-    env = env_file(SYSTEMD / "worker.env.example")
-    exec_start = keys(WORKER_UNIT, "Service")["ExecStart"]
-    argv: list[str] = []
-    for word in exec_start.split()[2:]:  # past the binary and "worker"
-        if word == "$CREDIT_WORKER_ARGS":
-            argv += shlex.split(env["CREDIT_WORKER_ARGS"])
-        elif word.startswith("${"):
-            argv.append(env[word[2:-1]])
+def _expand(exec_start: str, env: dict[str, str]) -> list[str]:
+    """ExecStart as systemd splits and expands it: ${VAR} one word (empty if unset), $VAR
+    split on whitespace, %i the instance."""
+    words = []
+    for word in shlex.split(exec_start.replace("%i", "gpu0")):
+        if re.fullmatch(r"\$\w+", word):
+            words += env.get(word[1:], "").split()
         else:
-            argv.append(word.replace("%i", "gpu0"))
-    args = build_parser().parse_args(argv)
-    assert args.router == env["CREDIT_ROUTER_WORKER_ENDPOINT"]
-    assert args.name == "gpu0"
+            words.append(re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), ""), word))
+    return words
+
+
+def _worker_env() -> dict[str, str]:
+    return {
+        **env_file(SYSTEMD / "worker.env.example"),
+        **env_file(SYSTEMD / "worker-instance.env.example"),
+        "CREDENTIALS_DIRECTORY": "/run/credentials/credit-worker@gpu0.service",
+    }
+
+
+def test_worker_unit_runs_a_real_server_with_its_keys() -> None:
+    """Issue 13: the worker unit ran the simulator and had no way to get its key. Now the
+    executor is openai, endpoint and model come from the instance's file, and the keys are
+    systemd credentials; the expanded command line parses with the worker's own parser and
+    the environment files are valid worker settings."""
+    from worker_agent.__main__ import _settle, build_parser
+
+    service = parse_unit(WORKER_UNIT)["Service"]
+    values = dict(service)
+    credentials = dict(v.split(":", 1) for k, v in service if k == "LoadCredential")
+    assert credentials == {
+        "router.key": "/etc/credit-router/keys/router.key",
+        "worker.key_secret": "/etc/credit-router/keys/%i.key_secret",
+    }
+    argv = _expand(values["ExecStart"], _worker_env())
+    assert argv[:2] == [INSTALLED, "worker"]
+    env = {k: v for k, v in _worker_env().items() if k.startswith("CREDIT_ROUTER_WORKER_")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        args = build_parser().parse_args(argv[2:])
+        _settle(args)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert args.executor == "openai"
+    assert args.endpoint == ["http://127.0.0.1:8000/v1"]
+    assert args.model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert str(args.curve_key).endswith("/worker.key_secret")
+    assert args.router == "tcp://loadgen-01:5557"
+    assert args.http_port == 9465
+
+
+def test_worker_unit_without_its_server_stops_in_one_line() -> None:
+    """An instance file without INFERENCE_ENDPOINT: ${INFERENCE_ENDPOINT} expands to an empty
+    word, which the worker refuses in one line naming --endpoint."""
+    env = {k: v for k, v in _worker_env().items() if k != "INFERENCE_ENDPOINT"}
+    argv = _expand(dict(parse_unit(WORKER_UNIT)["Service"])["ExecStart"], env)
+    done = subprocess.run(
+        [venv_tool("credit-router"), *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "--endpoint" in done.stderr
+
+
+def test_router_unit_runs_curve_with_a_credential() -> None:
+    """Issue 13: the example ran the router plaintext on 0.0.0.0 (CREDIT_ROUTER_INSECURE). The
+    unit turns CurveZMQ on with the secret key as a systemd credential (root-only on disk)."""
+    service = parse_unit(ROUTER_UNIT)["Service"]
+    environment = dict(v.split("=", 1) for k, v in service if k == "Environment")
+    credentials = dict(v.split(":", 1) for k, v in service if k == "LoadCredential")
+    assert credentials == {"router.key_secret": "/etc/credit-router/keys/router.key_secret"}
+    assert environment["CREDIT_ROUTER_CURVE__SECRET_KEY_FILE"] == "%d/router.key_secret"
+    assert environment["CREDIT_ROUTER_CURVE__ALLOWED_KEYS"] == "/etc/credit-router/allowed"
+    assert "CREDIT_ROUTER_INSECURE" not in env_file(SYSTEMD / "router.env.example")

@@ -15,7 +15,7 @@ after every step (they must decode: the router must never write an invalid frame
 ``Rig.step`` judges each wake-up (see ``_judge``):
 
 * no exception escapes the handler, and the service counted no ``internal_error``;
-* ``check_invariants(core)`` (routing.md §7, 1–6) holds;
+* ``check_invariants(core)`` (docs/ROUTING.md §7, 1–6) holds;
 * a worker's in-flight set lost a credit only for a reason the step gave: that worker's own
   completion of it, its in-flight report leaving it out, or that worker leaving (``Goodbye``, a
   new incarnation, or being cut off for invalid frames) — and each such credit got its one
@@ -387,7 +387,7 @@ class Rig:
         return "\n".join(lines)
 
     def _judge_health(self, what: str, before: _Snapshot, *, shutdown: bool) -> None:
-        """No exception was swallowed by the service, and routing.md §7 holds."""
+        """No exception was swallowed by the service, and docs/ROUTING.md §7 holds."""
         internal = self.service.invalid_messages.get("internal_error", 0)
         if internal != before.internal_errors:
             record = self._errors.records[-1]
@@ -521,7 +521,7 @@ class Rig:
             )
 
     def _orphans(self, name: str, held: set[Key], reports: list[set[Key]], step: int) -> set[Key]:
-        """The credits of ``name`` its ``reports`` in this step make orphans (routing.md §6).
+        """The credits of ``name`` its ``reports`` in this step make orphans (docs/ROUTING.md §6).
 
         A report judges only credits dispatched before the previous report; a judged credit
         missing twice in a row ends ``lost: orphaned``. Updates the first strikes.

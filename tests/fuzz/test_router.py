@@ -18,7 +18,7 @@ credits really in flight) with everything a hostile or broken peer can send:
   of themselves, huge ``fork_count``s; cancelling unknown ids; ending and releasing sessions
   that are not theirs; saying hello again with another version; strangers that never did.
 
-The rig judges every step (see its docstring): no exception, no ``internal_error``, routing.md
+The rig judges every step (see its docstring): no exception, no ``internal_error``, docs/ROUTING.md
 §7, every change of a worker's in-flight set justified by that worker's own messages, every
 outcome for an open credit, and at the end (after a shutdown) exactly one outcome per credit.
 """

@@ -42,6 +42,9 @@ from protocol.messages import (
 from router_service.client import RouterClient
 from router_service.core.router import RouterCore
 from router_service.service import RouterService
+from worker_agent.agent import AgentState, WorkerAgent
+from worker_agent.executor import SimExecutor
+from worker_agent.web import WorkerHttp
 
 WORK_S: Final = 0.04
 """How long a stand-in worker 'runs' each credit (so some are always in flight)."""
@@ -59,9 +62,16 @@ class TrafficHarness:
     """
 
     def __init__(
-        self, workers: tuple[str, ...] = ("w1", "w2"), capacity: int = 8, sessions: int = 6
+        self,
+        workers: tuple[str, ...] = ("w1", "w2"),
+        capacity: int = 8,
+        sessions: int = 6,
+        agents: tuple[str, ...] = (),
     ) -> None:
         self.worker_names = workers
+        self.agent_names = agents
+        """Real worker agents (``SimExecutor``) with their HTTP endpoints, besides the stand-ins."""
+        self.agent_http_ports: list[int] = []
         self.capacity = capacity
         self.sessions = sessions
         self.http_port = 0
@@ -152,9 +162,16 @@ class TrafficHarness:
                 for i, name in enumerate(self.worker_names)
             ]
             await asyncio.wait_for(asyncio.gather(*(j.wait() for j in joined)), 5)
+            agents = await self._start_agents(service.worker_endpoint)
             async with RouterClient(service.producer_endpoint, name="itest") as client:
                 self._ready.set()
                 await self._produce(client)
+            for agent, _, _ in agents:
+                agent.drain(1.0)
+            for _, task, http in agents:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, 5)
+                await http.stop()
             service.request_exit()
             await asyncio.wait_for(serving, 10)
             workers_done.set()
@@ -166,6 +183,32 @@ class TrafficHarness:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(serving, 5)
             ctx.destroy(linger=0)
+
+    async def _start_agents(
+        self, endpoint: str
+    ) -> list[tuple[WorkerAgent, asyncio.Task[object], WorkerHttp]]:
+        """Start the real agents with their HTTP endpoints; return once each has joined."""
+        started = []
+        for name in self.agent_names:
+            agent = WorkerAgent(
+                router=endpoint,
+                name=name,
+                executor=SimExecutor(base_ttft_s=0.005, decode_s_per_token=0.0002),
+                capacity=self.capacity,
+                labels={"endpoint": "-"},
+            )
+            http = WorkerHttp(agent, "127.0.0.1", 0)
+            await http.start()
+            self.agent_http_ports.append(http.port)
+            task: asyncio.Task[object] = asyncio.create_task(agent.serve(), name=f"agent-{name}")
+            started.append((agent, task, http))
+        for agent, task, _ in started:
+            for _ in range(100):
+                if agent.state is AgentState.JOINED or task.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert agent.state is AgentState.JOINED, f"agent {agent.name} did not join"
+        return started
 
     async def _produce(self, client: RouterClient) -> None:
         assert self._stop is not None

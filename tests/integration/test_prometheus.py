@@ -1,7 +1,9 @@
-"""A real Prometheus scraping a live router: the metrics, the alert rules and the dashboard.
+"""A real Prometheus scraping a live router and its workers: the metrics, the alert rules and
+the dashboard.
 
-One router under steady traffic (``harness.TrafficHarness``: two DEALER worker stand-ins and a
-``RouterClient`` producer) and one ``prometheus`` process (Debian's package; ``make
+One router under steady traffic (``harness.TrafficHarness``: two DEALER worker stand-ins, one
+real worker agent with its HTTP endpoints, and a ``RouterClient`` producer) and one
+``prometheus`` process (Debian's package; ``make
 deploy-tools`` installs it) scraping it every second, with deploy/prometheus/rules.yml loaded,
 are shared by the module. Every query polls Prometheus' HTTP API with a deadline: Prometheus'
 first scrape comes about 5 s after it starts (its service-discovery throttle), so the first test
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "credit-router.json"
 JOB = "credit-router"
+WORKER_JOB = "credit-worker"
 SCRAPE_S = 1
 DEADLINE_S = 25.0
 """Longest wait for one condition: first scrape (~5.5 s) plus a rate window, with slack."""
@@ -46,6 +49,8 @@ TEMPLATE = {
     "$__rate_interval": "15s",
     "$__interval": "1s",
     "${datasource}": "prometheus",
+    "$worker_job": WORKER_JOB,
+    "$worker_instance": ".+",
     "$job": JOB,
     "$instance": ".+",
 }
@@ -129,7 +134,7 @@ class PrometheusAPI:
 
 @pytest.fixture(scope="module")
 def harness() -> Iterator[TrafficHarness]:
-    traffic = TrafficHarness()
+    traffic = TrafficHarness(agents=("agent1",))
     traffic.start()
     yield traffic
     traffic.stop()
@@ -152,7 +157,13 @@ def prometheus(
             {
                 "job_name": JOB,
                 "static_configs": [{"targets": [f"127.0.0.1:{harness.http_port}"]}],
-            }
+            },
+            {
+                "job_name": WORKER_JOB,
+                "static_configs": [
+                    {"targets": [f"127.0.0.1:{port}" for port in harness.agent_http_ports]}
+                ],
+            },
         ],
     }
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -196,7 +207,9 @@ def test_router_exposition_passes_promtool_check_metrics(harness: TrafficHarness
     def exposition() -> str | None:
         text = http_get(f"{harness.base_url}/metrics").decode()
         done = re.search(
-            r'^credit_router_credit_outcomes_total\{status="completed"\} (\S+)', text, re.M
+            r'^credit_router_credit_outcomes_total\{reason="none",status="completed"\} (\S+)',
+            text,
+            re.M,
         )
         return text if done and float(done.group(1)) > 0 else None
 
@@ -216,11 +229,21 @@ def test_router_exposition_passes_promtool_check_metrics(harness: TrafficHarness
 def test_prometheus_scrapes_the_router(prometheus: PrometheusAPI) -> None:
     checks = [
         f'up{{job="{JOB}"}} == 1',
-        'credit_router_workers{state="active"} == 2',
+        'credit_router_workers{state="active"} == 3',
         'sum(rate(credit_router_credit_outcomes_total{status="completed"}[15s])) > 0',
         'sum(rate(credit_router_credit_outcomes_total{status="failed"}[15s])) > 0',
-        "sum(credit_router_worker_capacity) == 16",
+        "sum(credit_router_worker_capacity) == 24",
         'credit_router_invalid_messages_total{reason="malformed"} >= 1',
+        # Issue 13: the process collector, per-worker series and reasons, and the workers.
+        f'process_cpu_seconds_total{{job="{JOB}"}} > 0',
+        'credit_router_worker_dispatched_total{worker="agent1"} > 0',
+        'credit_router_worker_info{worker="agent1", executor="sim", state="active"} == 1',
+        'sum(credit_router_credit_outcomes_total{status="failed", reason="worker_error"}) > 0',
+        f'up{{job="{WORKER_JOB}"}} == 1',
+        f'process_cpu_seconds_total{{job="{WORKER_JOB}"}} > 0',
+        'sum(credit_worker_prompt_tokens_total{cache_reported="true"}) > 0',
+        "sum(credit_worker_cached_prompt_tokens_total) > 0",
+        'credit_worker_info{name="agent1", executor="sim"} == 1',
     ]
     for expr in checks:
         wait_for(expr, functools.partial(prometheus.vector, expr))
@@ -312,7 +335,7 @@ def test_dashboard_variables_resolve(prometheus: PrometheusAPI) -> None:
     doc = json.loads(DASHBOARD.read_text())
     variables = {v["name"]: v for v in doc["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
-    for name in ("job", "instance"):
+    for name in ("job", "instance", "worker_job", "worker_instance"):
         match = re.fullmatch(r"label_values\((.+), (\w+)\)", variables[name]["definition"])
         assert match, variables[name]["definition"]
         selector, label = substitute(match.group(1)), match.group(2)
@@ -322,3 +345,57 @@ def test_dashboard_variables_resolve(prometheus: PrometheusAPI) -> None:
         )
         assert values, name
     assert JOB in prometheus.label_values("job", "credit_router_info")
+
+
+def test_submit_to_dispatch_reads_zero_for_immediate_dispatches(prometheus: PrometheusAPI) -> None:
+    """Credits dispatched in the event batch that submitted them waited 0 s by the router's
+    clock: the median reads 0, not the 5 us that interpolating inside a 10 us first bucket
+    made up (issue 13)."""
+    expr = (
+        "histogram_quantile(0.5, sum by (le) "
+        "(rate(credit_router_submit_to_dispatch_seconds_bucket[15s])))"
+    )
+    (sample,) = wait_for(expr, functools.partial(prometheus.vector, f"{expr} >= 0"))
+    assert float(sample["value"][1]) == 0.0
+
+
+def test_sticky_hit_rate_panel_reads_what_the_report_reads(prometheus: PrometheusAPI) -> None:
+    """Every session's turns 2 and 3 run on the worker holding it: the report says 100 %, and
+    so must the panel (its old definition, counting first turns as misses, read 67 % here)."""
+    panel = next(q for t, q in dashboard_queries() if t == "Sticky hit rate")
+    (sample,) = wait_for(panel, functools.partial(prometheus.vector, f"({panel}) > 0"))
+    assert float(sample["value"][1]) == 1.0
+
+
+def test_worker_exposition_passes_promtool_check_metrics(harness: TrafficHarness) -> None:
+    """The worker agent's real /metrics text, with tokens counted, is clean by promtool."""
+    promtool = tool("promtool")
+    (port,) = harness.agent_http_ports
+
+    def exposition() -> str | None:
+        text = http_get(f"http://127.0.0.1:{port}/metrics").decode()
+        done = re.search(r"^credit_worker_cached_prompt_tokens_total (\S+)", text, re.M)
+        return text if done and float(done.group(1)) > 0 else None
+
+    text = wait_for("cached tokens in the worker's /metrics", exposition, deadline_s=10)
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
+    )
+    report = (check.stdout + check.stderr).decode()
+    assert check.returncode == 0, report
+    assert report.strip() == "", report
+
+
+def test_every_metric_an_alert_reads_is_scraped(prometheus: PrometheusAPI) -> None:
+    """An alert on a metric nobody exports evaluates "ok" and never fires: each name a rule
+    reads has series in this Prometheus, scraped from the real router."""
+    wait_for("router scraped", lambda: prometheus.vector(f'up{{job="{JOB}"}} == 1'))
+    names = {
+        name
+        for group in yaml.safe_load(RULES.read_text())["groups"]
+        for rule in group["rules"]
+        for name in re.findall(r"\b((?:credit_router|credit_worker)_[a-z0-9_]+)\b", rule["expr"])
+    }
+    assert names
+    for name in sorted(names):
+        wait_for(f"series of {name}", functools.partial(prometheus.vector, f"count({name}) > 0"))

@@ -375,12 +375,15 @@ async def test_http_endpoints_and_metrics(ctx) -> None:
         capture_output=True, text=True, timeout=30, check=True,
     )  # fmt: skip
     assert "WORKER" in table.stdout
-    assert table.stdout.splitlines()[-1].split()[:4] == ["w1", "active", "0", "4"]
+    assert table.stdout.splitlines()[-1].split()[:6] == ["w1", "active", "?", "-", "0", "4"]
     assert "completed 1" in table.stdout
-    assert 'credit_router_credit_outcomes_total{status="completed"} 1.0' in text
+    assert 'credit_router_credit_outcomes_total{reason="none",status="completed"} 1.0' in text
     assert "credit_router_sticky_entries 1.0" in text
     assert 'credit_router_workers{state="active"} 1.0' in text
     assert "credit_router_submit_to_dispatch_seconds_count 1.0" in text
+    assert 'credit_router_worker_dispatched_total{worker="w1"} 1.0' in text
+    assert 'credit_router_worker_outcomes_total{status="completed",worker="w1"} 1.0' in text
+    assert "process_cpu_seconds_total" in text
     # No per-session or per-credit label anywhere in the exposition.
     labels = {
         kv.split("=")[0]
@@ -394,6 +397,7 @@ async def test_http_endpoints_and_metrics(ctx) -> None:
         "reason",
         "state",
         "worker",
+        "executor",
         "endpoint",
         "le",
         "version",

@@ -393,7 +393,7 @@ async def test_a_late_tick_does_not_judge_the_routers_silence(
     await router.welcome(heartbeat_s=0.5, report_s=5.0)
     await until(lambda: running.agent.state is AgentState.JOINED)
     agent = running.agent
-    # No await between these calls: the clock is ours (STYLE R8).
+    # No await between these calls: the clock is ours.
     later = asyncio.get_running_loop().time() + 2.0  # four silent intervals ...
     agent._on_tick(later)  # ... but our own tick is as late: frames may wait unread
     assert agent.state is AgentState.JOINED

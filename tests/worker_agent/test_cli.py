@@ -57,8 +57,9 @@ def test_defaults() -> None:
 def test_usage_errors_return_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
-    # argparse's usage line, or one line naming the setting (no traceback either way).
-    assert "usage:" in err or err.startswith("worker_agent: invalid setting"), err
+    # One line naming the problem (argparse usage errors too), no traceback.
+    assert err.startswith("credit-router worker: "), err
+    assert err.count("\n") == 1, err
     assert "Traceback" not in err
 
 

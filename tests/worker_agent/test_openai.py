@@ -359,3 +359,52 @@ async def test_http_errors_name_the_server_message(mock) -> None:
     assert detail is not None
     assert detail.error == "injected fault http_500"
     assert ex.failures == {"http_500": 1}
+
+
+async def test_token_counters_sum_what_the_server_reported(executor, mock) -> None:
+    """``/metrics``' token counters (``executor.tokens``) add up the completed credits' usage,
+    with the report's definitions (issue 13)."""
+    d = Driver(executor)
+    first = metrics(await d.run("t", say("count these words " * 4), num_turns=2))
+    second = metrics(await d.run("t", say("and these"), turn_index=1, num_turns=2))
+    tokens = executor.tokens
+    assert tokens.prompt == first.input_tokens + second.input_tokens
+    assert tokens.prompt_cache_reported == tokens.prompt  # the mock reports cached tokens
+    assert tokens.cached == (first.cached_tokens or 0) + (second.cached_tokens or 0) > 0
+    assert tokens.completion == first.output_tokens + second.output_tokens
+    assert tokens.reasoning == 0
+
+
+async def test_reasoning_tokens_are_counted() -> None:
+    """A server that reports ``completion_tokens_details.reasoning_tokens`` (OpenAI's usage
+    format for reasoning models): counted, as part of the completion."""
+    from aiohttp import web
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "choices": [{"message": {"role": "assistant", "content": "ok"}}],
+                "usage": {
+                    "prompt_tokens": 12,
+                    "completion_tokens": 30,
+                    "completion_tokens_details": {"reasoning_tokens": 28},
+                },
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    ex = OpenAIExecutor([f"http://127.0.0.1:{port}/v1"], stream=False, request_timeout_s=5.0)
+    try:
+        result = metrics(await Driver(ex).run("r", say("think")))
+        assert result.output_tokens == 30
+        assert (ex.tokens.prompt, ex.tokens.completion, ex.tokens.reasoning) == (12, 30, 28)
+        assert ex.tokens.prompt_cache_reported == 0  # no cached_tokens reported
+    finally:
+        await ex.aclose()
+        await runner.cleanup()

@@ -244,8 +244,9 @@ def test_unknown_and_empty_files(tmp_path: Path) -> None:
 
 def test_the_example_in_the_docs_is_a_valid_workload(tmp_path: Path) -> None:
     doc = (Path(__file__).resolve().parents[3] / "docs" / "WORKLOADS.md").read_text()
-    example = doc.split("### An example", 1)[1].split("```json", 1)[1].split("```", 1)[0]
-    # The sessions span several lines in the doc: one JSON value after another.
+    example = doc.split("### An example", 1)[1].split("```jsonl\n", 1)[1].split("```", 1)[0]
+    # A file as it would be copied: one JSON value per line.
+    assert all(json.loads(line) for line in example.splitlines())
     decoder, text, values = json.JSONDecoder(), example.strip(), []
     while text:
         value, end = decoder.raw_decode(text)

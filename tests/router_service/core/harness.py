@@ -1,7 +1,7 @@
 """A thin driver around RouterCore for unit tests: a hand-advanced clock and collected effects.
 
 Every call goes straight to the core; the harness only remembers what came out, checks the
-invariants of routing.md §7 after each call, and asserts exactly-once outcomes.
+invariants of docs/ROUTING.md §7 after each call, and asserts exactly-once outcomes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""routing.md §2–§3 row by row, and the seed PR's test plan (ai-dynamo/aiperf#966)."""
+"""docs/ROUTING.md §2–§3 row by row, and the seed PR's test plan (ai-dynamo/aiperf#966)."""
 
 from __future__ import annotations
 

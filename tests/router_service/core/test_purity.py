@@ -1,4 +1,4 @@
-"""router_service/core stays pure: no sockets, no event loop, no clock reads (STYLE R1, R8)."""
+"""router_service/core stays pure: no sockets, no event loop, no clock reads."""
 
 from __future__ import annotations
 

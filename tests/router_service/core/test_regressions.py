@@ -1,4 +1,4 @@
-"""One test per AIPerf 0.13.0 defect (aiperf-credit-router.md §15.4 [A]–[E] and §17), each
+"""One test per AIPerf 0.13.0 defect (docs/AIPERF.md §1 [A]–[E] and §3), each
 proving credit-router does not have it."""
 
 from __future__ import annotations

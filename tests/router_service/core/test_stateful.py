@@ -1,4 +1,4 @@
-"""Random interleavings against RouterCore, with routing.md §7 checked after every step.
+"""Random interleavings against RouterCore, with docs/ROUTING.md §7 checked after every step.
 
 The machine plays a producer (sessions advance one turn per outcome, FORK and SPAWN trees of any
 depth, reservations released unused, early ends, cancellations, duplicate credits) and a fleet of

@@ -1,4 +1,4 @@
-"""Workers come and go (routing.md §4, §5, §6): choice, queueing, liveness, loss, drains."""
+"""Workers come and go (docs/ROUTING.md §4, §5, §6): choice, queueing, liveness, loss, drains."""
 
 from __future__ import annotations
 
