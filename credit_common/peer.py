@@ -107,7 +107,7 @@ class Backoff:
 
 
 class Liveness:
-    """Heartbeat bookkeeping, by deadlines (STYLE R8): any frame counts as a beat.
+    """Heartbeat bookkeeping, by deadlines: any frame counts as a beat.
 
     Args:
         heartbeat_interval_s: from the welcome.

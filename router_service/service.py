@@ -1,6 +1,6 @@
 """RouterService: the daemon around the core — sockets in, effects out, time passed in.
 
-Life cycle (uvicorn's shape, STYLE R10): ``startup()`` binds both endpoints and starts reading;
+Life cycle (uvicorn's shape): ``startup()`` binds both endpoints and starts reading;
 ``main_loop()`` ticks (liveness, heartbeats, idle expiry, loop-lag measurement) until asked to
 exit; ``shutdown()`` drains — no new credits, in-flight ones may finish until the deadline —
 then ends everything left with an outcome, tells the workers which credits it ended
@@ -98,7 +98,7 @@ STALE_INCARNATION: Final = "stale_incarnation"
 """Outcome reason for credits addressed to an earlier router incarnation (they never ran)."""
 INVALID_STATUS: Final = "invalid_status"
 _ROUTER_OWNED: Final = frozenset({Status.LOST, Status.REJECTED})
-"""Statuses only the router may give (routing.md §6): a worker's completion with one of these
+"""Statuses only the router may give (ROUTING.md §6): a worker's completion with one of these
 is refused and counted; the credit ends by the in-flight report rule instead."""
 
 
