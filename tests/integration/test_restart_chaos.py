@@ -97,8 +97,15 @@ class Unit:
 
 def _payload(rng: random.Random) -> bytes:
     # Sim executor: ~20 ms + 4 ms per output token. Mostly short; one in twenty ~0.2-0.3 s, so
-    # credits are still running whenever the router dies.
-    tokens = rng.randint(40, 80) if rng.random() < 0.05 else rng.randint(2, 6)
+    # credits are running whenever the router dies; one in a hundred 1.2-2 s, longer than a
+    # SIGTERM-ed router's drain deadline, so some end lost: router_shutdown and are revoked.
+    draw = rng.random()
+    if draw < 0.01:
+        tokens = rng.randint(300, 500)
+    elif draw < 0.06:
+        tokens = rng.randint(40, 80)
+    else:
+        tokens = rng.randint(2, 6)
     return msgspec.msgpack.encode({"input_tokens": rng.randint(16, 128), "output_tokens": tokens})
 
 
