@@ -15,7 +15,8 @@ What must hold (docs/PROTOCOL.md §5.5, §5.6, §6.1, §7):
 * every submitted credit gets exactly one outcome at the client (``submitted == outcomes``),
   and no second outcome ever reaches it (``RouterClient.unmatched_outcomes == 0``, no
   ``duplicate_credit`` error report): not through ``Recovered`` after a kill, not as a late
-  completion of a credit a draining router already ended;
+  completion of a credit a draining router already ended; and every completion the workers
+  count (their ``/metrics``) reached the producer, but for credits the router had ended;
 * no hang: the whole workload ends within a bounded time (``recovery_grace_s`` is short, so
   credits the dead router held end in bounded time too);
 * every process exits cleanly at the end (SIGTERM: exit code 0), every SIGTERM-ed router
@@ -54,6 +55,7 @@ from typing import IO, Any, Final
 
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from protocol import Credit, Outcome, Status
 from protocol.inference import decode_result
@@ -188,6 +190,7 @@ class Cluster:
         self.router: subprocess.Popen[bytes] | None = None
         self.routers: list[subprocess.Popen[bytes]] = []
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.worker_http: dict[str, int] = {}
         self._files: list[IO[bytes]] = []
 
     @property
@@ -218,6 +221,7 @@ class Cluster:
             "--router", f"tcp://127.0.0.1:{self.worker_port}",
             "--name", name, "--capacity", str(CAPACITY), "--executor", "sim",
             "--drain-deadline-s", "10", "--log-level", "INFO",
+            "--http-port", str(self.worker_http.setdefault(name, _port())),
         ]  # fmt: skip
         self.workers[name] = subprocess.Popen(cmd, stdout=self._log(name), stderr=subprocess.STDOUT)
 
@@ -226,6 +230,18 @@ class Cluster:
         with urllib.request.urlopen(url, timeout=1) as r:
             doc: dict[str, Any] = json.load(r)
         return doc
+
+    def worker_completed(self) -> int:
+        """Credits the workers completed, from their Prometheus endpoints."""
+        total = 0.0
+        for port in self.worker_http.values():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "credit_worker_requests_total":
+                        total += sample.value if sample.labels["status"] == "completed" else 0
+        return int(total)
 
     async def rejoined(self, within_s: float) -> float | None:
         """Seconds from the router's first answer on HTTP until every worker is active and
@@ -304,6 +320,8 @@ class ChaosRun:
     duplicate_reports: int = 0
     outstanding: int = 0
     incarnations_seen: int = 0
+    worker_completed: int = 0
+    """Credits the workers completed (their own count), some revoked afterwards."""
     worker_codes: dict[str, int | None] = field(default_factory=dict)
     router_code: int | None = None
     logs: str = ""
@@ -340,6 +358,7 @@ class ChaosRun:
             f"duplicate_credit reports {self.duplicate_reports}, outstanding {self.outstanding}, "
             f"hung {self.hung}, router incarnations seen by the client {self.incarnations_seen}",
             f"  by status and reason: {statuses}",
+            f"  completed by the workers {self.worker_completed}",
             f"  by kind: {kinds}",
             f"  exit codes: workers {self.worker_codes}, last router {self.router_code}",
         ])  # fmt: skip
@@ -442,6 +461,7 @@ async def _chaos_run(cluster: Cluster) -> ChaosRun:
         run.duplicate_reports = sum(e.code == "duplicate_credit" for e in client.errors)
         run.outstanding = client.outstanding
         run.incarnations_seen = client.session.restarts
+        run.worker_completed = await asyncio.to_thread(cluster.worker_completed)
     finally:
         await client.close()
 
@@ -485,6 +505,12 @@ def test_every_credit_ends_with_exactly_one_outcome(chaos: ChaosRun) -> None:
     assert run.unmatched == 0, f"{run.unmatched} outcomes for ended credits\n{_context(run)}"
     assert run.duplicate_reports == 0, _context(run)
     assert run.outstanding == 0, _context(run)
+    # Every completed outcome is a completion a worker made (none invented, none doubled), and
+    # every completion a worker made reached the producer, unless the router had already ended
+    # its credit (lost: router_shutdown, revoked: the worker forgets it).
+    completed = sum(o.status is Status.COMPLETED for o in run.outcomes.values())
+    revoked = run.by_status()[("lost", "router_shutdown")]
+    assert completed <= run.worker_completed <= completed + revoked, _context(run)
 
 
 def test_every_restart_happened_and_every_process_exits_cleanly(chaos: ChaosRun) -> None:
