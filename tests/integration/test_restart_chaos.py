@@ -69,7 +69,9 @@ SEED: Final = int(os.environ.get("CHAOS_SEED", "9"))
 BEAT_S: Final = 0.2
 LOST_AFTER_S: Final = 2.0
 DRAIN_DEADLINE_S: Final = 1.0
-RECOVERY_GRACE_S: Final = 3.0
+RECOVERY_GRACE_S: Final = 4.0
+"""Long enough for the longest credit (2 s) to come back as ``Recovered`` on a loaded machine;
+short enough that credits the dead router had end in bounded time."""
 WORKERS: Final = ("w1", "w2", "w3")
 CAPACITY: Final = 16
 CONCURRENT_UNITS: Final = 96
