@@ -70,6 +70,7 @@ INVALID_CREDIT: Final = "invalid_credit"
 CANCELLED: Final = "cancelled"
 SHUTDOWN: Final = "router_shutdown"
 DRAINING: Final = "router_draining"
+SESSION_UNKNOWN: Final = "session_unknown"
 
 _TAKEN: Final = "x_correlation_id is already another session's (each session needs its own)"
 
@@ -777,6 +778,14 @@ class RouterCore:
                 self._end(ticket, Status.REJECTED, _EVICTION_REASONS[tomb])
                 return
             del table.tombstones[key]
+            self.stats.migrations += 1
+        elif credit.turn_index > 0:
+            # A later turn of a session this router never saw (it restarted since the session
+            # began, or the session's earlier turns never ran): no worker holds its history
+            # that we know of, so it may only start afresh where migration is allowed.
+            if not credit.allow_migration:
+                self._end(ticket, Status.REJECTED, SESSION_UNKNOWN)
+                return
             self.stats.migrations += 1
         self.stats.sticky_misses += 1
         if self.spawn_affinity_slack is not None and credit.branch_mode is _SPAWN:
