@@ -385,7 +385,7 @@ async def test_router_restart_mid_run(cluster: Cluster) -> None:
         cluster.start_router()
         outcomes = await gather(futures, 20)
         # Each completion reached the producer exactly once, through the new router.
-        assert [o.status for o in outcomes] == [Status.COMPLETED] * 8
+        assert [o.status for o in outcomes] == [Status.COMPLETED] * 8, outcomes
         assert {o.credit_id for o in outcomes} == set(range(8))
         await cluster.workers_active("a", "b")
         after = await client.run(Credit(id=100, x_correlation_id="later", payload=payload(1)))

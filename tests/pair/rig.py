@@ -293,7 +293,8 @@ class Rig:
         if self.router is not None:
             self.router.force_exit = True
             await self.stop_router()
-        self.ctx.term()
+        # destroy, not term: a test that failed half-way may leave a scripted socket open.
+        self.ctx.destroy(linger=0)
 
 
 async def until(condition: Any, timeout_s: float = 5.0) -> None:
