@@ -48,7 +48,7 @@ bench: install  #? benchmarks, printed as JSON lines
 
 # The fuzz tests run briefly in `make test`; here each gets FUZZ_EXAMPLES examples (default 5000).
 fuzz: install  #? long fuzz run of the decoders and the router (FUZZ_EXAMPLES=5000 per test)
-	HYPOTHESIS_PROFILE=fuzz-long $(RUN) pytest tests/fuzz -q --timeout=0
+	HYPOTHESIS_PROFILE=fuzz-long $(RUN) pytest tests/fuzz tests/pair/test_interleavings.py -q --timeout=0
 
 # atheris is not a project dependency: installed into .venv on demand, for this target only.
 FUZZ_SECONDS ?= 300

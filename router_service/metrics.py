@@ -238,6 +238,15 @@ class RouterCollector(Collector):
             service.invalid_messages,
         )
         yield _counter("auth_failures", "Failed CURVE handshakes.", service.auth_failures)
+        yield _labelled_counter(
+            "peer_events",
+            "Events of the peer links, by kind: refusals by code (refused_name_in_use, "
+            "refused_superseded, ...), fenced incarnations, closed worker connections, "
+            "duplicate completions, router-owned statuses, stale-incarnation submits, frames "
+            "held for an unreachable peer.",
+            "event",
+            service.peer_events,
+        )
         yield _counter(
             "loop_stalls", "Liveness checks skipped because the loop was late.", stats.loop_stalls
         )

@@ -499,6 +499,12 @@ async def test_s20_router_owned_statuses_from_a_worker_are_refused(rig: Rig) -> 
     assert report.code == "invalid_status"
     assert rig.router is not None
     assert rig.router.invalid_messages["invalid_status"] == 1
+    from prometheus_client import generate_latest
+
+    from router_service.metrics import make_registry
+
+    scraped = generate_latest(make_registry(rig.router)).decode()
+    assert 'credit_router_peer_events_total{event="router_owned_status"} 1.0' in scraped
     await _settle(0.1)
     assert 1 not in producer.outcomes  # not passed on as the credit's outcome
     raw.close()
