@@ -131,9 +131,10 @@ class _Simulation:
 
     def pump(self, now: float) -> None:
         fx = self.core.take_effects()
-        for worker, _producer, credits in fx.dispatch:
-            for credit in credits:
-                self.execute(worker, credit, now)
+        for worker, item in fx.to_worker:
+            if isinstance(item, tuple):  # a dispatch chunk (producer, credits)
+                for credit in item[1]:
+                    self.execute(worker, credit, now)
         for outs in fx.outcomes.values():
             for o in outs:
                 self.statuses[o.status.value] = self.statuses.get(o.status.value, 0) + 1
@@ -153,7 +154,7 @@ class _Simulation:
             core.complete(worker, [done], self.clock)
             s, credit = self.by_credit[cid]
             if s.mode is BranchMode.FORK and credit.turn_index + 1 == credit.num_turns:
-                core.child_release(worker, s.sid, self.clock)
+                core.child_release(worker, "sim", s.sid, self.clock)
             self.pump(self.clock)
             if cid % 997 == 0:
                 check_invariants(core)

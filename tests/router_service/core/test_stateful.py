@@ -87,16 +87,17 @@ class RouterMachine(RuleBasedStateMachine):
             sim.connected = False
             sim.held.clear()
             sim.forgotten.clear()
-        for name, producer, credits in fx.dispatch:
-            assert producer == "p"
-            sim = self.workers[name]
-            assert sim.connected, f"dispatch to disconnected {name}"
-            for c in credits:
-                assert c.id not in sim.held
-                sim.held[c.id] = c
-        for name, msg in fx.to_worker:
-            if type(msg).__name__ == "Cancel":
-                self.workers[name].cancel_asked.update(msg.credit_ids)
+        for name, item in fx.to_worker:
+            if isinstance(item, tuple):
+                producer, credits = item
+                assert producer == "p"
+                sim = self.workers[name]
+                assert sim.connected, f"dispatch to disconnected {name}"
+                for c in credits:
+                    assert c.id not in sim.held
+                    sim.held[c.id] = c
+            elif type(item).__name__ == "Cancel":
+                self.workers[name].cancel_asked.update(item.credit_ids)
         for producer, outs in fx.outcomes.items():
             assert producer == "p"
             for o in outs:
@@ -154,7 +155,7 @@ class RouterMachine(RuleBasedStateMachine):
         final = credit.turn_index + 1 >= credit.num_turns
         if credit.branch_mode is BranchMode.FORK and (final or status is not Status.COMPLETED):
             # The worker's rule: a FORK child session that ended on it is released.
-            self.core.child_release(name, credit.x_correlation_id, self.now)
+            self.core.child_release(name, "p", credit.x_correlation_id, self.now)
 
     # --------------------------------------------------------------------- rules
 
@@ -233,7 +234,7 @@ class RouterMachine(RuleBasedStateMachine):
         parents = [s for s in self.sessions.values() if s.declared > 0]
         if parents:
             s = data.draw(st.sampled_from(parents))
-            self.core.release_reservation(s.sid, s.declared, self.now)
+            self.core.release_reservation("p", s.sid, s.declared, self.now)
             s.declared = 0
             self.collect()
 
@@ -322,6 +323,8 @@ class RouterMachine(RuleBasedStateMachine):
     def restart_new_incarnation(self, name: str) -> None:
         sim = self.workers[name]
         if sim.connected:
+            # The process died (the transport saw its connection close) and came back.
+            self.core.worker_closed(name, self.now)
             sim.held.clear()
             sim.connected = False
             self.join(name)
@@ -332,17 +335,6 @@ class RouterMachine(RuleBasedStateMachine):
         if self.workers[name].connected:
             self.core.worker_unreachable(name, self.now)
             self.collect()
-
-    @rule(name=st.sampled_from(WORKERS), data=st.data())
-    def connection_drops(self, name: str, data: st.DataObject) -> None:
-        """A dispatch frame could not be handed over: the worker never saw those credits."""
-        sim = self.workers[name]
-        if not sim.connected or not sim.held:
-            return
-        lost = data.draw(st.lists(st.sampled_from(sorted(sim.held)), unique=True, min_size=1))
-        credits = [sim.held.pop(cid) for cid in lost]
-        self.core.worker_disconnected(name, "p", credits, self.now)
-        self.collect()
 
     @rule(name=st.sampled_from(WORKERS), deadline=st.sampled_from([0.5, 3.0]))
     def drain(self, name: str, deadline: float) -> None:
@@ -395,7 +387,7 @@ class RouterMachine(RuleBasedStateMachine):
                 self.join("w3")
             for s in self.sessions.values():
                 if s.declared:
-                    self.core.release_reservation(s.sid, s.declared, self.now)
+                    self.core.release_reservation("p", s.sid, s.declared, self.now)
                     s.declared = 0
                     progressed = True
                 if not s.ended and s.pending is None:

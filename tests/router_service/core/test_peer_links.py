@@ -1,0 +1,200 @@
+"""Issue 9 at the core tier: sessions per producer, causal order to each worker, closed
+connections, identity fencing, and the session edges (scenario numbers in each test's name)."""
+
+from __future__ import annotations
+
+from protocol import Cancel, Credit, EndSession, Status, Welcome
+from router_service.core.invariants import check_no_leak
+from tests.router_service.core.harness import FORK, Harness
+
+A = "alice/inc-1"
+B = "bob/inc-1"
+
+
+def two_workers(**kw: object) -> Harness:
+    h = Harness(**kw)
+    h.join("w0")
+    h.join("w1")
+    return h
+
+
+def ends(h: Harness) -> list[tuple[str, str, str]]:
+    """Every EndSession the core sent: (worker, producer, session)."""
+    return [
+        (w, m.producer, m.x_correlation_id) for w, m in h.to_worker if isinstance(m, EndSession)
+    ]
+
+
+# ----------------------------------------------------------------- item 12: sessions per producer
+
+
+def test_12_another_producers_end_session_leaves_mine_alone() -> None:
+    h = two_workers()
+    mine = h.send("s", producer=A, num_turns=3)
+    h.complete(mine, producer=A)
+    h.end_session("s", producer=B)  # B never had a session "s"
+    assert ends(h) == [], "B's EndSession reached a worker"
+    nxt = h.send("s", producer=A, turn_index=1, num_turns=3)
+    assert h.sent_to_by[A, nxt.id] == h.sent_to_by[A, mine.id], "A's session moved"
+    assert h.core.sessions.tables[A].entries["s"].ref_count == 1
+
+
+def test_12_same_ids_in_two_producers_are_two_sessions() -> None:
+    h = two_workers()
+    a0 = h.send("s", producer=A, num_turns=2)
+    b0 = h.send("s", producer=B, num_turns=2)
+    assert h.sent_to_by[A, a0.id] != h.sent_to_by[B, b0.id], "B's turn 0 joined A's session"
+    h.complete(a0, producer=A)
+    h.complete(b0, producer=B)
+    # B's final turn ends B's session only; A's worker is told nothing.
+    b1 = h.send("s", producer=B, turn_index=1, num_turns=2)
+    assert h.sent_to_by[B, b1.id] == h.sent_to_by[B, b0.id]
+    assert "s" in h.core.sessions.tables[A].entries
+    assert "s" not in h.core.sessions.tables[B].entries
+    a1 = h.send("s", producer=A, turn_index=1, num_turns=2)
+    assert h.sent_to_by[A, a1.id] == h.sent_to_by[A, a0.id]
+    h.complete(a1, producer=A)
+    h.complete(b1, producer=B)
+    check_no_leak(h.core)
+
+
+def test_12_release_and_child_release_are_per_producer() -> None:
+    h = two_workers()
+    root = h.send("root", producer=A, fork_count=2)
+    h.complete(root, producer=A)
+    h.release("root", 2, producer=B)  # not B's: nothing happens
+    entry = h.core.sessions.tables[A].entries["root"]
+    assert entry.reserved == 2
+    kid = h.send("kid", producer=A, parent_correlation_id="root", branch_mode=FORK)
+    h.complete(kid, producer=A)
+    home = h.sent_to_by[A, kid.id]
+    h.child_release("kid", worker=home, producer=B)  # same child id, another producer
+    assert h.core.sessions.tables[A].aliases["kid"].live, "B's ChildRelease ended A's child"
+    assert h.core.stats.unknown_child_releases == 1
+    h.child_release("kid", producer=A)
+    h.release("root", 1, producer=A)
+    assert ends(h) == [(home, A, "root")], "the worker is told whose session to drop"
+    check_no_leak(h.core)
+
+
+def test_12_fork_parent_resolves_within_the_producer() -> None:
+    h = two_workers()
+    h.complete(h.send("root", producer=A, num_turns=2, fork_count=1), producer=A)
+    kid = h.send("kid", producer=B, parent_correlation_id="root", branch_mode=FORK)
+    assert h.by_producer[B, kid.id].reason == "parent_session_unavailable"
+
+
+def test_12_producer_gone_ends_everything_it_had() -> None:
+    h = Harness()
+    h.join("w0", capacity=3)
+    root = h.send("s", producer=A, num_turns=3, fork_count=1)
+    h.complete(root, producer=A)
+    kid = h.send("kid", producer=A, parent_correlation_id="s", branch_mode=FORK, num_turns=2)
+    singles = [h.send(f"q{i}", producer=A) for i in range(5)]
+    running = [c for c in singles if (A, c.id) in h.sent_to_by]
+    queued = [c for c in singles if (A, c.id) not in h.sent_to_by]
+    assert (len(running), len(queued)) == (2, 3)
+    other = h.send("s", producer=B, num_turns=2)  # B's session of the same id waits
+    h.producer_gone(A)
+    assert [h.by_producer[A, q.id].status for q in queued] == [Status.CANCELLED] * 3
+    assert A not in h.core.sessions.tables, "the gone producer's sessions are left"
+    assert sorted(ends(h)) == [("w0", A, "kid"), ("w0", A, "s")]
+    (cancel,) = [m for _, m in h.to_worker if isinstance(m, Cancel)]
+    assert (cancel.producer, sorted(cancel.credit_ids)) == (
+        A,
+        sorted(c.id for c in [kid, *running]),
+    )
+    # What is still in flight ends with its completion; invariants hold meanwhile.
+    h.complete(kid, producer=A, status=Status.CANCELLED, session_ended=True)
+    for c in running:
+        h.complete(c, producer=A, status=Status.CANCELLED)
+    assert "s" in h.core.sessions.tables[B].entries, "B's session of the same id went too"
+    h.complete(other, producer=B)
+    h.complete(h.send("s", producer=B, turn_index=1, num_turns=2), producer=B)
+    check_no_leak(h.core)
+
+
+def test_12_a_producer_that_never_ends_its_sessions_leaks_nothing_once_gone() -> None:
+    h = two_workers()
+    for i in range(4):
+        c = h.send(f"s{i}", producer=A, num_turns=5, fork_count=2)
+        h.complete(c, producer=A)
+    h.complete(
+        h.send("k", producer=A, parent_correlation_id="s0", branch_mode=FORK, num_turns=3),
+        producer=A,
+    )
+    assert h.core.sessions.live == 4
+    h.producer_gone(A)
+    h.advance(1.0)
+    assert h.core.sessions.live == 0
+    check_no_leak(h.core)
+
+
+def test_12_cancelling_a_leaving_producers_queue_is_linear() -> None:
+    """Scenario 18: 40k + 40k interleaved queued credits; each cancel is O(1)."""
+    h = Harness(queue_limit=100_000)
+    h.join("w0", capacity=1)
+    credits_a = [Credit(id=i, x_correlation_id=f"a{i}") for i in range(40_000)]
+    credits_b = [Credit(id=i, x_correlation_id=f"b{i}") for i in range(40_000)]
+    for i in range(0, 40_000, 1000):
+        h.core.submit(A, credits_a[i : i + 1000], h.now)
+        h.core.submit(B, credits_b[i : i + 1000], h.now)
+    h.core.take_effects()
+    assert len(h.core.queue) == 79_999
+    h.core.producer_gone(A, h.now)
+    fx = h.core.take_effects()
+    assert len(fx.outcomes[A]) == 39_999
+    assert len(h.core.queue) == 40_000
+    # The live count drives the queue limit: freed room is usable at once.
+    assert sum(1 for _ in h.core.queue) == 40_000
+    assert len(h.core.queue._items) <= 2 * 40_000 + 32, "cancelled tickets are compacted"
+
+
+# ------------------------------------------------------------ scenario 1: causal order to workers
+
+
+def test_1_welcome_precedes_the_first_dispatch_to_a_joiner() -> None:
+    h = Harness()
+    waiting = [h.send(f"s{i}") for i in range(3)]  # no worker yet: they wait
+    assert not h.sent_to
+    h.join("w0")
+    items = [item for w, item in h.sends if w == "w0"]
+    assert isinstance(items[0], Welcome), f"first thing w0 gets: {items[0]!r}"
+    assert items[1] == ("p", waiting)
+
+
+def test_1_control_messages_keep_their_place_between_dispatches() -> None:
+    h = Harness()
+    h.join("w0", capacity=4)
+    h.core.take_effects()
+    first = h.send("s", num_turns=2)
+    h.complete(first)
+    h.core.take_effects()
+    # One batch: final turn dispatched, then the producer ends the session, then another credit.
+    final = Credit(id=100, x_correlation_id="s", turn_index=1, num_turns=2)
+    h.core.submit("p", [final], h.now)
+    h.core.cancel("p", [final.id], h.now)
+    later = Credit(id=101, x_correlation_id="t")
+    h.core.submit("p", [later], h.now)
+    fx = h.core.take_effects()
+    kinds = [
+        "dispatch" if isinstance(item, tuple) else type(item).__name__ for _, item in fx.to_worker
+    ]
+    assert kinds == ["dispatch", "Cancel", "dispatch"], kinds
+    assert fx.to_worker[0][1] == ("p", [final])
+    assert fx.to_worker[2][1] == ("p", [later])
+    h.submitted += 2  # credits submitted behind the harness's back
+    h.complete(final, status=Status.CANCELLED, worker="w0")
+    h.complete(later, worker="w0")
+
+
+def test_1_consecutive_dispatches_of_one_producer_coalesce() -> None:
+    h = Harness()
+    h.join("w0", capacity=8)
+    h.core.take_effects()
+    h.core.submit("p", [Credit(id=i, x_correlation_id=f"s{i}") for i in range(3)], h.now)
+    h.core.submit(A, [Credit(id=9, x_correlation_id="x")], h.now)
+    h.core.submit("p", [Credit(id=5, x_correlation_id="y")], h.now)
+    fx = h.core.take_effects()
+    chunks = [(p, [c.id for c in cs]) for _, (p, cs) in fx.to_worker]  # type: ignore[misc]
+    assert chunks == [("p", [0, 1, 2]), (A, [9]), ("p", [5])]
