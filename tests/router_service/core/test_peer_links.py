@@ -3,8 +3,9 @@ connections, identity fencing, and the session edges (scenario numbers in each t
 
 from __future__ import annotations
 
-from protocol import Cancel, Credit, EndSession, Status, Welcome
+from protocol import Cancel, Credit, EndSession, Refusal, Status, Welcome
 from router_service.core.invariants import check_no_leak
+from router_service.core.workers import WorkerState
 from tests.router_service.core.harness import FORK, Harness
 
 A = "alice/inc-1"
@@ -198,3 +199,155 @@ def test_1_consecutive_dispatches_of_one_producer_coalesce() -> None:
     fx = h.core.take_effects()
     chunks = [(p, [c.id for c in cs]) for _, (p, cs) in fx.to_worker]  # type: ignore[misc]
     assert chunks == [("p", [0, 1, 2]), (A, [9]), ("p", [5])]
+
+
+# ------------------------------------------------ scenarios 19 and 13: a closed connection
+
+
+def test_19_closed_connection_makes_the_worker_suspect_then_lost_after_the_grace() -> None:
+    h = two_workers(closed_grace_s=1.0, lost_after_s=5.0)
+    c = h.send("s")
+    home = h.where(c)
+    h.closed(home)
+    assert h.core.workers[home].state is WorkerState.SUSPECT
+    fresh = h.send("t")
+    assert h.where(fresh) != home, "a closed worker got a new credit"
+    assert c.id not in h.outcomes, "its credits stay dispatched during the grace"
+    h.now += 0.9
+    h.seen("w0" if home == "w1" else "w1")
+    h.advance(0.0)
+    assert home in h.core.workers
+    h.advance(0.2)  # 1.1 s after the close, far below the 5 s silence timeout
+    assert home not in h.core.workers
+    assert (h.outcome(c).status, h.outcome(c).reason) == (Status.LOST, "worker_lost")
+
+
+def test_19_a_closed_worker_that_says_hello_again_keeps_everything() -> None:
+    h = two_workers(closed_grace_s=1.0)
+    c = h.send("s", num_turns=2)
+    home = h.where(c)
+    h.closed(home)
+    h.now += 0.5
+    h.join(home, incarnation="i1", in_flight={"p": [c.id]})
+    h.advance(1.0)
+    assert h.core.workers[home].state is WorkerState.ACTIVE
+    h.complete(c)
+    assert h.where(h.send("s", turn_index=1, num_turns=2)) == home
+
+
+def test_19_a_closed_worker_that_speaks_again_is_back() -> None:
+    h = two_workers(closed_grace_s=1.0)
+    c = h.send("s")
+    home = h.where(c)
+    h.closed(home)
+    h.now += 0.5
+    h.seen(home)
+    h.advance(2.0)
+    assert h.core.workers[home].state is WorkerState.ACTIVE
+    h.complete(c)
+
+
+def test_13_a_final_turn_is_never_rerouted_as_a_new_session() -> None:
+    """The final turn's worker's connection closes: the turn stays with its worker (the peer
+    link holds the frame); it is never re-sent elsewhere as a fresh session."""
+    h = two_workers(closed_grace_s=1.0)
+    first = h.send("s", num_turns=2)
+    h.complete(first)
+    home = h.where(first)
+    final = h.send("s", turn_index=1, num_turns=2)
+    assert h.where(final) == home
+    h.closed(home)
+    h.advance(0.5)
+    assert final.id not in h.outcomes
+    assert h.sent_to[final.id] == home
+    h.advance(0.6)
+    assert (h.outcome(final).status, h.outcome(final).reason) == (Status.LOST, "worker_lost")
+    assert h.core.stats.sticky_misses == 1, "the final turn was routed as a new session"
+
+
+# --------------------------------------------------------- scenarios 6 and 7: identity fencing
+
+
+def refusal(h: Harness) -> Refusal:
+    msg = h.to_worker[-1][1]
+    assert isinstance(msg, Refusal)
+    assert h.core.last_refusal == msg
+    return msg
+
+
+def test_6_second_live_holder_of_a_name_is_refused_and_the_holder_keeps_everything() -> None:
+    h = Harness()
+    h.join("w", incarnation="one")
+    c = h.send("s", num_turns=3)
+    assert not h.join("w", incarnation="two")
+    msg = refusal(h)
+    assert msg.code == "name_in_use"
+    assert "'one'" in msg.reason
+    assert "'two'" in msg.reason
+    assert "'w'" in msg.reason
+    assert h.core.stats.refusals_by_code["name_in_use"] == 1
+    worker = h.core.workers["w"]
+    assert (worker.incarnation, worker.state) == ("one", WorkerState.ACTIVE)
+    assert c.id not in h.outcomes, "the holder's credits were touched"
+    # The same holder draining is still live: still refused.
+    h.core.worker_draining("w", 30.0, h.now)
+    assert not h.join("w", incarnation="two")
+    assert refusal(h).code == "name_in_use"
+    h.complete(c)
+
+
+def test_7_a_superseded_incarnation_is_fenced() -> None:
+    h = Harness(heartbeat_interval_s=1.0, lost_after_s=10.0)
+    h.join("w", incarnation="old")
+    c = h.send("s")
+    for _ in range(4):
+        h.advance(1.0)  # silent for 3 beats: suspect (SIGSTOP)
+    assert h.core.workers["w"].state is WorkerState.SUSPECT
+    assert h.join("w", incarnation="new"), "a new incarnation replaces a suspect holder"
+    assert h.outcome(c).status is Status.LOST
+    assert not h.join("w", incarnation="old"), "the resumed old process took its name back"
+    msg = refusal(h)
+    assert msg.code == "superseded"
+    assert "'old'" in msg.reason
+    assert "'new'" in msg.reason
+    assert h.core.workers["w"].incarnation == "new"
+    # Even after the new one is gone, the old one stays fenced.
+    h.core.worker_left("w", h.now)
+    h._collect()
+    assert not h.join("w", incarnation="old")
+    assert h.core.stats.refusals_by_code["superseded"] == 2
+
+
+def test_7_an_incarnation_lost_and_replaced_while_away_is_fenced_too() -> None:
+    h = Harness(heartbeat_interval_s=1.0, lost_after_s=5.0)
+    h.join("w", incarnation="old")
+    for _ in range(6):
+        h.advance(1.0)  # lost by silence
+    assert "w" not in h.core.workers
+    assert h.join("w", incarnation="new")
+    assert not h.join("w", incarnation="old")
+    assert refusal(h).code == "superseded"
+
+
+def test_6_refusal_codes_for_version_and_capacity() -> None:
+    h = Harness()
+    assert not h.join("w", protocol_version=99)
+    assert refusal(h).code == "version_mismatch"
+    assert not h.join("w", capacity=0)
+    assert refusal(h).code == "invalid_capacity"
+    assert h.core.stats.refusals_by_code == {
+        "version_mismatch": 1,
+        "invalid_capacity": 1,
+        "name_in_use": 0,
+        "superseded": 0,
+    }
+    assert h.join("w")
+    assert h.core.last_refusal is None
+
+
+def test_6_the_superseded_record_is_bounded() -> None:
+    h = Harness()
+    for i in range(50):
+        h.join("w", incarnation=f"i{i}")
+        h.closed("w")
+    assert len(h.core._superseded["w"]) <= 8
