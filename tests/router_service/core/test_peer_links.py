@@ -131,7 +131,7 @@ def test_12_a_producer_that_never_ends_its_sessions_leaks_nothing_once_gone() ->
     check_no_leak(h.core)
 
 
-def test_12_cancelling_a_leaving_producers_queue_is_linear() -> None:
+def test_18_cancelling_a_leaving_producers_queue_is_linear() -> None:
     """Scenario 18: 40k + 40k interleaved queued credits; each cancel is O(1)."""
     h = Harness(queue_limit=100_000)
     h.join("w0", capacity=1)
@@ -351,3 +351,171 @@ def test_6_the_superseded_record_is_bounded() -> None:
         h.join("w", incarnation=f"i{i}")
         h.closed("w")
     assert len(h.core._superseded["w"]) <= 8
+
+
+# ------------------------------------------------- scenario 14: a cancelled queued FORK child
+
+
+def fork_parent_on_a_full_worker(h: Harness) -> tuple[Credit, Credit]:
+    """A single-turn root that declared one FORK child, on a worker now full."""
+    h.join("w0", capacity=1)
+    root = h.send("root", fork_count=1)
+    h.complete(root)
+    blocker = h.send("blocker")
+    assert h.where(blocker) == "w0"
+    return root, blocker
+
+
+def test_14_cancelled_queued_fork_child_gives_its_reservation_back() -> None:
+    h = Harness()
+    _, blocker = fork_parent_on_a_full_worker(h)
+    kid = h.send("kid", parent_correlation_id="root", branch_mode=FORK, num_turns=2)
+    assert kid.id not in h.sent_to, "the child waits for its parent's worker"
+    h.cancel(kid)
+    assert h.outcome(kid).status is Status.CANCELLED
+    assert "root" not in h.table.entries, "the parent entry leaked until the idle TTL"
+    assert not h.table.aliases
+    h.complete(blocker)
+    check_no_leak(h.core)
+
+
+def test_14_cancelled_queued_later_turn_of_a_fork_child_holds_nothing_extra() -> None:
+    h = Harness()
+    h.join("w0", capacity=1)
+    root = h.send("root", fork_count=1)
+    h.complete(root)
+    kid = h.send("kid", parent_correlation_id="root", branch_mode=FORK, num_turns=3)
+    h.complete(kid)
+    blocker = h.send("blocker")
+    later = h.send("kid", parent_correlation_id="root", branch_mode=FORK, turn_index=1, num_turns=3)
+    assert later.id not in h.sent_to
+    h.cancel(later)
+    entry = h.table.entries["root"]
+    assert entry.ref_count == 1, "only the child's own live count remains"
+    h.end_session("kid")  # the producer gives the child up
+    assert "root" not in h.table.entries
+    h.complete(blocker)
+    check_no_leak(h.core)
+
+
+# --------------------------------------------- scenario 15: the idle TTL and running turns
+
+
+def test_15_a_session_with_a_running_turn_is_never_idle() -> None:
+    h = Harness(session_idle_ttl_s=10.0, heartbeat_interval_s=1.0, lost_after_s=100.0)
+    h.join("w0")
+    t0 = h.send("s", num_turns=3)
+    h.complete(t0)
+    t1 = h.send("s", turn_index=1, num_turns=3)
+    for _ in range(25):  # the turn runs 25 s, 2.5 idle TTLs
+        h.seen("w0")
+        h.advance(1.0)
+    assert "s" in h.table.entries, "evicted as idle while its turn ran"
+    h.complete(t1)
+    for _ in range(8):  # idle for 8 s after the completion: within the TTL
+        h.seen("w0")
+        h.advance(1.0)
+    t2 = h.send("s", turn_index=2, num_turns=3)
+    assert h.where(t2) == "w0", h.outcomes.get(t2.id)
+    assert h.core.stats.evictions["idle"] == 0
+    h.complete(t2)
+    check_no_leak(h.core)
+
+
+def test_15_idle_counts_from_the_completion() -> None:
+    h = Harness(session_idle_ttl_s=10.0, heartbeat_interval_s=1.0, lost_after_s=100.0)
+    h.join("w0")
+    t0 = h.send("s", num_turns=3)
+    for _ in range(6):
+        h.seen("w0")
+        h.advance(1.0)
+    h.complete(t0)  # at t=6: idle from here
+    for _ in range(9):
+        h.seen("w0")
+        h.advance(1.0)
+    assert "s" in h.table.entries, "evicted 9 s after its last activity (TTL 10 s)"
+    for _ in range(2):
+        h.seen("w0")
+        h.advance(1.0)
+    assert "s" not in h.table.entries, "not evicted 11 s after its last activity"
+    assert h.core.stats.evictions["idle"] == 1
+    assert h.outcome(h.send("s", turn_index=1, num_turns=3)).reason == "session_expired"
+
+
+# ------------------------------------------------ scenario 17: a turn 0 retry after a loss
+
+
+def test_17_turn_0_retry_after_its_worker_died_is_a_new_session() -> None:
+    h = two_workers()
+    t0 = h.send("s", num_turns=3)  # allow_migration is False
+    home = h.where(t0)
+    h.core.worker_unreachable(home, h.now)
+    h._collect()
+    assert h.outcome(t0).status is Status.LOST
+    retry = h.send("s", num_turns=3)
+    assert retry.id in h.sent_to, h.outcomes.get(retry.id)
+    assert h.where(retry) != home
+    assert h.core.stats.migrations == 0, "a fresh start is not a migration"
+    h.complete(retry)
+    h.complete(h.send("s", turn_index=1, num_turns=3))
+    h.complete(h.send("s", turn_index=2, num_turns=3))
+    check_no_leak(h.core)
+
+
+def test_17_only_turn_0_and_only_without_history() -> None:
+    h = two_workers()
+    # A later turn after the loss of a session that never completed a turn: still lost.
+    a0 = h.send("a", num_turns=3)
+    h.core.worker_unreachable(h.where(a0), h.now)
+    h._collect()
+    a1 = h.send("a", turn_index=1, num_turns=3)
+    assert h.outcome(a1).reason == "session_lost"
+    h.join("w2")
+    # A turn 0 retry of a session whose turn 0 completed (history existed): still lost.
+    b0 = h.send("b", num_turns=3)
+    h.complete(b0)
+    b1 = h.send("b", turn_index=1, num_turns=3)
+    h.core.worker_unreachable(h.where(b1), h.now)
+    h._collect()
+    again = h.send("b", num_turns=3)
+    assert h.outcome(again).reason == "session_lost"
+
+
+# ---------------------------------------- scenario 2: a draining router revokes what it ended
+
+
+def test_2_shutdown_revokes_in_flight_credits_at_their_workers() -> None:
+    h = Harness()
+    h.join("w0", capacity=2)
+    h.join("w1", capacity=2)
+    running = [h.send(f"s{i}") for i in range(4)]
+    queued = h.send("q")
+    h.core.submit(B, [Credit(id=77, x_correlation_id="b")], h.now)  # queued behind
+    h.submitted += 1
+    h.core.shutdown(h.now)
+    fx = h.core.take_effects()
+    revokes = {
+        (w, m.producer, tuple(sorted(m.credit_ids)))
+        for w, m in fx.to_worker
+        if isinstance(m, Cancel)
+    }
+    by_worker: dict[str, list[int]] = {}
+    for c in running:
+        by_worker.setdefault(h.where(c), []).append(c.id)
+    assert revokes == {(w, "p", tuple(sorted(ids))) for w, ids in by_worker.items()}
+    assert all(m.revoked for _, m in fx.to_worker if isinstance(m, Cancel))
+    statuses = {o.credit_id: (o.status, o.reason) for o in fx.outcomes["p"]}
+    assert statuses[queued.id] == (Status.REJECTED, "router_shutdown")
+    for c in running:
+        assert statuses[c.id] == (Status.LOST, "router_shutdown")
+
+
+def test_2_revocation_comes_after_the_dispatch_it_revokes() -> None:
+    h = Harness()
+    h.join("w0")
+    h.core.take_effects()
+    h.core.submit("p", [Credit(id=1, x_correlation_id="s")], h.now)
+    h.core.shutdown(h.now)
+    fx = h.core.take_effects()
+    assert fx.to_worker[0] == ("w0", ("p", [Credit(id=1, x_correlation_id="s")]))
+    assert fx.to_worker[1] == ("w0", Cancel(producer="p", credit_ids=[1], revoked=True))
