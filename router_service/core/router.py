@@ -960,6 +960,7 @@ class RouterCore:
                 # cost, for the dominant single-turn case).
                 entry = table.entries.get(credit.x_correlation_id)
                 if entry is not None:
+                    assert entry.worker is worker, f"{credit!r} goes past its history"
                     if not entry.parent_final_seen and table.end_own(entry):
                         table.remove(entry, None)
                         entry = None
@@ -1010,6 +1011,7 @@ class RouterCore:
                 self._evict_oldest(now)
             entry = table.create(key, worker, now)
         else:
+            assert entry.worker is worker, f"{credit!r} goes past its history"
             table.touch(entry, now)
         if credit.fork_count:
             # Reserve first, so a forking final turn never passes through zero.
@@ -1044,11 +1046,25 @@ class RouterCore:
             self._dispatch(ticket, worker, now)
         queue = self.queue
         index = self.index
+        sticky = self.sticky
         while queue:
             best = index.peek()
             if best is None or len(best.tickets) >= best.capacity:
                 break
-            self._dispatch(queue.popleft(), best, now)
+            ticket = queue.popleft()
+            if sticky:
+                # It waited as a new session; an earlier credit of its session may have been
+                # dispatched meanwhile (its entry now pins it), or its session lost (a
+                # tombstone): then it is routed afresh, never sent to ``best`` past its
+                # history (that broke invariants 6 and 8: make fuzz, issue 9 item 21).
+                table = tables.get(ticket.producer)
+                key = ticket.credit.x_correlation_id
+                if table is not None and (
+                    key in table.entries or key in table.tombstones or key in table.aliases
+                ):
+                    self._route(ticket, now)
+                    continue
+            self._dispatch(ticket, best, now)
 
     def _reindex(self, worker: Worker) -> None:
         """``worker``'s key may have shrunk: refresh it in the index if it takes new sessions."""

@@ -519,3 +519,28 @@ def test_2_revocation_comes_after_the_dispatch_it_revokes() -> None:
     fx = h.core.take_effects()
     assert fx.to_worker[0] == ("w0", ("p", [Credit(id=1, x_correlation_id="s")]))
     assert fx.to_worker[1] == ("w0", Cancel(producer="p", credit_ids=[1], revoked=True))
+
+
+# ------------------------------------------ scenario 21: the fuzz's least-loaded disagreement
+
+
+def test_21_a_queued_new_session_whose_session_got_an_entry_goes_to_its_worker() -> None:
+    """``make fuzz``: two workers of capacity 1, both full; turns 0 and 1 of one session
+    wait in the global queue. Turn 0 leaves first (its entry pins the session to w0); turn 1
+    used to go to whichever worker freed a slot next, removing w0's entry behind the index's
+    back (the index kept w0's old key: invariant 6) and running past its history (8)."""
+    h = Harness()
+    h.join("w0", capacity=1)
+    h.join("w1", capacity=1)
+    a = h.send("a")
+    b = h.send("b")
+    s0 = h.send("s", num_turns=2)
+    s1 = h.send("s", turn_index=1, num_turns=2)
+    h.complete(a)  # s0 -> w0
+    assert h.where(s0) == "w0"
+    h.complete(b)  # the harness checks invariants 1-6 and 8 after each call
+    assert s1.id not in h.sent_to, "the final turn ran on w1, past its history on w0"
+    h.complete(s0)
+    assert h.where(s1) == "w0"
+    h.complete(s1)
+    check_no_leak(h.core)
