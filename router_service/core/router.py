@@ -55,6 +55,7 @@ from typing import Final, TypeAlias
 
 from credit_common.histogram import Histogram
 from protocol.messages import (
+    MAX_IDS,
     BranchMode,
     Cancel,
     Completion,
@@ -375,7 +376,8 @@ class RouterCore:
                 assert ticket.worker is not None
                 forward.setdefault(ticket.worker.name, []).append(cid)
         for worker, ids in forward.items():
-            self._control(worker, Cancel(producer=producer, credit_ids=ids))
+            for lo in range(0, len(ids), MAX_IDS):
+                self._control(worker, Cancel(producer=producer, credit_ids=ids[lo : lo + MAX_IDS]))
 
     def end_session(self, producer: str, session: str, now: float, reason: str = "") -> None:
         """``producer`` gives up its ``session`` (§3: "or the producer ends it").
@@ -430,8 +432,7 @@ class RouterCore:
             return
         for entry in list(table.entries.values()):
             worker = entry.worker
-            ended = [entry.key]
-            ended.extend(child for child in entry.aliases or () if table.aliases[child].live)
+            ended = [entry.key, *(entry.aliases or ())]
             for session in ended:
                 self._control(
                     worker.name,
@@ -900,10 +901,10 @@ class RouterCore:
     def _to_least_loaded(self, ticket: Ticket, now: float) -> None:
         """A new session: the least-loaded worker, unless others already wait (FIFO)."""
         queue = self.queue
-        best = self.index.peek() if not queue else None
+        best = self.index.peek() if not queue.live else None
         if best is not None and len(best.tickets) < best.capacity:
             self._dispatch(ticket, best, now)
-        elif len(queue) < self.queue_limit:
+        elif queue.live < self.queue_limit:
             ticket.worker = None
             queue.append(ticket)
         else:
@@ -932,11 +933,11 @@ class RouterCore:
         """Dispatch to ``worker`` now, or queue for it (full, suspect, or others waiting)."""
         if (
             len(worker.tickets) < worker.capacity
-            and not worker.queue
+            and not worker.queue.live
             and worker.state is not WorkerState.SUSPECT
         ):
             self._dispatch(ticket, worker, now)
-        elif len(worker.queue) < self.worker_queue_limit:
+        elif worker.queue.live < self.worker_queue_limit:
             ticket.worker = worker
             worker.queue.append(ticket)
         else:
@@ -1028,7 +1029,7 @@ class RouterCore:
         waiting = worker.queue
         tickets = worker.tickets
         tables = self.sessions.tables
-        while waiting and len(tickets) < worker.capacity:
+        while waiting.live and len(tickets) < worker.capacity:
             ticket = waiting.popleft()
             credit = ticket.credit
             fork = credit.branch_mode is _FORK
@@ -1047,7 +1048,7 @@ class RouterCore:
         queue = self.queue
         index = self.index
         sticky = self.sticky
-        while queue:
+        while queue.live:
             best = index.peek()
             if best is None or len(best.tickets) >= best.capacity:
                 break
@@ -1260,7 +1261,11 @@ class RouterCore:
                 revoked.setdefault(ticket.producer, []).append(ticket.credit.id)
                 self._end(ticket, Status.LOST, SHUTDOWN)
             for producer, ids in revoked.items():
-                self._control(worker.name, Cancel(producer=producer, credit_ids=ids, revoked=True))
+                for lo in range(0, len(ids), MAX_IDS):
+                    self._control(
+                        worker.name,
+                        Cancel(producer=producer, credit_ids=ids[lo : lo + MAX_IDS], revoked=True),
+                    )
 
     def __repr__(self) -> str:
         in_flight = sum(len(w.tickets) for w in self.workers.values())

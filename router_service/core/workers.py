@@ -84,17 +84,18 @@ class TicketQueue:
     A ticket leaves a queue once, for good (``popleft``, ``remove`` or ``clear``).
     """
 
-    __slots__ = ("_items", "_live")
+    __slots__ = ("_items", "live")
 
     def __init__(self) -> None:
         self._items: deque[Ticket] = deque()
-        self._live = 0
+        self.live = 0
+        """Tickets waiting (``len``; the hot path reads the attribute, not the method)."""
 
     def __len__(self) -> int:
-        return self._live
+        return self.live
 
     def __bool__(self) -> bool:
-        return self._live > 0
+        return self.live > 0
 
     def __iter__(self) -> Iterator[Ticket]:
         """The live tickets, front first."""
@@ -103,7 +104,7 @@ class TicketQueue:
     def append(self, ticket: Ticket) -> None:
         ticket.queue = self
         self._items.append(ticket)
-        self._live += 1
+        self.live += 1
 
     def peek(self) -> Ticket | None:
         """The live ticket at the front, or ``None``."""
@@ -122,16 +123,16 @@ class TicketQueue:
             ticket = items.popleft()
             if ticket.queue is self:
                 ticket.queue = None
-                self._live -= 1
+                self.live -= 1
                 return ticket
 
     def remove(self, ticket: Ticket) -> None:
         """Take ``ticket`` out wherever it is, in O(1) (amortised)."""
         assert ticket.queue is self, f"{ticket!r} does not wait in this queue"
         ticket.queue = None
-        self._live -= 1
+        self.live -= 1
         items = self._items
-        if len(items) > 2 * self._live + 32:
+        if len(items) > 2 * self.live + 32:
             self._items = deque(t for t in items if t.queue is self)
 
     def clear(self) -> list[Ticket]:
@@ -140,11 +141,11 @@ class TicketQueue:
         for ticket in live:
             ticket.queue = None
         self._items.clear()
-        self._live = 0
+        self.live = 0
         return live
 
     def __repr__(self) -> str:
-        return f"<TicketQueue live={self._live} held={len(self._items)}>"
+        return f"<TicketQueue live={self.live} held={len(self._items)}>"
 
 
 class Worker:
