@@ -39,6 +39,15 @@ discards), and ends all its sessions, telling each worker to drop their historie
 never sends ``EndSession`` leaks nothing: an entry goes when its final turn is dispatched and its
 FORK children end, or when the producer is gone (or, as a safety net, when idle).
 
+Worker identity and connections
+-------------------------------
+A worker name is held by one live incarnation (§6). A hello from another incarnation while the
+holder is active or draining is refused (``Refusal.code`` ``name_in_use``) and changes nothing;
+once the holder is suspect (silent, or its connection closed) the newcomer replaces it and the
+old incarnation is lost and fenced: its later hellos are refused ``superseded`` (a bounded
+record per name). ``worker_closed`` (the transport saw the connection close) makes a worker
+suspect at once and lost ``closed_grace_s`` later unless it speaks or says hello again first.
+
 Order of what workers are told
 ------------------------------
 ``Effects.to_worker`` is one list, per worker in causal order: a ``Welcome`` before the first
