@@ -884,7 +884,7 @@ class RouterCore:
             ):
                 worker = self._maybe_rehome(entry, gap)
             self.stats.sticky_hits += 1
-            self._to_worker(ticket, worker, now)
+            self._to_worker(ticket, worker, now, table)
             return
         tomb = table.tombstones.get(key)
         if tomb is not None:
@@ -905,14 +905,16 @@ class RouterCore:
             if target is not None:
                 self._dispatch(ticket, target, now)
                 return
-        self._to_least_loaded(ticket, now)
+        self._to_least_loaded(ticket, now, table)
 
-    def _to_least_loaded(self, ticket: Ticket, now: float) -> None:
+    def _to_least_loaded(
+        self, ticket: Ticket, now: float, table: SessionTable | None = None
+    ) -> None:
         """A new session: the least-loaded worker, unless others already wait (FIFO)."""
         queue = self.queue
         best = self.index.peek() if not queue.live else None
         if best is not None and len(best.tickets) < best.capacity:
-            self._dispatch(ticket, best, now)
+            self._dispatch(ticket, best, now, table)
         elif queue.live < self.queue_limit:
             ticket.worker = None
             queue.append(ticket)
@@ -936,28 +938,32 @@ class RouterCore:
             self._end(ticket, Status.REJECTED, reason)
             return
         self.stats.sticky_hits += 1
-        self._to_worker(ticket, entry.worker, now)
+        self._to_worker(ticket, entry.worker, now, table)
 
-    def _to_worker(self, ticket: Ticket, worker: Worker, now: float) -> None:
+    def _to_worker(
+        self, ticket: Ticket, worker: Worker, now: float, table: SessionTable | None = None
+    ) -> None:
         """Dispatch to ``worker`` now, or queue for it (full, suspect, or others waiting)."""
         if (
             len(worker.tickets) < worker.capacity
             and not worker.queue.live
             and worker.state is not WorkerState.SUSPECT
         ):
-            self._dispatch(ticket, worker, now)
+            self._dispatch(ticket, worker, now, table)
         elif worker.queue.live < self.worker_queue_limit:
             ticket.worker = worker
             worker.queue.append(ticket)
         else:
             self._end(ticket, Status.REJECTED, QUEUE_FULL)
 
-    def _dispatch(self, ticket: Ticket, worker: Worker, now: float) -> None:
-        """Hand ``ticket`` to ``worker``: entry book-keeping of §3, then load accounting."""
+    def _dispatch(
+        self, ticket: Ticket, worker: Worker, now: float, table: SessionTable | None = None
+    ) -> None:
+        """Hand ``ticket`` to ``worker``: entry book-keeping of §3, then load accounting.
+        ``table``: its producer's, if the caller has it at hand."""
         credit = ticket.credit
         producer = ticket.producer
         if self.sticky:
-            table = self._tables.get(producer)
             if table is None:
                 table = self.sessions.table(producer)
             entry: Entry | None
