@@ -131,9 +131,10 @@ class _Simulation:
 
     def pump(self, now: float) -> None:
         fx = self.core.take_effects()
-        for worker, _producer, credits in fx.dispatch:
-            for credit in credits:
-                self.execute(worker, credit, now)
+        for worker, item in fx.to_worker:
+            if isinstance(item, tuple):  # a dispatch chunk (producer, credits)
+                for credit in item[1]:
+                    self.execute(worker, credit, now)
         for outs in fx.outcomes.values():
             for o in outs:
                 self.statuses[o.status.value] = self.statuses.get(o.status.value, 0) + 1

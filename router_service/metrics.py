@@ -113,11 +113,9 @@ class RouterCollector(Collector):
     def _sessions(self) -> Iterator[Metric]:
         core = self._service.core
         stats = core.stats
-        table = core.table
-        yield _gauge("sticky_entries", "Live sticky-session entries.", len(table.entries))
-        yield _gauge(
-            "fork_aliases", "FORK descendants routed through an entry.", len(table.aliases)
-        )
+        table = core.sessions
+        yield _gauge("sticky_entries", "Live sticky-session entries.", len(table))
+        yield _gauge("fork_aliases", "FORK descendants routed through an entry.", table.aliases)
         yield _gauge(
             "fork_refcounts_held",
             "Counts held by FORK trees (declared reservations + live children).",

@@ -646,7 +646,7 @@ class RouterService:
             return
         holder = self._names.get(msg.name)
         known = msg.name in self.core.workers
-        refusal = self.core.worker_hello(
+        admitted = self.core.worker_hello(
             msg.name,
             incarnation=msg.incarnation,
             protocol_version=msg.protocol_version,
@@ -655,6 +655,7 @@ class RouterService:
             in_flight=msg.in_flight,
             now=now,
         )
+        refusal = None if admitted else self.core.last_refusal
         if refusal is not None:
             self._event(f"refused_{refusal.code or 'other'}")
             if refusal.code == "name_in_use" and holder is not None:
@@ -944,6 +945,8 @@ class RouterService:
                         self._held_for(link)
             else:
                 msg: RouterToWorker = item
+                if type(msg) is Refusal:
+                    continue  # for the peer whose hello was refused: _hello sent it there
                 if type(msg) is Cancel and msg.revoked:
                     link.revoked = True
                 if not link.send(encode(msg), send):

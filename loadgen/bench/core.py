@@ -84,9 +84,12 @@ def _closed_loop(core: RouterCore, credits: list[Credit], concurrency: int, batc
     remaining = len(credits) - concurrency
     while True:
         effects = take()
-        if not effects.dispatch:
+        if not effects.to_worker:
             break
-        for worker, _producer, sent in effects.dispatch:
+        for worker, item in effects.to_worker:
+            if not isinstance(item, tuple):
+                continue
+            sent = item[1]
             for i in range(0, len(sent), batch):
                 chunk = sent[i : i + batch]
                 complete(worker, [done[c.id] for c in chunk], now)
@@ -111,7 +114,10 @@ def _bytes_per_session(sessions: int = 50_000) -> float:
     ]
     core.submit("bench", credits, 1.0)
     effects = core.take_effects()
-    for worker, producer, sent in effects.dispatch:
+    for worker, item in effects.to_worker:
+        if not isinstance(item, tuple):
+            continue
+        producer, sent = item
         core.complete(
             worker,
             [
@@ -120,12 +126,12 @@ def _bytes_per_session(sessions: int = 50_000) -> float:
             ],
             2.0,
         )
-    del credits, effects, sent
+    del credits, effects, sent, item
     core.take_effects()
     gc.collect()
     used = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
-    assert len(core.table.entries) == sessions
+    assert len(core.sessions) == sessions
     return used / sessions
 
 

@@ -19,19 +19,52 @@ book-keeping (§3) happens at *dispatch*, so a queued credit changes nothing unt
 A completion frees a slot: the worker first serves its own queue (turns of its sessions), then the
 global queue. A lost worker ends its in-flight credits ``lost: worker_lost`` (never re-sent: they
 may have run), leaves tombstones for its sessions, and its queued credits are routed again, which
-migrates or rejects them by ``allow_migration`` (§6).
+migrates or rejects them by ``allow_migration`` (§6). A dispatched credit is never taken back:
+frames the transport could not hand over yet are the service's peer link's to hold.
+
+Producers and their sessions
+----------------------------
+The core's producer key is ``name/incarnation`` (from ``ProducerHello``). A session belongs to the
+producer that started it: every session table (entries, aliases, tombstones, reservations, FORK
+parent resolution) is that producer's own (``table.Sessions``), so another producer's credits,
+``EndSession``, ``ReleaseReservation`` or final turn with the same ``x_correlation_id`` never touch
+it, and every ``EndSession`` the core sends a worker names the producer.
+
+A producer restart is a *new producer*: its new incarnation is another key, with an empty ledger
+and no sessions. The service calls ``producer_gone(old_key)`` when a new incarnation of the same
+name (or the same routing id) says hello, or when the producer is silent too long; the core then
+cancels its queued credits at once, asks the workers to cancel its dispatched ones (their
+completions still end them, and their outcomes still go to ``Effects.outcomes``, which the service
+discards), and ends all its sessions, telling each worker to drop their histories. A producer that
+never sends ``EndSession`` leaks nothing: an entry goes when its final turn is dispatched and its
+FORK children end, or when the producer is gone (or, as a safety net, when idle).
+
+Worker identity and connections
+-------------------------------
+A worker name is held by one live incarnation (§6). A hello from another incarnation while the
+holder is active or draining is refused (``Refusal.code`` ``name_in_use``) and changes nothing;
+once the holder is suspect (silent, or its connection closed) the newcomer replaces it and the
+old incarnation is lost and fenced: its later hellos are refused ``superseded`` (a bounded
+record per name). ``worker_closed`` (the transport saw the connection close) makes a worker
+suspect at once and lost ``closed_grace_s`` later unless it speaks or says hello again first.
+
+Order of what workers are told
+------------------------------
+``Effects.to_worker`` is one list, per worker in causal order: a ``Welcome`` before the first
+dispatch, a dispatch before the ``EndSession`` or ``Cancel`` that follows it. Consecutive dispatches
+of one producer to one worker coalesce into one chunk; any control message to that worker closes
+the open chunk first.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from typing import Final
-
-import msgspec
+from typing import Final, TypeAlias
 
 from credit_common.histogram import WAIT_BUCKETS_S, Histogram
 from protocol.messages import (
+    MAX_IDS,
     BranchMode,
     Cancel,
     Completion,
@@ -47,10 +80,13 @@ from protocol.messages import (
     Status,
     Welcome,
 )
-from router_service.core.table import Entry, SessionTable
-from router_service.core.workers import LoadIndex, Ticket, Worker, WorkerState
+from router_service.core.table import NO_HISTORY, Entry, Sessions, SessionTable
+from router_service.core.workers import LoadIndex, Ticket, TicketQueue, Worker, WorkerState
 
-__all__ = ["CoreStats", "Effects", "RouterCore"]
+__all__ = ["CoreStats", "Effects", "RouterCore", "ToWorker"]
+
+ToWorker: TypeAlias = RouterToWorker | tuple[str, list[Credit]]
+"""One item for a worker: a control message, or a dispatch chunk ``(producer, credits)``."""
 
 _FORK: Final = BranchMode.FORK
 _SPAWN: Final = BranchMode.SPAWN
@@ -71,14 +107,22 @@ CANCELLED: Final = "cancelled"
 SHUTDOWN: Final = "router_shutdown"
 DRAINING: Final = "router_draining"
 SESSION_UNKNOWN: Final = "session_unknown"
+PRODUCER_GONE: Final = "producer_gone"
 
-_TAKEN: Final = "x_correlation_id is already another session's (each session needs its own)"
+# Refusal codes (docs/PROTOCOL.md §7.2).
+VERSION_MISMATCH: Final = "version_mismatch"
+INVALID_CAPACITY: Final = "invalid_capacity"
+NAME_IN_USE: Final = "name_in_use"
+SUPERSEDED: Final = "superseded"
+_REFUSAL_CODES: Final = (VERSION_MISMATCH, INVALID_CAPACITY, NAME_IN_USE, SUPERSEDED)
+_SUPERSEDED_KEPT: Final = 8
+"""Superseded incarnations remembered per worker name (the fence's memory is bounded)."""
 
 ROUTER_REASONS: Final = frozenset(
     {
         PARENT_UNAVAILABLE, SESSION_LOST, SESSION_EXPIRED, SESSION_EVICTED, WORKER_LOST,
         WORKER_LEFT, ORPHANED, QUEUE_FULL, QUEUE_TIMEOUT, INVALID_CREDIT, CANCELLED, SHUTDOWN,
-        DRAINING, "router_restarted",
+        DRAINING, SESSION_UNKNOWN, "router_restarted", "stale_incarnation",
     }
 )  # fmt: skip
 """Reasons the router itself gives; any other is a worker's own words."""
@@ -89,7 +133,7 @@ def reason_label(status: str, reason: str) -> str:
 
     The router's own reasons (``ROUTER_REASONS``, detail after a ``:`` dropped) stay as they
     are; a worker's free text becomes ``worker_error`` (failed) or ``worker`` (other
-    statuses), so the label never takes more than ~16 values.
+    statuses), so the label never takes more than ~20 values.
     """
     head = reason.split(":", 1)[0].strip()
     if head in ROUTER_REASONS:
@@ -98,6 +142,8 @@ def reason_label(status: str, reason: str) -> str:
         return "none"
     return "worker_error" if status == "failed" else "worker"
 
+
+_TAKEN: Final = "x_correlation_id is already another session's (each session needs its own)"
 
 #: Tombstone reason left by an eviction -> the rejection reason of the session's next credit.
 _EVICTION_REASONS: Final = {
@@ -135,13 +181,19 @@ class CoreStats:
         self.unknown_child_releases = 0
         self.undeclared_forks = 0
         """FORK children that started without a reservation from a declaring turn."""
-        self.undelivered = 0
-        """Dispatches the transport could not hand over (counted again when re-sent)."""
         self.recovered = 0
         """Outcomes forwarded for credits an earlier router incarnation dispatched."""
+        self.undelivered = 0
+        """Dispatch frames the transport could not hand over yet; the service's peer link
+        holds them (the core never takes a dispatch back) and counts them here."""
         self.loop_stalls = 0
         self.workers_lost = 0
         self.refusals = 0
+        self.refusals_by_code: dict[str, int] = dict.fromkeys(_REFUSAL_CODES, 0)
+        """Refused hellos by ``Refusal.code``."""
+        self.producers_gone = 0
+        self.closed_connections = 0
+        """Times the transport saw a worker's connection close."""
         self.suspicions = 0
         """Times a worker went silent for ``suspect_after_missed`` beats."""
         self.submit_to_dispatch_s = Histogram(WAIT_BUCKETS_S)
@@ -166,25 +218,24 @@ class CoreStats:
 class Effects:
     """What the service must do after a batch of core calls. Plain data; no behaviour."""
 
-    __slots__ = ("disconnect", "dispatch", "first_tokens", "outcomes", "to_producer", "to_worker")
+    __slots__ = ("disconnect", "first_tokens", "outcomes", "to_producer", "to_worker")
 
     def __init__(self) -> None:
-        self.dispatch: list[tuple[str, str, list[Credit]]] = []
-        """``(worker, producer, credits)``: coalesced per worker and producer."""
+        self.to_worker: list[tuple[str, ToWorker]] = []
+        """``(worker, item)`` in causal order per worker. ``item`` is a control message, or a
+        dispatch chunk ``(producer, credits)`` (consecutive dispatches of one producer to one
+        worker, coalesced). A ``Refusal`` is addressed to the peer whose hello was refused,
+        which is not the name's holder."""
         self.outcomes: dict[str, list[Outcome]] = {}
         """Outcomes by producer."""
         self.first_tokens: dict[str, list[ProducerFirstToken]] = {}
-        self.to_worker: list[tuple[str, RouterToWorker | tuple[str, list[Credit]]]] = []
-        """Per worker, in causal order: control messages and ``(producer, credits)`` dispatch
-        chunks (a worker's ``Welcome`` precedes its first dispatch)."""
         self.to_producer: list[tuple[str, RouterToProducer]] = []
         self.disconnect: list[str] = []
         """Workers the transport should forget (lost or left)."""
 
     def __bool__(self) -> bool:
         return bool(
-            self.dispatch
-            or self.outcomes
+            self.outcomes
             or self.first_tokens
             or self.to_worker
             or self.to_producer
@@ -207,6 +258,7 @@ class RouterCore:
         heartbeat_interval_s: float = 1.0,
         suspect_after_missed: int = 3,
         lost_after_s: float = 5.0,
+        closed_grace_s: float = 1.0,
         inflight_report_interval_s: float = 5.0,
         soft_affinity_gap: float | None = None,
         spawn_affinity_slack: float | None = None,
@@ -221,12 +273,15 @@ class RouterCore:
             protocol_version: the version this router speaks; hellos of another are refused.
             router_incarnation: random per process start, told to peers in welcomes.
             max_sessions: cap on live sticky entries; at the cap the least recently used goes.
-            session_idle_ttl_s: an entry unused for this long is evicted.
+            session_idle_ttl_s: an entry without activity (dispatch or completion) for this
+                long, and with no credit in flight, is evicted.
             queue_limit: credits that may wait for any worker (new sessions) at once.
             worker_queue_limit: credits that may wait for one particular worker at once.
             heartbeat_interval_s: the beat both sides send; silence is measured in these.
             suspect_after_missed: silent intervals after which a worker gets nothing new.
             lost_after_s: silence after which a worker is lost (the grace period).
+            closed_grace_s: after the transport saw a worker's connection close, how long it
+                may take to speak or say hello again before it is lost.
             inflight_report_interval_s: how often workers report their in-flight set.
             soft_affinity_gap: if set, a session that allows migration is re-homed when its
                 worker's load ratio exceeds the least-loaded worker's by more than this.
@@ -242,15 +297,20 @@ class RouterCore:
         """
         if max_sessions < 1 or queue_limit < 0 or worker_queue_limit < 0:
             raise ValueError("max_sessions must be >= 1 and queue limits >= 0")
+        if closed_grace_s < 0:
+            raise ValueError("closed_grace_s must be >= 0")
         self.protocol_version = protocol_version
         self.router_incarnation = router_incarnation
-        self.table = SessionTable(max_sessions)
+        self.sessions = Sessions(max_sessions)
+        """Every producer's session table."""
+        self._tables = self.sessions.tables
         self.session_idle_ttl_s = session_idle_ttl_s
         self.queue_limit = queue_limit
         self.worker_queue_limit = worker_queue_limit
         self.heartbeat_interval_s = heartbeat_interval_s
         self.suspect_after_s = heartbeat_interval_s * suspect_after_missed
         self.lost_after_s = max(lost_after_s, self.suspect_after_s)
+        self.closed_grace_s = closed_grace_s
         self.inflight_report_interval_s = inflight_report_interval_s
         self.soft_affinity_gap = soft_affinity_gap
         self.spawn_affinity_slack = spawn_affinity_slack
@@ -260,43 +320,51 @@ class RouterCore:
         self.queue_timeout_s = queue_timeout_s
         self.workers: dict[str, Worker] = {}
         self.index = LoadIndex()
-        self.queue: deque[Ticket] = deque()
+        self.queue = TicketQueue()
         """Credits of new sessions waiting for any worker."""
         self.ledgers: dict[str, dict[int, Ticket]] = {}
+        self.last_refusal: Refusal | None = None
+        """The ``Refusal`` of the last refused hello (``None`` after an admitted one)."""
+        self._holders: dict[str, str] = {}
+        """Worker name -> the incarnation that last held it (kept after it is lost)."""
+        self._superseded: dict[str, deque[str]] = {}
+        """Worker name -> incarnations that a newer one replaced (fenced; bounded)."""
         self._effects = Effects()
         self._dirty: list[Worker] = []
+        """Workers with an open dispatch chunk in ``_effects``."""
         self._seq = 0
         self._joins = 0
         self._last_tick = now
         self.accepting = True
         """False while the router drains: new credits are rejected ``router_draining``."""
 
+    def table_of(self, producer: str) -> SessionTable | None:
+        """``producer``'s session table, if it has one (for status pages and tests)."""
+        return self._tables.get(producer)
+
     # ------------------------------------------------------------------ effects
 
     def take_effects(self) -> Effects:
         """Everything to send since the last call; the core starts a fresh ``Effects``."""
         effects = self._effects
-        control = effects.to_worker
-        # Interim order (until the core records one causal sequence per worker): a worker's
-        # Welcome first, then its dispatches, then its other control messages.
-        ordered: list[tuple[str, RouterToWorker | tuple[str, list[Credit]]]] = [
-            item for item in control if type(item[1]) is Welcome
-        ]
         for worker in self._dirty:
-            for producer, credits in worker.pending.items():
-                effects.dispatch.append((worker.name, producer, credits))
-                ordered.append((worker.name, (producer, credits)))
-            worker.pending = {}
-        ordered += [item for item in control if type(item[1]) is not Welcome]
-        effects.to_worker = ordered
+            worker.chunk = None
         self._dirty = []
         self._effects = Effects()
         return effects
 
+    def _control(self, name: str, msg: RouterToWorker) -> None:
+        """Queue a control message for worker ``name``, after everything sent to it so far."""
+        worker = self.workers.get(name)
+        if worker is not None:
+            worker.chunk = None  # later credits open a new chunk, after this message
+        self._effects.to_worker.append((name, msg))
+
     # ---------------------------------------------------------------- producers
 
     def submit(self, producer: str, credits: Iterable[Credit], now: float) -> None:
-        """Accept credits of ``producer``; each will get exactly one outcome."""
+        """Accept credits of ``producer`` (key ``name/incarnation``); each will get exactly
+        one outcome."""
         ledger = self.ledgers.get(producer)
         if ledger is None:
             ledger = self.ledgers[producer] = {}
@@ -337,7 +405,8 @@ class RouterCore:
             self._route(ticket, now)
 
     def cancel(self, producer: str, credit_ids: Iterable[int], now: float) -> None:
-        """Cancel credits: queued ones end here, dispatched ones are cancelled at their worker."""
+        """Cancel credits: queued ones end here (O(1) each), dispatched ones are cancelled at
+        their worker."""
         ledger = self.ledgers.get(producer)
         if ledger is None:
             return
@@ -347,22 +416,24 @@ class RouterCore:
             if ticket is None:
                 continue
             if ticket.dispatched_at < 0:
-                waiting = ticket.worker.queue if ticket.worker is not None else self.queue
-                waiting.remove(ticket)
                 self._end(ticket, Status.CANCELLED, CANCELLED)
             else:
                 assert ticket.worker is not None
                 forward.setdefault(ticket.worker.name, []).append(cid)
         for worker, ids in forward.items():
-            self._effects.to_worker.append((worker, Cancel(producer=producer, credit_ids=ids)))
+            for lo in range(0, len(ids), MAX_IDS):
+                self._control(worker, Cancel(producer=producer, credit_ids=ids[lo : lo + MAX_IDS]))
 
     def end_session(self, producer: str, session: str, now: float, reason: str = "") -> None:
-        """The producer gives up ``session`` (§3: "or the producer ends it").
+        """``producer`` gives up its ``session`` (§3: "or the producer ends it").
 
         It will send no more turns of it and start no more FORK children from it, so the
         session's unclaimed reservations are released too; children already started go on.
+        Another producer's session with the same id is not touched.
         """
-        table = self.table
+        table = self._tables.get(producer)
+        if table is None:
+            return
         table.tombstones.pop(session, None)
         entry = table.resolve(session)
         if entry is None:
@@ -372,24 +443,49 @@ class RouterCore:
             table.end_own(entry)
         else:
             table.end_child(session)
-        self._effects.to_worker.append(
-            (entry.worker.name, EndSession(x_correlation_id=session, reason=reason or "ended"))
+        self._control(
+            entry.worker.name,
+            EndSession(x_correlation_id=session, reason=reason or "ended", producer=producer),
         )
         self._maybe_evict(entry, notify=session != entry.key)
 
     def release_reservation(self, producer: str, session: str, count: int, now: float) -> None:
-        """Give back FORK reservations that ``session``'s turns declared and will not use."""
-        entry = self.table.resolve(session)
-        if entry is None or count <= 0:
+        """Give back FORK reservations that ``producer``'s ``session`` declared and will not
+        use."""
+        table = self._tables.get(producer)
+        entry = table.resolve(session) if table is not None else None
+        if table is None or entry is None or count <= 0:
             return
-        self.table.unreserve(entry, session, count)
+        table.unreserve(entry, session, count)
         self._maybe_evict(entry)
 
     def producer_gone(self, producer: str, now: float) -> None:
-        """``producer`` disconnected for good: cancel what it still has queued or in flight."""
+        """``producer`` (a ``name/incarnation`` key) is gone for good (a new incarnation said
+        hello, or it was silent too long).
+
+        Its queued credits end ``cancelled`` here; its dispatched ones are cancelled at their
+        workers (their completions still end them, outcomes still go to ``Effects.outcomes``).
+        All its sessions end — entries, FORK aliases, reservations, tombstones — and each
+        worker is told to drop their histories (``EndSession`` naming the producer).
+        """
+        self.stats.producers_gone += 1
         ledger = self.ledgers.get(producer)
         if ledger:
             self.cancel(producer, list(ledger), now)
+        table = self.sessions.tables.pop(producer, None)
+        if table is None:
+            return
+        for entry in list(table.entries.values()):
+            worker = entry.worker
+            ended = [entry.key, *(entry.aliases or ())]
+            for session in ended:
+                self._control(
+                    worker.name,
+                    EndSession(x_correlation_id=session, reason=PRODUCER_GONE, producer=producer),
+                )
+            table.remove(entry, None)
+            self._reindex(worker)
+        table.tombstones.clear()
 
     # ------------------------------------------------------------------ workers
 
@@ -403,51 +499,95 @@ class RouterCore:
         labels: dict[str, str],
         in_flight: dict[str, list[int]],
         now: float,
-    ) -> Refusal | None:
-        """A worker says hello. Returns ``None`` if it was admitted, else the ``Refusal`` for
-        the caller to send to the peer that said it (not to the name's current holder)."""
-        effects = self._effects
+    ) -> bool:
+        """A worker says hello. Returns whether it was admitted.
+
+        Refused (a ``Refusal`` is queued for the sender, ``last_refusal`` names it and
+        ``stats.refusals_by_code`` counts it): another protocol version
+        (``version_mismatch``), a capacity below 1 (``invalid_capacity``), an incarnation a
+        newer one replaced (``superseded``), or a new incarnation while the name's holder is
+        live, i.e. active or draining (``name_in_use``; the holder keeps everything). The same
+        incarnation again keeps everything (§6); a new one replaces a suspect or closed holder,
+        which is then lost.
+        """
         if protocol_version != self.protocol_version:
-            self.stats.refusals += 1
-            return Refusal(
-                reason=f"protocol version mismatch: router speaks {self.protocol_version}, "
+            return self._refuse(
+                name,
+                VERSION_MISMATCH,
+                f"protocol version mismatch: router speaks {self.protocol_version}, "
                 f"worker speaks {protocol_version}",
-                router_version=self.protocol_version,
-                peer_version=protocol_version,
-                code="version_mismatch",
+                protocol_version,
             )
         if capacity < 1:
-            self.stats.refusals += 1
-            return Refusal(
-                reason=f"invalid capacity {capacity}: must be >= 1",
-                router_version=self.protocol_version,
-                peer_version=protocol_version,
-                code="invalid_capacity",
+            return self._refuse(
+                name,
+                INVALID_CAPACITY,
+                f"invalid capacity {capacity}: must be >= 1",
+                protocol_version,
             )
+        if incarnation in self._superseded.get(name, ()):
+            return self._refuse(
+                name,
+                SUPERSEDED,
+                f"worker {name!r} incarnation {incarnation!r} was superseded by incarnation "
+                f"{self._holders.get(name, '')!r}: a replaced process may not take its name back",
+                protocol_version,
+            )
+        known = self.workers.get(name)
+        if (
+            known is not None
+            and known.incarnation != incarnation
+            and known.state is not WorkerState.SUSPECT
+        ):
+            return self._refuse(
+                name,
+                NAME_IN_USE,
+                f"worker name {name!r} is held by live incarnation {known.incarnation!r}; "
+                f"incarnation {incarnation!r} may not take it (two processes with one name?)",
+                protocol_version,
+            )
+        self.last_refusal = None
         welcome = Welcome(
             router_incarnation=self.router_incarnation,
             protocol_version=self.protocol_version,
             heartbeat_interval_s=self.heartbeat_interval_s,
             inflight_report_interval_s=self.inflight_report_interval_s,
         )
-        known = self.workers.get(name)
         if known is not None and known.incarnation == incarnation:
             # The same process reconnecting within the grace period keeps everything (§6).
             known.last_seen = now
+            known.closed_until = None
             known.labels = labels
             if known.capacity != capacity:
                 known.capacity = capacity
             if known.state is WorkerState.SUSPECT:
                 known.state = _awake_state(known)
-            effects.to_worker.append((name, msgspec.structs.replace(welcome, resumed=True)))
+            # resumed: this router still holds its state (sessions, credits, completions).
+            self._control(
+                name,
+                Welcome(
+                    router_incarnation=self.router_incarnation,
+                    protocol_version=self.protocol_version,
+                    heartbeat_interval_s=self.heartbeat_interval_s,
+                    inflight_report_interval_s=self.inflight_report_interval_s,
+                    resumed=True,
+                ),
+            )
+            self._reindex(known)  # before anything is routed: its capacity may have changed
             self.worker_report(name, in_flight, now)
-            self._reindex(known)
             self._refill(known, now)
-            return None
+            return True
+        previous = known.incarnation if known is not None else self._holders.get(name)
+        if previous is not None and previous != incarnation:
+            fenced = self._superseded.get(name)
+            if fenced is None:
+                fenced = self._superseded[name] = deque(maxlen=_SUPERSEDED_KEPT)
+            fenced.append(previous)
         if known is not None:
-            # A new incarnation of the same name is a new worker; the old one is lost. The
-            # routing identity now belongs to the new one, so the transport keeps it.
+            # A new incarnation of the same name is a new worker; the old one (suspect or
+            # closed) is lost. The name now belongs to the new one, so the transport keeps it.
             self._lose(known, WORKER_LOST, now, disconnect=False)
+        self._holders[name] = incarnation
         worker = Worker(name, incarnation, capacity, labels, self._joins, now)
         self._joins += 1
         active = [w.sent for w in self.workers.values()]
@@ -455,9 +595,23 @@ class RouterCore:
         worker.sent = sum(active) // len(active) if active else 0
         self.workers[name] = worker
         self.index.add(worker)
-        effects.to_worker.append((name, welcome))
+        self._control(name, welcome)  # before any dispatch to it
         self._refill(worker, now)
-        return None
+        return True
+
+    def _refuse(self, name: str, code: str, reason: str, peer_version: int) -> bool:
+        refusal = Refusal(
+            reason=reason,
+            router_version=self.protocol_version,
+            peer_version=peer_version,
+            code=code,
+        )
+        self.stats.refusals += 1
+        self.stats.refusals_by_code[code] += 1
+        self.last_refusal = refusal
+        # Not ``_control``: it is for the refused peer, and must not close the holder's chunk.
+        self._effects.to_worker.append((name, refusal))
+        return False
 
     def worker_seen(self, name: str, now: float) -> None:
         """Any message from ``name`` arrived: it is alive (§6: any message counts)."""
@@ -465,10 +619,29 @@ class RouterCore:
         if worker is None:
             return
         worker.last_seen = now
+        worker.closed_until = None
         if worker.state is WorkerState.SUSPECT:
             worker.state = _awake_state(worker)
             self._reindex(worker)
             self._refill(worker, now)
+
+    def worker_closed(self, name: str, now: float) -> None:
+        """The transport saw ``name``'s connection close (§6).
+
+        It is suspect at once (nothing new is sent to it; its credits stay dispatched, as the
+        peer link keeps what it could not hand over), and lost ``closed_grace_s`` later unless
+        it speaks or says hello again (the same incarnation keeps everything).
+        """
+        worker = self.workers.get(name)
+        if worker is None:
+            return
+        self.stats.closed_connections += 1
+        if worker.closed_until is None:
+            worker.closed_until = now + self.closed_grace_s
+        if worker.state is not WorkerState.SUSPECT:
+            self.stats.suspicions += 1
+            worker.state = WorkerState.SUSPECT
+            self.index.discard(worker)
 
     def complete(self, name: str, completions: Iterable[Completion], now: float) -> None:
         """Completions from worker ``name``: each ends its credit unless it already ended."""
@@ -495,7 +668,7 @@ class RouterCore:
                 stats.misdirected_completions += 1
                 continue
             del ledger[done.credit_id]  # type: ignore[union-attr]
-            tickets.discard(ticket)
+            del tickets[ticket]
             status = done.status
             counts[status] += 1
             by_worker = worker.outcomes
@@ -506,12 +679,15 @@ class RouterCore:
                 waited(ticket.dispatched_at - ticket.submitted_at)
                 held(now - ticket.dispatched_at)
             credit = ticket.credit
-            if status is not _COMPLETED and credit.fork_count:
-                self._drop_declared(credit)
-            if done.session_ended and credit.branch_mode is _FORK:
-                # The worker dropped this FORK child's session: that is its release (the
-                # ChildRelease message may be lost with a connection; this one is acked).
-                self.child_release(name, producer, credit.x_correlation_id, now)
+            entry = ticket.entry
+            if entry is not None:
+                # Its latest activity (no re-ordering: see ``_expire_sessions``).
+                entry.busy -= 1
+                entry.last_used = now
+                if status is _COMPLETED:
+                    entry.has_history = True
+            if credit.fork_count or done.session_ended:
+                self._ended_on(name, producer, credit, done, now)
             outcome = Outcome(
                 credit_id=done.credit_id,
                 status=status,
@@ -530,6 +706,19 @@ class RouterCore:
                 bucket.append(outcome)
         self._reindex(worker)
         self._refill(worker, now)
+
+    def _ended_on(
+        self, name: str, producer: str, credit: Credit, done: Completion, now: float
+    ) -> None:
+        """The rarer consequences of a completion: a declaring turn that did not complete
+        gives its reservations back; a FORK child whose session the worker dropped is
+        released."""
+        if done.status is not _COMPLETED and credit.fork_count:
+            self._drop_declared(producer, credit)
+        if done.session_ended and credit.branch_mode is _FORK:
+            # The worker dropped this FORK child's session: that is its release (the
+            # ChildRelease message may be lost with a connection; this one is acked).
+            self.child_release(name, producer, credit.x_correlation_id, now)
 
     def recovered(self, name: str, completions: Iterable[Completion], now: float) -> None:
         """Completions of credits an earlier router incarnation dispatched (§5 across restarts).
@@ -581,15 +770,18 @@ class RouterCore:
         )
 
     def child_release(self, name: str, producer: str, child: str, now: float) -> None:
-        """A FORK child session ended on worker ``name``: drop its count (idempotent).
+        """FORK session ``child`` of ``producer`` ended on worker ``name``: drop its count
+        (idempotent).
 
-        Only the worker that holds the child's entry may end it.
+        Only the worker that holds the child's entry may end it, and only the producer's own
+        child (``ChildRelease.producer``) is touched.
         """
-        alias = self.table.aliases.get(child)
+        table = self._tables.get(producer)
+        alias = table.aliases.get(child) if table is not None else None
         if alias is not None and alias.entry.worker.name != name:
             self.stats.misdirected_completions += 1
             return
-        entry = self.table.end_child(child)
+        entry = table.end_child(child) if table is not None else None
         if entry is None:
             self.stats.unknown_child_releases += 1
             return
@@ -619,7 +811,6 @@ class RouterCore:
             else:
                 ticket.missed = True
         for ticket in orphans:
-            worker.tickets.discard(ticket)
             self._end(ticket, Status.LOST, ORPHANED)
         if orphans:
             self._reindex(worker)
@@ -643,7 +834,7 @@ class RouterCore:
         if name not in self.workers:
             return False
         self.worker_draining(name, deadline_s, now)
-        self._effects.to_worker.append((name, Drain(deadline_s=deadline_s)))
+        self._control(name, Drain(deadline_s=deadline_s))
         return True
 
     def worker_left(self, name: str, now: float) -> None:
@@ -651,50 +842,6 @@ class RouterCore:
         worker = self.workers.get(name)
         if worker is not None:
             self._lose(worker, WORKER_LEFT, now)
-
-    def worker_disconnected(
-        self, name: str, producer: str, credits: Iterable[Credit], now: float
-    ) -> None:
-        """The transport could not hand ``credits`` (of ``producer``) to ``name``.
-
-        The connection is gone, for now: the worker gets nothing new until it speaks again
-        (a reconnect within the grace period loses nothing, §6), and is lost if it does not.
-        The credits never left this process, so they are not lost: a credit of a session
-        pinned to the worker waits for it at the front of its queue; any other is routed again.
-        """
-        worker = self.workers.get(name)
-        if worker is None:
-            return
-        if worker.state is not WorkerState.SUSPECT:
-            self.stats.suspicions += 1
-            worker.state = WorkerState.SUSPECT
-            self.index.discard(worker)
-        ledger = self.ledgers.get(producer)
-        if ledger is None:
-            return
-        back: list[Ticket] = []
-        for credit in credits:
-            ticket = ledger.get(credit.id)
-            if ticket is None or ticket.worker is not worker or ticket.dispatched_at < 0:
-                continue
-            worker.tickets.discard(ticket)
-            ticket.dispatched_at = -1.0
-            self.stats.undelivered += 1
-            key = credit.x_correlation_id
-            if credit.branch_mode is _FORK:
-                key = credit.parent_correlation_id  # type: ignore[assignment]
-            if self.table.resolve(key) is None:
-                # No entry pins it (a single-turn credit): any worker will do.
-                ticket.worker = None
-                self._route(ticket, now)
-            else:
-                ticket.booked = True
-                back.append(ticket)
-        worker.queue.extendleft(reversed(back))
-
-    def worker_closed(self, name: str, now: float) -> None:
-        """The transport saw ``name``'s connection close: it gets nothing new from now on."""
-        self.worker_disconnected(name, "", (), now)
 
     def worker_unreachable(self, name: str, now: float) -> None:
         """The transport cannot reach ``name`` any more (e.g. ``EHOSTUNREACH``): it is lost."""
@@ -709,18 +856,23 @@ class RouterCore:
         self._last_tick = now
 
     def tick(self, now: float) -> None:
-        """Periodic duties: liveness (§6), idle TTL (§3), drain deadlines."""
+        """Periodic duties: liveness (§6), closed connections, idle TTL (§3), drain deadlines."""
         gap = now - self._last_tick
         self._last_tick = now
         if gap > self.suspect_after_s:
-            # Our own loop was late: silence we measured is ours, not the workers'. Forgive.
+            # Our own loop was late: silence we measured is ours, not the workers'. Forgive
+            # (a closed connection too: its hello may be waiting unread).
             self.stats.loop_stalls += 1
             for worker in self.workers.values():
                 worker.last_seen = max(worker.last_seen, now - self.heartbeat_interval_s)
+                if worker.closed_until is not None:
+                    worker.closed_until = max(worker.closed_until, now + self.closed_grace_s)
         for worker in list(self.workers.values()):
             silent = now - worker.last_seen
-            if silent > self.lost_after_s or (
-                worker.draining and now > worker.drain_deadline + self.lost_after_s
+            if (
+                silent > self.lost_after_s
+                or (worker.closed_until is not None and now >= worker.closed_until)
+                or (worker.draining and now > worker.drain_deadline + self.lost_after_s)
             ):
                 self._lose(worker, WORKER_LOST, now)
             elif silent > self.suspect_after_s and worker.state is WorkerState.ACTIVE:
@@ -728,31 +880,43 @@ class RouterCore:
                 worker.state = WorkerState.SUSPECT
                 self.index.discard(worker)
         self._expire_sessions(now)
-        # A ledger per producer incarnation would pile up over a long-lived daemon: drop the
-        # empty ones (an active producer's comes back with its next credit).
-        for producer in [p for p, ledger in self.ledgers.items() if not ledger]:
-            del self.ledgers[producer]
+        # A ledger (and a session table) per producer incarnation would pile up over a
+        # long-lived daemon: drop the empty ones (an active producer's come back with its
+        # next credit).
+        ledgers = self.ledgers
+        for producer in [p for p, ledger in ledgers.items() if not ledger]:
+            del ledgers[producer]
+        tables = self.sessions.tables
+        for producer in [
+            p for p, t in tables.items() if not (t.entries or t.tombstones or p in ledgers)
+        ]:
+            del tables[producer]
         if self.queue_timeout_s is not None:
             self._expire_queued(now - self.queue_timeout_s)
 
     def _expire_queued(self, horizon: float) -> None:
         """End credits that have waited since before ``horizon`` (queues are in submit order,
-        give or take credits handed back undelivered, so each scan stops at the first young one)."""
+        so each scan stops at the first young one)."""
         for queue in (self.queue, *(w.queue for w in self.workers.values())):
-            while queue and queue[0].submitted_at < horizon:
-                self._end(queue.popleft(), Status.REJECTED, QUEUE_TIMEOUT)
+            while True:
+                ticket = queue.peek()
+                if ticket is None or ticket.submitted_at >= horizon:
+                    break
+                self._end(ticket, Status.REJECTED, QUEUE_TIMEOUT)
 
     # ---------------------------------------------------------------- internals
 
     def _route(self, ticket: Ticket, now: float) -> None:
         credit = ticket.credit
-        table = self.table
         if not self.sticky:  # every credit is a new session
             self.stats.sticky_misses += 1
             self._to_least_loaded(ticket, now)
             return
+        table = self._tables.get(ticket.producer)
+        if table is None:
+            table = self.sessions.table(ticket.producer)
         if credit.branch_mode is _FORK:
-            self._route_fork(ticket, now)
+            self._route_fork(table, ticket, now)
             return
         key = credit.x_correlation_id
         entry = table.entries.get(key)
@@ -770,46 +934,63 @@ class RouterCore:
             ):
                 worker = self._maybe_rehome(entry, gap)
             self.stats.sticky_hits += 1
-            self._to_worker(ticket, worker, now)
+            self._to_worker(ticket, worker, now, table)
             return
+        if not self._may_start(table, ticket, key):
+            return
+        self.stats.sticky_misses += 1
+        if self.spawn_affinity_slack is not None and credit.branch_mode is _SPAWN:
+            target = self._spawn_target(table, credit)
+            if target is not None:
+                self._dispatch(ticket, target, now)
+                return
+        self._to_least_loaded(ticket, now, table)
+
+    def _may_start(self, table: SessionTable, ticket: Ticket, key: str) -> bool:
+        """A credit of a session with no entry: may it start one (on the least-loaded
+        worker)? If not, it ends here with the reason (invariant 8: never silently without
+        its history)."""
+        credit = ticket.credit
         tomb = table.tombstones.get(key)
         if tomb is not None:
-            if not credit.allow_migration:
-                self._end(ticket, Status.REJECTED, _EVICTION_REASONS[tomb])
-                return
-            del table.tombstones[key]
-            self.stats.migrations += 1
+            reason, fresh, _ = tomb.partition(NO_HISTORY)
+            if fresh and credit.turn_index == 0:
+                # Its worker was lost before any turn completed: no history exists anywhere,
+                # so a retry of turn 0 is a new session (not a migration, not a rejection).
+                del table.tombstones[key]
+            elif not credit.allow_migration:
+                self._end(ticket, Status.REJECTED, _EVICTION_REASONS[reason])
+                return False
+            else:
+                del table.tombstones[key]
+                self.stats.migrations += 1
         elif credit.turn_index > 0:
             # A later turn of a session this router never saw (it restarted since the session
             # began, or the session's earlier turns never ran): no worker holds its history
             # that we know of, so it may only start afresh where migration is allowed.
             if not credit.allow_migration:
                 self._end(ticket, Status.REJECTED, SESSION_UNKNOWN)
-                return
+                return False
             self.stats.migrations += 1
-        self.stats.sticky_misses += 1
-        if self.spawn_affinity_slack is not None and credit.branch_mode is _SPAWN:
-            target = self._spawn_target(credit)
-            if target is not None:
-                self._dispatch(ticket, target, now)
-                return
-        self._to_least_loaded(ticket, now)
+        return True
 
-    def _to_least_loaded(self, ticket: Ticket, now: float) -> None:
+    def _to_least_loaded(
+        self, ticket: Ticket, now: float, table: SessionTable | None = None
+    ) -> None:
         """A new session: the least-loaded worker, unless others already wait (FIFO)."""
         queue = self.queue
-        best = self.index.peek() if not queue else None
+        best = self.index.peek() if not queue.live else None
         if best is not None and len(best.tickets) < best.capacity:
-            self._dispatch(ticket, best, now)
-        elif len(queue) < self.queue_limit:
+            self._dispatch(ticket, best, now, table)
+        elif queue.live < self.queue_limit:
+            ticket.worker = None
             queue.append(ticket)
         else:
             self._end(ticket, Status.REJECTED, QUEUE_FULL)
 
-    def _route_fork(self, ticket: Ticket, now: float) -> None:
+    def _route_fork(self, table: SessionTable, ticket: Ticket, now: float) -> None:
         """A FORK child goes to its parent's entry's worker, or ends with the reason why not."""
         credit = ticket.credit
-        table = self.table
         entry = table.resolve(credit.parent_correlation_id)  # type: ignore[arg-type]
         child = credit.x_correlation_id
         alias = table.aliases.get(child)
@@ -818,67 +999,78 @@ class RouterCore:
             return
         if entry is None:
             reason = PARENT_UNAVAILABLE
-            if child in table.tombstones:
-                reason = _EVICTION_REASONS[table.tombstones[child]]
+            tomb = table.tombstones.get(child)
+            if tomb is not None:
+                reason = _EVICTION_REASONS[tomb.partition(NO_HISTORY)[0]]
             self._end(ticket, Status.REJECTED, reason)
             return
         self.stats.sticky_hits += 1
-        self._to_worker(ticket, entry.worker, now)
+        self._to_worker(ticket, entry.worker, now, table)
 
-    def _to_worker(self, ticket: Ticket, worker: Worker, now: float) -> None:
+    def _to_worker(
+        self, ticket: Ticket, worker: Worker, now: float, table: SessionTable | None = None
+    ) -> None:
         """Dispatch to ``worker`` now, or queue for it (full, suspect, or others waiting)."""
         if (
             len(worker.tickets) < worker.capacity
-            and not worker.queue
+            and not worker.queue.live
             and worker.state is not WorkerState.SUSPECT
         ):
-            self._dispatch(ticket, worker, now)
-        elif len(worker.queue) < self.worker_queue_limit:
+            self._dispatch(ticket, worker, now, table)
+        elif worker.queue.live < self.worker_queue_limit:
             ticket.worker = worker
             worker.queue.append(ticket)
         else:
             self._end(ticket, Status.REJECTED, QUEUE_FULL)
 
-    def _dispatch(self, ticket: Ticket, worker: Worker, now: float) -> None:
-        """Hand ``ticket`` to ``worker``: entry book-keeping of §3, then load accounting."""
+    def _dispatch(
+        self, ticket: Ticket, worker: Worker, now: float, table: SessionTable | None = None
+    ) -> None:
+        """Hand ``ticket`` to ``worker``: entry book-keeping of §3, then load accounting.
+        ``table``: its producer's, if the caller has it at hand."""
         credit = ticket.credit
-        if ticket.booked or not self.sticky:
-            pass  # handed back undelivered once: its book-keeping stands (or there is none)
-        elif credit.branch_mode is _FORK:
-            self._book_fork(credit, worker, now)
-        elif credit.turn_index + 1 < credit.num_turns or credit.fork_count:
-            self._book_session(credit, worker, now)
-        else:
-            # A final turn without forks: evict the entry if there is one (no entry, no cost,
-            # for the dominant single-turn case).
-            entry = self.table.entries.get(credit.x_correlation_id)
-            if entry is not None and not entry.parent_final_seen:
-                if self.table.end_own(entry):
-                    self.table.remove(entry, None)
-                else:
-                    self.table.touch(entry, now)
+        producer = ticket.producer
+        if self.sticky:
+            if table is None:
+                table = self.sessions.table(producer)
+            entry: Entry | None
+            if credit.branch_mode is _FORK:
+                entry = self._book_fork(table, credit, worker, now)
+            elif credit.turn_index + 1 < credit.num_turns or credit.fork_count:
+                entry = self._book_session(table, credit, worker, now)
+            else:
+                # A final turn without forks: evict the entry if there is one (no entry, no
+                # cost, for the dominant single-turn case).
+                entry = table.entries.get(credit.x_correlation_id)
+                if entry is not None:
+                    assert entry.worker is worker, f"{credit!r} goes past its history"
+                    if not entry.parent_final_seen and table.end_own(entry):
+                        table.remove(entry, None)
+                        entry = None
+                    else:
+                        table.touch(entry, now)
+            if entry is not None:
+                entry.busy += 1
+                ticket.entry = entry
         ticket.worker = worker
         ticket.dispatched_at = now
-        worker.tickets.add(ticket)
+        worker.tickets[ticket] = None
         worker.sent += 1
         worker.dispatched += 1
         self._seq += 1
         worker.seq = self._seq
         self.stats.dispatched += 1
-        pending = worker.pending
-        if not pending:
-            self._dirty.append(worker)
-            pending[ticket.producer] = [credit]
+        chunk = worker.chunk
+        if chunk is not None and worker.chunk_producer == producer:
+            chunk.append(credit)
         else:
-            bucket = pending.get(ticket.producer)
-            if bucket is None:
-                pending[ticket.producer] = [credit]
-            else:
-                bucket.append(credit)
+            worker.chunk = chunk = [credit]
+            worker.chunk_producer = producer
+            self._effects.to_worker.append((worker.name, (producer, chunk)))
+            self._dirty.append(worker)
 
-    def _book_fork(self, credit: Credit, worker: Worker, now: float) -> None:
+    def _book_fork(self, table: SessionTable, credit: Credit, worker: Worker, now: float) -> Entry:
         """A FORK child turn: claim the child's reservation on first sight, add its own."""
-        table = self.table
         parent: str = credit.parent_correlation_id  # type: ignore[assignment]
         entry = table.resolve(parent)
         assert entry is not None, "routed FORK credits have a parent entry"
@@ -889,23 +1081,29 @@ class RouterCore:
         if credit.fork_count:
             table.reserve(entry, child, credit.fork_count)
         table.touch(entry, now)
+        return entry
 
-    def _book_session(self, credit: Credit, worker: Worker, now: float) -> None:
-        """An own-keyed turn that needs an entry: create or refresh it, then apply §3."""
-        table = self.table
+    def _book_session(
+        self, table: SessionTable, credit: Credit, worker: Worker, now: float
+    ) -> Entry | None:
+        """An own-keyed turn that needs an entry: create or refresh it, then apply §3.
+        Returns the entry if it is still live."""
         key = credit.x_correlation_id
         entry = table.entries.get(key)
         if entry is None:
-            if len(table.entries) >= table.max_sessions:
+            if self.sessions.live >= self.sessions.max_sessions:
                 self._evict_oldest(now)
             entry = table.create(key, worker, now)
         else:
+            assert entry.worker is worker, f"{credit!r} goes past its history"
             table.touch(entry, now)
         if credit.fork_count:
             # Reserve first, so a forking final turn never passes through zero.
             table.reserve(entry, key, credit.fork_count)
         if credit.turn_index + 1 >= credit.num_turns and table.end_own(entry):
             table.remove(entry, None)
+            return None
+        return entry
 
     def _refill(self, worker: Worker, now: float) -> None:
         """A slot may have opened on ``worker``: serve its queue, then the global queue."""
@@ -913,29 +1111,44 @@ class RouterCore:
             return
         waiting = worker.queue
         tickets = worker.tickets
-        while waiting and len(tickets) < worker.capacity:
+        tables = self.sessions.tables
+        while waiting.live and len(tickets) < worker.capacity:
             ticket = waiting.popleft()
             credit = ticket.credit
             fork = credit.branch_mode is _FORK
             key: str = credit.parent_correlation_id if fork else credit.x_correlation_id  # type: ignore[assignment]
-            entry = self.table.resolve(key)
+            table = tables.get(ticket.producer)
+            entry = table.resolve(key) if table is not None else None
             if (entry is not None and entry.worker is not worker) or (
-                entry is None and (fork or key in self.table.tombstones)
+                entry is None and (fork or (table is not None and key in table.tombstones))
             ):
                 # Its session moved (or ended) while it waited: route it afresh, which sends
                 # it where its session is now, or ends it with the reason.
                 ticket.worker = None
-                ticket.booked = False
                 self._route(ticket, now)
                 continue
             self._dispatch(ticket, worker, now)
         queue = self.queue
         index = self.index
-        while queue:
+        sticky = self.sticky
+        while queue.live:
             best = index.peek()
             if best is None or len(best.tickets) >= best.capacity:
                 break
-            self._dispatch(queue.popleft(), best, now)
+            ticket = queue.popleft()
+            if sticky:
+                # It waited as a new session; an earlier credit of its session may have been
+                # dispatched meanwhile (its entry now pins it), or its session lost (a
+                # tombstone): then it is routed afresh, never sent to ``best`` past its
+                # history (that broke invariants 6 and 8: make fuzz, issue 9 item 21).
+                table = tables.get(ticket.producer)
+                key = ticket.credit.x_correlation_id
+                if table is not None and (
+                    key in table.entries or key in table.tombstones or key in table.aliases
+                ):
+                    self._route(ticket, now)
+                    continue
+            self._dispatch(ticket, best, now)
 
     def _reindex(self, worker: Worker) -> None:
         """``worker``'s key may have shrunk: refresh it in the index if it takes new sessions."""
@@ -951,19 +1164,24 @@ class RouterCore:
             or len(worker.tickets) / worker.capacity - len(best.tickets) / best.capacity <= gap
         ):
             return worker
-        del worker.sessions[entry.key]
-        best.sessions[entry.key] = entry
+        del worker.sessions[entry]
+        best.sessions[entry] = None
         entry.worker = best
         self.stats.rehomes += 1
-        self._effects.to_worker.append(
-            (worker.name, EndSession(x_correlation_id=entry.key, reason="rehomed"))
+        self._control(
+            worker.name,
+            EndSession(x_correlation_id=entry.key, reason="rehomed", producer=entry.table.producer),
         )
         self._reindex(worker)
+        # ``best`` gained a session without a dispatch: its key grew, so its index entry must
+        # be refreshed now (a dispatch would bump its sequence and mark the entry stale, but
+        # the credit may have to wait in its queue instead).
+        self._reindex(best)
         return best
 
-    def _spawn_target(self, credit: Credit) -> Worker | None:
+    def _spawn_target(self, table: SessionTable, credit: Credit) -> Worker | None:
         parent = credit.parent_correlation_id
-        entry = self.table.resolve(parent) if parent is not None else None
+        entry = table.resolve(parent) if parent is not None else None
         if entry is None:
             return None
         home = entry.worker
@@ -980,37 +1198,58 @@ class RouterCore:
     def _maybe_evict(self, entry: Entry, *, notify: bool = True) -> None:
         """Evict ``entry`` if nothing holds it any more; tell its worker, which may still keep
         the session's history for FORK children that will now never start."""
-        if entry.ref_count == 0 and entry.key in self.table.entries:
+        table = entry.table
+        if entry.ref_count == 0 and table.entries.get(entry.key) is entry:
             worker = entry.worker
-            self.table.remove(entry, None)
+            table.remove(entry, None)
             if notify:
-                self._effects.to_worker.append(
-                    (worker.name, EndSession(x_correlation_id=entry.key, reason="released"))
+                self._control(
+                    worker.name,
+                    EndSession(
+                        x_correlation_id=entry.key, reason="released", producer=table.producer
+                    ),
                 )
             self._reindex(worker)
 
     def _evict(self, entry: Entry, reason: str) -> None:
         worker = entry.worker
+        table = entry.table
         self.stats.evictions[reason] += 1
-        self._effects.to_worker.append(
-            (worker.name, EndSession(x_correlation_id=entry.key, reason=reason))
+        self._control(
+            worker.name,
+            EndSession(x_correlation_id=entry.key, reason=reason, producer=table.producer),
         )
-        self.table.remove(entry, reason)
+        table.remove(entry, reason)
         self._reindex(worker)
 
     def _evict_oldest(self, now: float) -> None:
-        oldest = self.table.oldest()
+        oldest = self.sessions.oldest()
         if oldest is not None:
             self._evict(oldest, "capacity")
 
     def _expire_sessions(self, now: float) -> None:
+        """Evict entries without activity (dispatch or completion) since ``now -
+        session_idle_ttl_s`` (§3), and never one with a credit in flight.
+
+        A table is ordered by last dispatch (a re-insert at each), and a completion only sets
+        ``last_used`` (a re-insert per completion too would double the table's memory). So the
+        front entry's ``last_used`` is exact; an entry behind a front that a completion kept
+        alive waits for it, late by at most that front's turn duration. A busy front is active
+        now: it goes to the back.
+        """
         horizon = now - self.session_idle_ttl_s
-        table = self.table
-        while True:
-            oldest = table.oldest()
-            if oldest is None or oldest.last_used > horizon:
-                return
-            self._evict(oldest, "idle")
+        for table in list(self.sessions.tables.values()):
+            entries = table.entries
+            while entries:
+                oldest = next(iter(entries.values()))
+                if oldest.busy:
+                    if oldest.last_used > horizon:
+                        break
+                    table.touch(oldest, now)
+                elif oldest.last_used > horizon:
+                    break
+                else:
+                    self._evict(oldest, "idle")
 
     def _lose(self, worker: Worker, reason: str, now: float, *, disconnect: bool = True) -> None:
         """``worker`` is gone: account for its credits, sessions and queue (§6)."""
@@ -1021,20 +1260,21 @@ class RouterCore:
         self.stats.departures[reason] = self.stats.departures.get(reason, 0) + 1
         if disconnect:
             self._effects.disconnect.append(worker.name)
-        # Credits chosen for it but not yet sent leave with the rest of its in-flight set.
-        worker.pending = {}
+        # What was queued for it in this batch is never sent: its credits leave with the rest
+        # of its in-flight set, and control messages for it are moot.
+        name = worker.name
+        sends = self._effects.to_worker
+        if any(n == name for n, _ in sends):
+            self._effects.to_worker = [item for item in sends if item[0] != name]
+        worker.chunk = None
         for ticket in list(worker.tickets):
             self._end(ticket, Status.LOST, reason)
-        worker.tickets.clear()
-        for entry in list(worker.sessions.values()):
+        for entry in list(worker.sessions):
             self.stats.evictions[reason] += 1
-            self.table.remove(entry, reason)
-        waiting = list(worker.queue)
-        worker.queue.clear()
-        for ticket in waiting:
+            entry.table.remove(entry, reason, lost=True)
+        for ticket in worker.queue.clear():
             # Its book-keeping went with the worker's entries: route it as if new.
             ticket.worker = None
-            ticket.booked = False
             self._route(ticket, now)
 
     def _end(self, ticket: Ticket, status: Status, reason: str) -> None:
@@ -1045,16 +1285,19 @@ class RouterCore:
         worker = ticket.worker
         dispatched = ticket.dispatched_at >= 0
         if dispatched and worker is not None:
-            worker.tickets.discard(ticket)
+            del worker.tickets[ticket]
+            entry = ticket.entry
+            if entry is not None:
+                entry.busy -= 1
             if credit.fork_count:
-                self._drop_declared(credit)
-        elif credit.branch_mode is _FORK and credit.turn_index == 0:
-            # A FORK child that never started gives its reservation back.
-            parent: str = credit.parent_correlation_id  # type: ignore[assignment]
-            entry = self.table.resolve(parent)
-            if entry is not None and credit.x_correlation_id not in self.table.aliases:
-                self.table.unreserve(entry, parent, 1)
-                self._maybe_evict(entry)
+                self._drop_declared(producer, credit)
+        else:
+            if ticket.queue is not None:
+                ticket.queue.remove(ticket)
+            if credit.branch_mode is _FORK and credit.turn_index == 0:
+                # A FORK child that never started gives its parent's reservation back (it
+                # holds nothing else: book-keeping happens at dispatch).
+                self._unstarted_child(producer, credit)
         self.stats.outcomes[status] += 1
         if status is not _COMPLETED:
             self.stats.count_reason(status, reason)
@@ -1072,40 +1315,52 @@ class RouterCore:
         )
         self._effects.outcomes.setdefault(producer, []).append(outcome)
 
-    def _drop_declared(self, credit: Credit) -> None:
-        """A declaring turn did not complete: the children it declared will never start."""
-        node = credit.x_correlation_id
-        entry = self.table.resolve(node)
+    def _unstarted_child(self, producer: str, credit: Credit) -> None:
+        table = self._tables.get(producer)
+        if table is None or credit.x_correlation_id in table.aliases:
+            return
+        parent: str = credit.parent_correlation_id  # type: ignore[assignment]
+        entry = table.resolve(parent)
         if entry is not None:
-            self.table.unreserve(entry, node, credit.fork_count)
+            table.unreserve(entry, parent, 1)
+            self._maybe_evict(entry)
+
+    def _drop_declared(self, producer: str, credit: Credit) -> None:
+        """A declaring turn did not complete: the children it declared will never start."""
+        table = self._tables.get(producer)
+        node = credit.x_correlation_id
+        entry = table.resolve(node) if table is not None else None
+        if table is not None and entry is not None:
+            table.unreserve(entry, node, credit.fork_count)
             self._maybe_evict(entry)
 
     def shutdown(self, now: float) -> None:
-        """End every credit still queued (``rejected: router_shutdown``) or in flight (lost)."""
+        """End every credit still queued (``rejected: router_shutdown``) or in flight
+        (``lost: router_shutdown``), and tell each worker to stop the latter
+        (``Cancel(revoked=True)``, after the dispatches): it must never report them, so no
+        credit gets a second outcome."""
         for ticket in list(self.queue):
             self._end(ticket, Status.REJECTED, SHUTDOWN)
-        self.queue.clear()
         for worker in list(self.workers.values()):
             for ticket in list(worker.queue):
                 self._end(ticket, Status.REJECTED, SHUTDOWN)
-            worker.queue.clear()
             revoked: dict[str, list[int]] = {}
             for ticket in list(worker.tickets):
                 revoked.setdefault(ticket.producer, []).append(ticket.credit.id)
                 self._end(ticket, Status.LOST, SHUTDOWN)
             for producer, ids in revoked.items():
-                # Tell the worker: it stops them and never reports them (so the next router
-                # incarnation never forwards a second outcome for them).
-                self._effects.to_worker.append(
-                    (worker.name, Cancel(producer=producer, credit_ids=ids, revoked=True))
-                )
+                for lo in range(0, len(ids), MAX_IDS):
+                    self._control(
+                        worker.name,
+                        Cancel(producer=producer, credit_ids=ids[lo : lo + MAX_IDS], revoked=True),
+                    )
 
     def __repr__(self) -> str:
         in_flight = sum(len(w.tickets) for w in self.workers.values())
         return (
             f"<RouterCore workers={len(self.workers)} in_flight={in_flight} "
-            f"queued={len(self.queue)} sessions={len(self.table.entries)} "
-            f"aliases={len(self.table.aliases)}>"
+            f"queued={len(self.queue)} sessions={self.sessions.live} "
+            f"producers={len(self.sessions.tables)}>"
         )
 
 

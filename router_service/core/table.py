@@ -1,6 +1,14 @@
-"""The sticky-session table: entries, FORK alias nodes and tombstones of lost sessions.
+"""The sticky-session tables: entries, FORK alias nodes and tombstones of lost sessions.
 
 No I/O in this module, no clock reads: time is passed in as ``now``.
+
+A session belongs to the producer that started it (``routing.md`` §1): its key is
+``(producer, x_correlation_id)``. Each producer has its own ``SessionTable`` (entries, aliases,
+tombstones), found in ``Sessions.tables`` by the producer key, so another producer's credits,
+``EndSession``, ``ReleaseReservation`` or ``ChildRelease`` with the same id never reach it. One
+table per producer rather than tuple or concatenated keys: an entry costs one pointer more (its
+``table``), not a tuple or a longer string per session, and a leaving producer's sessions are
+found without a scan of everyone's.
 
 An entry pins a routing key (a root or SPAWN session) to a worker. The FORK tree hanging off it
 is a set of *nodes*: the entry itself and one ``Alias`` per FORK descendant, each knowing its
@@ -30,7 +38,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from router_service.core.workers import Worker
 
-__all__ = ["Alias", "Entry", "SessionTable"]
+__all__ = ["NO_HISTORY", "Alias", "Entry", "SessionTable", "Sessions"]
+
+NO_HISTORY = "/no_history"
+"""Suffix of a tombstone whose session never completed a turn on the worker that was lost: no
+history of it exists anywhere, so a retry of its turn 0 starts it afresh (``routing.md`` §3)."""
 
 
 class Entry:
@@ -38,16 +50,21 @@ class Entry:
 
     __slots__ = (
         "aliases",
+        "busy",
+        "has_history",
         "key",
         "last_used",
         "parent_final_seen",
         "ref_count",
         "reserved",
+        "table",
         "worker",
     )
 
-    def __init__(self, key: str, worker: Worker, now: float) -> None:
+    def __init__(self, key: str, table: SessionTable, worker: Worker, now: float) -> None:
         self.key = key
+        self.table = table
+        """The producer's table it lives in."""
         self.worker = worker
         self.ref_count = 1
         self.parent_final_seen = False
@@ -57,12 +74,17 @@ class Entry:
         """Its FORK descendants' ids (``None`` until the first: an empty set would cost 216
         bytes on every session, and most sessions never fork)."""
         self.last_used = now
+        """Last activity: a dispatch or a completion of one of its credits."""
+        self.busy = 0
+        """Credits booked on it that are in flight: while any is, it is never idle."""
+        self.has_history = False
+        """A credit booked on it completed: its worker holds history of the session."""
 
     def __repr__(self) -> str:
         return (
-            f"<Entry {self.key} on {self.worker.name} ref={self.ref_count} "
+            f"<Entry {self.table.producer}:{self.key} on {self.worker.name} ref={self.ref_count} "
             f"final_seen={self.parent_final_seen} reserved={self.reserved} "
-            f"aliases={len(self.aliases or ())}>"
+            f"aliases={len(self.aliases or ())} busy={self.busy}>"
         )
 
 
@@ -89,20 +111,68 @@ class Alias:
         )
 
 
-class SessionTable:
-    """Entries by own key, FORK alias nodes, and tombstones, with their bounds."""
+class Sessions:
+    """Every producer's ``SessionTable``, and the bounds they share."""
 
-    __slots__ = ("aliases", "entries", "fork_holds", "max_sessions", "tombstones")
+    __slots__ = ("live", "max_sessions", "tables")
 
     def __init__(self, max_sessions: int) -> None:
+        self.tables: dict[str, SessionTable] = {}
+        """By producer key (``name/incarnation``)."""
+        self.max_sessions = max_sessions
+        self.live = 0
+        """Live entries over all tables (the ``max_sessions`` cap counts these)."""
+
+    def table(self, producer: str) -> SessionTable:
+        """``producer``'s table, made on first use."""
+        table = self.tables.get(producer)
+        if table is None:
+            table = self.tables[producer] = SessionTable(producer, self)
+        return table
+
+    def oldest(self) -> Entry | None:
+        """The least recently used entry over all producers (O(producers))."""
+        best: Entry | None = None
+        for table in self.tables.values():
+            entry = table.oldest()
+            if entry is not None and (best is None or entry.last_used < best.last_used):
+                best = entry
+        return best
+
+    @property
+    def aliases(self) -> int:
+        """Live FORK aliases over all tables."""
+        return sum(len(t.aliases) for t in self.tables.values())
+
+    @property
+    def fork_holds(self) -> int:
+        """Counts held by FORK trees over all tables."""
+        return sum(t.fork_holds for t in self.tables.values())
+
+    def __len__(self) -> int:
+        return self.live
+
+
+class SessionTable:
+    """One producer's entries by own key, FORK alias nodes, and tombstones, with their bounds."""
+
+    __slots__ = ("aliases", "entries", "fork_holds", "producer", "sessions", "tombstones")
+
+    def __init__(self, producer: str, sessions: Sessions) -> None:
+        self.producer = producer
+        """The producer key the sessions belong to (sent to workers in ``EndSession``)."""
+        self.sessions = sessions
         self.entries: dict[str, Entry] = {}
         self.aliases: dict[str, Alias] = {}
         self.tombstones: dict[str, str] = {}
         """Key of a session whose entry went away -> the reason (oldest first)."""
-        self.max_sessions = max_sessions
         self.fork_holds = 0
         """Counts held by FORK trees over all entries (reservations + live children): a
         gauge kept incrementally, so a scrape never walks the table."""
+
+    @property
+    def max_sessions(self) -> int:
+        return self.sessions.max_sessions
 
     def resolve(self, key: str) -> Entry | None:
         """The entry ``key`` routes to: its own, or the one it is a FORK alias of."""
@@ -115,9 +185,10 @@ class SessionTable:
 
     def create(self, key: str, worker: Worker, now: float) -> Entry:
         """Pin a new own-keyed session to ``worker``."""
-        entry = Entry(key, worker, now)
+        entry = Entry(key, self, worker, now)
         self.entries[key] = entry
-        worker.sessions[key] = entry
+        worker.sessions[entry] = None
+        self.sessions.live += 1
         self.tombstones.pop(key, None)
         return entry
 
@@ -208,10 +279,15 @@ class SessionTable:
             above.kids -= 1
             alias = above
 
-    def remove(self, entry: Entry, reason: str | None) -> None:
-        """Drop ``entry`` and its aliases; with a ``reason``, leave tombstones for its sessions."""
+    def remove(self, entry: Entry, reason: str | None, *, lost: bool = False) -> None:
+        """Drop ``entry`` and its aliases; with a ``reason``, leave tombstones for its sessions.
+
+        ``lost``: its worker is gone, so an own session that never completed a turn has no
+        history anywhere (its tombstone says so, ``NO_HISTORY``).
+        """
         del self.entries[entry.key]
-        del entry.worker.sessions[entry.key]
+        del entry.worker.sessions[entry]
+        self.sessions.live -= 1
         children = entry.aliases or ()
         aliases = self.aliases
         live = []
@@ -226,13 +302,14 @@ class SessionTable:
             tombstones = self.tombstones
             # Only sessions that may still send turns need a tombstone.
             if not entry.parent_final_seen:
-                tombstones[entry.key] = reason
+                fresh = lost and not entry.has_history
+                tombstones[entry.key] = reason + NO_HISTORY if fresh else reason
             for child in live:
                 tombstones[child] = reason
             while len(tombstones) > self.max_sessions:
                 del tombstones[next(iter(tombstones))]
         entry.aliases = None
-        entry.ref_count = 0
+        entry.ref_count = 0  # the mark of a removed entry: a live one always holds >= 1
 
     def oldest(self) -> Entry | None:
         """The least recently used entry."""

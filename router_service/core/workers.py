@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import heapq
 from collections import deque
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -29,7 +30,7 @@ from protocol.messages import Credit
 if TYPE_CHECKING:
     from router_service.core.table import Entry
 
-__all__ = ["LoadIndex", "Ticket", "Worker", "WorkerState"]
+__all__ = ["LoadIndex", "Ticket", "TicketQueue", "Worker", "WorkerState"]
 
 
 class WorkerState(enum.Enum):
@@ -49,7 +50,7 @@ class Ticket(msgspec.Struct, eq=False):
     """The router's record of one credit that has no outcome yet (queued or in flight).
 
     A msgspec Struct rather than a slotted class: it is built once per credit and msgspec's
-    constructor is ~40% cheaper. ``eq=False`` keeps identity hashing, so tickets live in sets.
+    constructor is ~40% cheaper. ``eq=False`` keeps identity hashing, so tickets are dict keys.
     """
 
     producer: str
@@ -61,9 +62,11 @@ class Ticket(msgspec.Struct, eq=False):
     """The worker that holds it (in flight) or whose queue it waits in."""
     missed: bool = False
     """Missing from the worker's last in-flight report (first strike)."""
-    booked: bool = False
-    """Its entry book-keeping (docs/ROUTING.md §3) is done: it was dispatched once and handed
-    back undelivered, so a second dispatch must not count it again."""
+    entry: Entry | None = None
+    """In flight: the sticky entry its dispatch was booked on (it keeps that entry busy, so the
+    idle TTL never evicts a session with a turn running), else ``None``."""
+    queue: TicketQueue | None = None
+    """Queued: the queue it waits in (``None`` once it left it)."""
 
     def __repr__(self) -> str:
         where = self.worker.name if self.worker else "-"
@@ -71,11 +74,88 @@ class Ticket(msgspec.Struct, eq=False):
         return f"<Ticket {self.producer}/{self.credit.id} {state} at {where}>"
 
 
+class TicketQueue:
+    """A FIFO of waiting tickets whose removal from anywhere is O(1).
+
+    Removal is lazy: a removed ticket's ``queue`` no longer names this queue, and it is skipped
+    when it reaches the front. ``len`` counts the live tickets only, so queue limits count what
+    really waits. Garbage is compacted when it outweighs the live tickets, so a producer that
+    leaves with 40k + 40k interleaved queued credits costs O(credits), not O(credits^2).
+    A ticket leaves a queue once, for good (``popleft``, ``remove`` or ``clear``).
+    """
+
+    __slots__ = ("_items", "live")
+
+    def __init__(self) -> None:
+        self._items: deque[Ticket] = deque()
+        self.live = 0
+        """Tickets waiting (``len``; the hot path reads the attribute, not the method)."""
+
+    def __len__(self) -> int:
+        return self.live
+
+    def __bool__(self) -> bool:
+        return self.live > 0
+
+    def __iter__(self) -> Iterator[Ticket]:
+        """The live tickets, front first."""
+        return (t for t in self._items if t.queue is self)
+
+    def append(self, ticket: Ticket) -> None:
+        ticket.queue = self
+        self._items.append(ticket)
+        self.live += 1
+
+    def peek(self) -> Ticket | None:
+        """The live ticket at the front, or ``None``."""
+        items = self._items
+        while items:
+            ticket = items[0]
+            if ticket.queue is self:
+                return ticket
+            items.popleft()
+        return None
+
+    def popleft(self) -> Ticket:
+        """Take the live ticket at the front (``IndexError`` if there is none)."""
+        items = self._items
+        while True:
+            ticket = items.popleft()
+            if ticket.queue is self:
+                ticket.queue = None
+                self.live -= 1
+                return ticket
+
+    def remove(self, ticket: Ticket) -> None:
+        """Take ``ticket`` out wherever it is, in O(1) (amortised)."""
+        assert ticket.queue is self, f"{ticket!r} does not wait in this queue"
+        ticket.queue = None
+        self.live -= 1
+        items = self._items
+        if len(items) > 2 * self.live + 32:
+            self._items = deque(t for t in items if t.queue is self)
+
+    def clear(self) -> list[Ticket]:
+        """Take every live ticket out; returns them, front first."""
+        live = [t for t in self._items if t.queue is self]
+        for ticket in live:
+            ticket.queue = None
+        self._items.clear()
+        self.live = 0
+        return live
+
+    def __repr__(self) -> str:
+        return f"<TicketQueue live={self.live} held={len(self._items)}>"
+
+
 class Worker:
     """One connected worker agent, as the router sees it."""
 
     __slots__ = (
         "capacity",
+        "chunk",
+        "chunk_producer",
+        "closed_until",
         "dispatched",
         "drain_deadline",
         "draining",
@@ -87,7 +167,6 @@ class Worker:
         "name",
         "order",
         "outcomes",
-        "pending",
         "queue",
         "sent",
         "seq",
@@ -112,10 +191,11 @@ class Worker:
         self.order = order
         """Join order: the last tie-break, so picks are deterministic."""
         self.state = WorkerState.ACTIVE
-        self.tickets: set[Ticket] = set()
-        """Credits in flight on it; ``len`` is its load."""
-        self.sessions: dict[str, Entry] = {}
-        """Sticky entries pinned to it, by their key."""
+        self.tickets: dict[Ticket, None] = {}
+        """Credits in flight on it, in dispatch order; ``len`` is its load. (A dict, not a set:
+        half the memory per credit, and a deterministic order when they end together.)"""
+        self.sessions: dict[Entry, None] = {}
+        """Sticky entries pinned to it (keys may repeat across producers, entries do not)."""
         self.sent = 0
         """Credits sent (a late joiner starts at the fleet mean)."""
         self.dispatched = 0
@@ -124,10 +204,16 @@ class Worker:
         """Outcomes of credits dispatched to it, by status (for its metrics)."""
         self.seq = 0
         """Router-wide sequence number of its last dispatch (older = smaller = preferred)."""
-        self.queue: deque[Ticket] = deque()
+        self.queue = TicketQueue()
         """Credits of its sessions waiting for a free slot on it."""
-        self.pending: dict[str, list[Credit]] = {}
-        """Credits chosen for it since the effects were last taken, by producer."""
+        self.chunk: list[Credit] | None = None
+        """The open dispatch chunk in the effects being built: later credits of the same
+        producer join it; any control message to this worker closes it (causal order)."""
+        self.chunk_producer = ""
+        """The producer of ``chunk``."""
+        self.closed_until: float | None = None
+        """The transport saw its connection close: it is lost at this time unless it speaks or
+        says hello again first (``None``: not closed)."""
         self.last_seen = now
         self.last_report_at = now
         self.drain_deadline = 0.0

@@ -143,8 +143,10 @@ async def test_a_worker_cannot_release_another_workers_fork_child(zmq_ctx: Ctx) 
         )
         holder = _holder(rig, 2)
         other = "b" if holder == "a" else "a"
-        _from_worker(rig, other, ChildRelease(x_correlation_id="k"))
-        alias = rig.core.table.aliases.get("k")
+        _from_worker(rig, other, ChildRelease(x_correlation_id="k", producer=P.decode()))
+        table = rig.core.table_of(P.decode())
+        assert table is not None
+        alias = table.aliases.get("k")
         assert alias is not None, "another worker ended the FORK child k"
         assert alias.live
     finally:

@@ -245,12 +245,17 @@ class Rig:
     async def kill_worker(self, name: str) -> None:
         """The worker process dies: its socket closes, nothing is said."""
         worker = self.workers[name]
+        transport = worker.agent._transport
+        sock = getattr(transport, "_sock", None)
+        if transport is not None and sock is not None:
+            # The socket goes first, abruptly (no linger): nothing the dying agent does after
+            # this — cancelling, flushing, saying goodbye — reaches the router.
+            transport._loop.remove_reader(transport._fd)  # type: ignore[attr-defined]
+            transport._sock = None  # type: ignore[attr-defined]
+            sock.close(linger=0)
         worker.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await worker.task
-        transport = worker.agent._transport
-        if transport is not None:
-            transport.close()
 
     # --------------------------------------------------------------- producers
 

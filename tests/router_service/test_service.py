@@ -295,7 +295,7 @@ async def test_goodbye_and_fork_child_on_parent_worker(router: RouterService, ct
             holder.send(ChildRelease(x_correlation_id=credit.x_correlation_id))
         await asyncio.wait_for(asyncio.gather(*kids), 3)
         await asyncio.sleep(0.05)
-        assert router.core.table.entries == {}
+        assert router.core.sessions.live == 0
     a.send(Goodbye(reason="done"))
     await asyncio.sleep(0.1)
     assert "a" not in router.core.workers

@@ -10,15 +10,21 @@ import itertools
 from typing import Any
 
 from protocol import PROTOCOL_VERSION, BranchMode, Completion, Credit, Outcome, Status
-from router_service.core.invariants import check_invariants
+from router_service.core.invariants import HistoryWitness, check_invariants
 from router_service.core.router import RouterCore
+from router_service.core.table import SessionTable
 
 FORK = BranchMode.FORK
 SPAWN = BranchMode.SPAWN
 
 
 class Harness:
-    """RouterCore plus a clock, the outcomes per credit and the dispatches per credit."""
+    """RouterCore plus a clock, the outcomes per credit and the dispatches per credit.
+
+    Credits are producer ``"p"``'s unless a call names another ``producer``; ``outcomes`` and
+    ``sent_to`` hold producer ``"p"``'s, ``by_producer`` everyone's. ``to_worker`` keeps the
+    control messages, ``sends`` every item the core queued for workers, in order.
+    """
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("protocol_version", PROTOCOL_VERSION)
@@ -27,6 +33,10 @@ class Harness:
         self.outcomes: dict[int, Outcome] = {}
         self.sent_to: dict[int, str] = {}
         self.to_worker: list[tuple[str, Any]] = []
+        self.sends: list[tuple[str, Any]] = []
+        self.by_producer: dict[tuple[str, int], Outcome] = {}
+        self.sent_to_by: dict[tuple[str, int], str] = {}
+        self.witness = HistoryWitness()
         self.to_producer: list[tuple[str, Any]] = []
         self.first_tokens: list[Any] = []
         self._ids = itertools.count(1)
@@ -34,22 +44,35 @@ class Harness:
         self.submitted = 0
 
     # ---------------------------------------------------------------- plumbing
+    @property
+    def table(self) -> SessionTable:
+        """Producer ``"p"``'s session table (made if it has none yet)."""
+        return self.core.sessions.table("p")
+
     def _collect(self) -> None:
         fx = self.core.take_effects()
-        for worker, producer, credits in fx.dispatch:
-            assert producer == "p"
-            for c in credits:
-                self.sent_to[c.id] = worker
+        self.witness.observe(self.core, fx)
+        self.sends.extend(fx.to_worker)
+        for worker, item in fx.to_worker:
+            if isinstance(item, tuple):
+                producer, credits = item
+                for c in credits:
+                    self.sent_to_by[producer, c.id] = worker
+                    if producer == "p":
+                        self.sent_to[c.id] = worker
+            else:
+                self.to_worker.append((worker, item))
         for producer, outs in fx.outcomes.items():
-            assert producer == "p"
             for o in outs:
-                assert o.credit_id not in self.outcomes, f"second outcome for {o.credit_id}"
-                self.outcomes[o.credit_id] = o
-        self.to_worker.extend(fx.to_worker)
+                key = (producer, o.credit_id)
+                assert key not in self.by_producer, f"second outcome for {key}"
+                self.by_producer[key] = o
+                if producer == "p":
+                    self.outcomes[o.credit_id] = o
         self.to_producer.extend(fx.to_producer)
         for outs in fx.first_tokens.values():
             self.first_tokens.extend(outs)
-        check_invariants(self.core, submitted=self.submitted, outcomes=len(self.outcomes))
+        check_invariants(self.core, submitted=self.submitted, outcomes=len(self.by_producer))
 
     def advance(self, dt: float) -> None:
         self.now += dt
@@ -79,53 +102,63 @@ class Harness:
     def credit(self, session: str, **fields: Any) -> Credit:
         return Credit(id=next(self._ids), x_correlation_id=session, **fields)
 
-    def submit(self, *credits: Credit) -> list[Credit]:
+    def submit(self, *credits: Credit, producer: str = "p") -> list[Credit]:
         # A duplicate of a credit still in progress is not a new credit (it is ignored).
-        fresh = {c.id for c in credits} - self._open_ids()
+        fresh = {c.id for c in credits} - self._open_ids(producer)
         self.submitted += len(fresh)
-        self.core.submit("p", list(credits), self.now)
+        self.core.submit(producer, list(credits), self.now)
         self._collect()
         return list(credits)
 
-    def _open_ids(self) -> set[int]:
-        return {t.credit.id for t in self.core.ledgers.get("p", {}).values()}
+    def _open_ids(self, producer: str = "p") -> set[int]:
+        return {t.credit.id for t in self.core.ledgers.get(producer, {}).values()}
 
-    def send(self, session: str, **fields: Any) -> Credit:
+    def send(self, session: str, producer: str = "p", **fields: Any) -> Credit:
         """Submit one credit and return it."""
-        return self.submit(self.credit(session, **fields))[0]
+        return self.submit(self.credit(session, **fields), producer=producer)[0]
 
     def complete(
         self,
         credit: Credit,
         status: Status = Status.COMPLETED,
         worker: str | None = None,
+        producer: str = "p",
         **kw: Any,
     ) -> None:
-        name = worker or self.sent_to[credit.id]
+        name = worker or self.sent_to_by[producer, credit.id]
         done = Completion(
-            seq=next(self._seq), producer="p", credit_id=credit.id, status=status, **kw
+            seq=next(self._seq), producer=producer, credit_id=credit.id, status=status, **kw
         )
         self.core.complete(name, [done], self.now)
         self._collect()
 
-    def child_release(self, child: str, worker: str | None = None) -> None:
+    def child_release(self, child: str, worker: str | None = None, producer: str = "p") -> None:
         """The child's worker releases it (another worker may be named to test refusals)."""
         if worker is None:
-            alias = self.core.table.aliases.get(child)
+            table = self.core.table_of(producer)
+            alias = table.aliases.get(child) if table is not None else None
             worker = alias.entry.worker.name if alias is not None else ""
-        self.core.child_release(worker, child, self.now)
+        self.core.child_release(worker, producer, child, self.now)
         self._collect()
 
-    def end_session(self, session: str) -> None:
-        self.core.end_session("p", session, self.now)
+    def end_session(self, session: str, producer: str = "p") -> None:
+        self.core.end_session(producer, session, self.now)
         self._collect()
 
-    def release(self, session: str, count: int = 1) -> None:
-        self.core.release_reservation(session, count, self.now)
+    def release(self, session: str, count: int = 1, producer: str = "p") -> None:
+        self.core.release_reservation(producer, session, count, self.now)
         self._collect()
 
-    def cancel(self, *credits: Credit) -> None:
-        self.core.cancel("p", [c.id for c in credits], self.now)
+    def cancel(self, *credits: Credit, producer: str = "p") -> None:
+        self.core.cancel(producer, [c.id for c in credits], self.now)
+        self._collect()
+
+    def producer_gone(self, producer: str = "p") -> None:
+        self.core.producer_gone(producer, self.now)
+        self._collect()
+
+    def closed(self, name: str) -> None:
+        self.core.worker_closed(name, self.now)
         self._collect()
 
     def outcome(self, credit: Credit) -> Outcome:

@@ -19,7 +19,7 @@ def h() -> Harness:
 
 def test_single_turn_root_allocates_nothing(h: Harness) -> None:
     c = h.send("solo")
-    assert h.core.table.entries == {}
+    assert h.table.entries == {}
     assert all(not w.sessions for w in h.core.workers.values())
     h.complete(c)
     assert h.outcome(c).status is Status.COMPLETED
@@ -32,10 +32,10 @@ def test_multi_turn_session_is_sticky_and_final_turn_pops_the_entry(h: Harness) 
         c = h.send("s", turn_index=turn, num_turns=4)
         workers.add(h.where(c))
         if turn < 3:
-            assert h.core.table.entries["s"].ref_count == 1
+            assert h.table.entries["s"].ref_count == 1
         h.complete(c)
     assert len(workers) == 1
-    assert "s" not in h.core.table.entries
+    assert "s" not in h.table.entries
     check_no_leak(h.core)
 
 
@@ -47,7 +47,7 @@ def test_new_sessions_spread_least_loaded(h: Harness) -> None:
 def test_refcount_register_and_release(h: Harness) -> None:
     """Seed PR: a declaring turn registers one count per FORK child; releases bring it back."""
     root = h.send("root", num_turns=2, fork_count=2)
-    entry = h.core.table.entries["root"]
+    entry = h.table.entries["root"]
     assert (entry.ref_count, entry.reserved) == (3, 2)
     h.complete(root)
     kids = [h.send(f"k{i}", parent_correlation_id="root", branch_mode=FORK) for i in range(2)]
@@ -65,17 +65,17 @@ def test_refcount_register_and_release(h: Harness) -> None:
 
 def test_eviction_only_when_count_is_zero_and_parent_final_seen(h: Harness) -> None:
     root = h.send("root", num_turns=1, fork_count=1)  # final turn that forks
-    entry = h.core.table.entries["root"]
+    entry = h.table.entries["root"]
     assert entry.parent_final_seen
     assert entry.ref_count == 1
     h.complete(root)
     kid = h.send("kid", parent_correlation_id="root", branch_mode=FORK, num_turns=2)
     h.complete(kid)
-    assert "root" in h.core.table.entries  # the child still holds it
+    assert "root" in h.table.entries  # the child still holds it
     kid2 = h.send("kid", parent_correlation_id="root", branch_mode=FORK, turn_index=1, num_turns=2)
     assert h.where(kid2) == h.where(root)
     h.complete(kid2)
-    assert "root" in h.core.table.entries  # a child's final turn never touches the parent
+    assert "root" in h.table.entries  # a child's final turn never touches the parent
     h.child_release("kid")
     check_no_leak(h.core)
 
@@ -83,7 +83,7 @@ def test_eviction_only_when_count_is_zero_and_parent_final_seen(h: Harness) -> N
 def test_final_turn_with_forks_keeps_the_entry(h: Harness) -> None:
     h.complete(h.send("root", num_turns=2))
     last = h.send("root", turn_index=1, num_turns=2, fork_count=3)
-    entry = h.core.table.entries["root"]
+    entry = h.table.entries["root"]
     assert entry.parent_final_seen
     assert entry.ref_count == 3
     h.complete(last)
@@ -100,7 +100,7 @@ def test_missing_parent_rejects_fork_child(h: Harness) -> None:
 
 def test_dag_child_final_turn_leaves_parent_untouched(h: Harness) -> None:
     h.complete(h.send("root", num_turns=3, fork_count=1))
-    entry = h.core.table.entries["root"]
+    entry = h.table.entries["root"]
     before = (entry.ref_count, entry.parent_final_seen)
     kid = h.send("kid", parent_correlation_id="root", branch_mode=FORK)  # single-turn: final
     h.complete(kid)
@@ -157,7 +157,7 @@ def test_spawn_children_are_own_keyed_and_spread(h: Harness) -> None:
     assert len({h.where(s) for s in subs}) == 3  # not piled on the parent's worker
     assert h.where(root) not in {h.where(s) for s in subs}
     for s in subs:
-        assert h.core.table.entries[s.x_correlation_id].worker.name == h.where(s)
+        assert h.table.entries[s.x_correlation_id].worker.name == h.where(s)
 
 
 def test_fork_under_spawn_co_locates(h: Harness) -> None:
@@ -170,7 +170,7 @@ def test_fork_under_spawn_co_locates(h: Harness) -> None:
 def test_release_of_unused_reservation(h: Harness) -> None:
     c = h.send("root", fork_count=2)  # single-turn root that declares two children
     h.complete(c)
-    assert h.core.table.entries["root"].ref_count == 2
+    assert h.table.entries["root"].ref_count == 2
     h.release("root", 5)  # more than reserved: only the reserved count is given back
     check_no_leak(h.core)
 
@@ -188,7 +188,7 @@ def test_undeclared_fork_child_is_counted_not_leaked(h: Harness) -> None:
     h.complete(h.send("root", num_turns=2))
     kid = h.send("kid", parent_correlation_id="root", branch_mode=FORK)
     assert h.core.stats.undeclared_forks == 1
-    assert h.where(kid) == h.core.table.entries["root"].worker.name
+    assert h.where(kid) == h.table.entries["root"].worker.name
     h.complete(kid)
     h.child_release("kid")
     h.complete(h.send("root", turn_index=1, num_turns=2))
@@ -223,4 +223,7 @@ def test_worker_is_told_when_released_reservations_free_a_parent(h: Harness) -> 
     root = h.send("root", fork_count=2)  # final turn: the worker keeps history for the kids
     h.complete(root)
     h.release("root", 2)
-    assert (h.where(root), EndSession(x_correlation_id="root", reason="released")) in h.to_worker
+    assert (
+        h.where(root),
+        EndSession(x_correlation_id="root", reason="released", producer="p"),
+    ) in h.to_worker

@@ -22,7 +22,7 @@ def _harness(**kwargs: object) -> Harness:
 def test_turns_of_one_session_follow_the_load_not_the_session() -> None:
     h = _harness()
     first = h.send("s", num_turns=3, fork_count=1)
-    assert h.core.table.entries == {}
+    assert h.table.entries == {}
     busy = h.where(first)  # still running: the next turn of "s" goes elsewhere
     second = h.send("s", turn_index=1, num_turns=3)
     assert h.where(second) != busy
@@ -33,8 +33,8 @@ def test_turns_of_one_session_follow_the_load_not_the_session() -> None:
     h.child_release("k")  # unknown to the table: counted, harmless
     assert h.core.stats.sticky_hits == 0
     assert h.core.stats.sticky_misses == 3
-    assert h.core.table.entries == {}
-    assert h.core.table.aliases == {}
+    assert h.table.entries == {}
+    assert h.table.aliases == {}
     check_no_leak(h.core)
 
 
