@@ -115,7 +115,7 @@ class Credit(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=Fals
     """
 
     id: int
-    """Unique for the lifetime of the producer's connection; the key is (producer, id)."""
+    """Unique among the producer incarnation's credits in progress; the key is (producer, id)."""
     x_correlation_id: Id
     """The session instance id: the sticky key and the ``X-Correlation-ID`` header."""
     turn_index: int = 0
@@ -164,11 +164,12 @@ class Submit(Msg, frozen=True, kw_only=True, tag="submit"):
     """Submit one credit."""
 
     credit: Credit
-    """The credit; its ``id`` must be new on this connection."""
+    """The credit; its ``id`` must not be one of this producer incarnation's credits in progress."""
     router_incarnation: Id = ""
-    """The router incarnation whose welcome this producer is answering; a router of another
-    incarnation drops the frame (``ErrorReport`` ``stale_incarnation``) so a credit meant for a
-    router that died is never also run by its successor. Empty: any router."""
+    """The router incarnation whose welcome this producer is answering. A router of another
+    incarnation does not run the frame: it ends each credit ``rejected: stale_incarnation``
+    (it never ran; submit it again), so a credit meant for a router that died is never also run
+    by its successor while its producer gives up on it. Empty: any router."""
 
 
 class SubmitBatch(Msg, frozen=True, kw_only=True, tag="submitb"):
@@ -232,15 +233,16 @@ class Refusal(Msg, frozen=True, kw_only=True, tag="refusal"):
     """The ``protocol_version`` the hello carried."""
     code: Text = ""
     """Stable machine-readable reason (docs/PROTOCOL.md §7.2): ``version_mismatch``,
-    ``invalid_capacity``, ``name_mismatch``, ``name_in_use``, ``superseded``,
-    ``incarnation_in_use``. Empty from a router that predates the field."""
+    ``invalid_capacity``, ``name_mismatch``, ``name_in_use``, ``superseded``. Empty from a
+    router that predates the field."""
 
 
 class ErrorReport(Msg, frozen=True, kw_only=True, tag="error"):
     """The router could not process a message from this peer. Informational; the peer may go on."""
 
     code: Text
-    """Stable machine-readable reason, e.g. ``invalid_message``, ``unknown_producer``."""
+    """Stable machine-readable reason (docs/PROTOCOL.md §7.2), e.g. ``invalid_message``,
+    ``hello_required``, ``unknown_worker``, ``invalid_status``, ``duplicate_credit``."""
     message: Text
     """Human-readable detail (for a decode error: the field path and the problem)."""
 
@@ -354,8 +356,10 @@ class Recovered(Msg, frozen=True, kw_only=True, tag="recovered"):
     """Completions of credits dispatched by an earlier router incarnation (it restarted).
 
     The new router has no record of these credits; it forwards each as an outcome to its
-    producer (if connected) and acknowledges them. Sent once after a ``Welcome`` whose
-    ``router_incarnation`` differs from the one that dispatched the credits.
+    producer (held until that producer says hello, if it has not yet), once — it drops any
+    ``seq`` of the worker's incarnation it has already seen — and acknowledges them. Sent after
+    a ``Welcome`` whose ``router_incarnation`` differs from the one that dispatched the
+    credits: the unacknowledged ones at once, later ones as they complete.
     """
 
     router_incarnation: Id

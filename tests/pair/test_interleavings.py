@@ -6,7 +6,7 @@ no credit is left without one, and no later turn ran without its history (invari
 non-first turn runs where its history is or ends with an explicit outcome).
 
 ``make test`` runs a few examples (``PAIR_EXAMPLES``, default 8); ``make fuzz`` runs
-``FUZZ_EXAMPLES`` of them.
+``PAIR_FUZZ_EXAMPLES`` (default 200; each example is a second of real sockets).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tests.pair.rig import Rig
 pytestmark = pytest.mark.integration
 
 EXAMPLES = int(
-    os.environ.get("FUZZ_EXAMPLES", "200")
+    os.environ.get("PAIR_FUZZ_EXAMPLES", "200")
     if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz-long"
     else os.environ.get("PAIR_EXAMPLES", "8")
 )
