@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 RUN := $(UV) run --frozen --extra dev
 
-.PHONY: help install run test lint typecheck format bench fuzz fuzz-atheris deploy-tools clean
+.PHONY: help install run test lint typecheck format bench bench-peers compile fuzz fuzz-atheris deploy-tools clean
 
 help:  #? list targets
 	@grep -E '^[a-z-]+:.*#\?' $(MAKEFILE_LIST) | sed -E 's/:.*#\?/\t/'
@@ -45,6 +45,16 @@ bench: install  #? benchmarks, printed as JSON lines
 	$(RUN) credit-router bench core --json
 	$(RUN) credit-router bench e2e --json
 	$(RUN) python -m loadgen.bench.pacing --json
+
+# AIPerf goes into a throwaway venv under .tools (never .venv): the newest release on PyPI unless
+# AIPERF_SPEC pins one (e.g. AIPERF_SPEC="aiperf==0.13.0"). Recreated on every run so "newest" holds.
+AIPERF_SPEC ?= aiperf
+AIPERF_VENV := $(TOOLS)/aiperf-venv
+bench-peers: install  #? our core vs AIPerf's StickyCreditRouter, same closed loop, one table (AIPERF_SPEC=aiperf)
+	rm -rf $(AIPERF_VENV)
+	$(UV) venv --quiet $(AIPERF_VENV)
+	$(UV) pip install --quiet --python $(AIPERF_VENV)/bin/python "$(AIPERF_SPEC)"
+	$(RUN) python -m loadgen.bench.peers --aiperf-python $(AIPERF_VENV)/bin/python
 
 # The fuzz tests run briefly in `make test`; here each gets FUZZ_EXAMPLES examples (default 5000).
 fuzz: install  #? long fuzz run of the decoders and the router (FUZZ_EXAMPLES=5000 per test)

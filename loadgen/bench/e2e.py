@@ -162,6 +162,29 @@ def _closed_loop(
     }
 
 
+def _one_in_flight(
+    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, duration_s: float
+) -> dict[str, float]:
+    """One credit in flight at a time: submit -> outcome round trip, the latency floor of a hop."""
+    producer = _Producer(ctx, endpoint)
+    rtts: list[float] = []
+    start = time.perf_counter()
+    while True:
+        sent = time.perf_counter()
+        if sent - start >= duration_s:
+            break
+        producer.submit(1)
+        while not producer.outcomes(5_000):
+            pass
+        rtts.append(time.perf_counter() - sent)
+    producer.close()
+    rtts = sorted(rtts[len(rtts) // 10 :])  # the first tenth warms connections and caches
+    return {
+        "one_in_flight_p50_us": rtts[len(rtts) // 2] * 1e6,
+        "one_in_flight_mean_us": sum(rtts) / len(rtts) * 1e6,
+    }
+
+
 def _open_loop(
     ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, rate: float, duration_s: float
 ) -> dict[str, float]:
@@ -280,6 +303,7 @@ def _measure(
             row.update(_closed_loop(ctx, producers, procs[0].pid, window, 1.0, duration_s))
             rate = half_rate if half_rate is not None else row["credits_per_s"] / 2
             row.update(_open_loop(ctx, producers, rate, duration_s))
+            row.update(_one_in_flight(ctx, producers, min(duration_s, 2.0)))
             return row
     finally:
         ctx.destroy(linger=0)
@@ -351,6 +375,9 @@ def run(
         "target_credits_per_s": 250_000,
         "p99_half_load_vs_raw": router["p99_us"] / raw["p99_us"],
         "target_p99_half_load_vs_raw": 1.5,
+        "one_in_flight_p50_minus_raw_us": router["one_in_flight_p50_us"]
+        - raw["one_in_flight_p50_us"],
+        "target_one_in_flight_minus_raw_us": 100,
     }
     rows = [raw, router, bare, summary]
     if scale_agents:
