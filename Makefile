@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 RUN := $(UV) run --frozen --extra dev
 
-.PHONY: help install run test lint typecheck format bench bench-peers compile fuzz fuzz-atheris deploy-tools clean
+.PHONY: help install run test lint typecheck format bench bench-peers compile uncompile fuzz fuzz-atheris deploy-tools clean
 
 help:  #? list targets
 	@grep -E '^[a-z-]+:.*#\?' $(MAKEFILE_LIST) | sed -E 's/:.*#\?/\t/'
@@ -45,6 +45,17 @@ bench: install  #? benchmarks, printed as JSON lines
 	$(RUN) credit-router bench core --json
 	$(RUN) credit-router bench e2e --json
 	$(RUN) python -m loadgen.bench.pacing --json
+
+# Optional mypyc build of the per-credit modules (scripts/mypyc_build.py lists them) into build/mypyc,
+# enabled through a .pth in .venv. A guard hashes the sources at interpreter start and ignores the
+# whole build (one line on stderr) once any of them is edited; CREDIT_ROUTER_INTERPRETED=1 skips it.
+compile: install  #? mypyc-compile the routing core and peer links (optional; `make uncompile` undoes)
+	$(UV) run --frozen --extra dev --with "setuptools>=80" python scripts/mypyc_build.py \
+		"$$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+
+uncompile:  #? remove the mypyc build and its .pth: back to the interpreted sources
+	rm -rf build/mypyc build/mypyc-tmp
+	rm -f .venv/lib/python*/site-packages/credit_router_mypyc.pth
 
 # AIPerf goes into a throwaway venv under .tools (never .venv): the newest release on PyPI unless
 # AIPERF_SPEC pins one (e.g. AIPERF_SPEC="aiperf==0.13.0"). Recreated on every run so "newest" holds.
@@ -88,4 +99,4 @@ deploy-tools:  #? install prometheus, promtool and systemd-analyze from Debian i
 	fi
 
 clean:  #? remove the environment and caches
-	rm -rf .venv $(TOOLS) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf .venv $(TOOLS) build .pytest_cache .mypy_cache .ruff_cache .hypothesis

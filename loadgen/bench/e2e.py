@@ -135,18 +135,20 @@ def _closed_loop(
     window: int,
     warmup_s: float,
     duration_s: float,
+    worker_pids: tuple[int, ...] = (),
 ) -> dict[str, float]:
     producer = _Producer(ctx, endpoint)
     producer.submit(window)
     start = time.perf_counter()
     measuring_since = 0.0
     count = 0
-    cpu0 = 0.0
+    cpu0 = wcpu0 = 0.0
     while True:
         outcomes = producer.outcomes(10_000)
         now = time.perf_counter()
         if not measuring_since and now - start >= warmup_s:
             measuring_since, count, cpu0 = now, 0, _cpu_s(pid)
+            wcpu0 = sum(_cpu_s(w) for w in worker_pids)
         elif measuring_since:
             count += len(outcomes)
             if now - measuring_since >= duration_s:
@@ -154,11 +156,16 @@ def _closed_loop(
         producer.submit(len(outcomes))
     elapsed = now - measuring_since
     cpu = _cpu_s(pid) - cpu0
+    wcpu = sum(_cpu_s(w) for w in worker_pids) - wcpu0
     producer.close()
     return {
         "credits_per_s": count / elapsed,
         "router_cpu_us_per_credit": cpu / max(count, 1) * 1e6,
         "router_cores": cpu / elapsed,
+        # The workers share the same two cores: when they use most of them, they and not the
+        # router bound the closed loop.
+        "workers_cpu_us_per_credit": wcpu / max(count, 1) * 1e6,
+        "workers_cores": wcpu / elapsed,
     }
 
 
@@ -300,7 +307,8 @@ def _measure(
             if dead:
                 raise RuntimeError(f"{name}: processes exited at start: {dead}")
             row: dict[str, Any] = {"system": name}
-            row.update(_closed_loop(ctx, producers, procs[0].pid, window, 1.0, duration_s))
+            pids = tuple(p.pid for p in procs[1:])
+            row.update(_closed_loop(ctx, producers, procs[0].pid, window, 1.0, duration_s, pids))
             rate = half_rate if half_rate is not None else row["credits_per_s"] / 2
             row.update(_open_loop(ctx, producers, rate, duration_s))
             row.update(_one_in_flight(ctx, producers, min(duration_s, 2.0)))

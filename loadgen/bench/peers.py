@@ -1,7 +1,7 @@
 """``make bench-peers``: our routing core against AIPerf's sticky router, same closed loop, one run.
 
 AIPerf runs in its own throwaway virtual environment (``--aiperf-python``, built by the Makefile
-from the newest ``aiperf`` on PyPI) through ``aiperf_harness.py``; ours runs here through
+from the newest ``aiperf`` on PyPI) through ``scripts/aiperf_harness.py``; ours runs here through
 ``core._closed_loop``. Both: 64 workers, 1024 credits in flight, single-turn and 5-turn sticky
 sessions, credits built before the timed loop, GC off inside it. The systems alternate run by
 run so a noisy neighbour on this shared machine hits both alike; the table reports the best of
@@ -23,7 +23,8 @@ from loadgen.bench import core
 
 __all__ = ["main", "run"]
 
-HARNESS = Path(__file__).with_name("aiperf_harness.py")
+# Not in the package: it runs under the throwaway environment, which has AIPerf and not us.
+HARNESS = Path(__file__).resolve().parents[2] / "scripts" / "aiperf_harness.py"
 SCENARIOS = ("single_turn", "sticky_5_turn")
 
 

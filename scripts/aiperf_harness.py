@@ -1,4 +1,4 @@
-"""Drive AIPerf's ``StickyCreditRouter`` through the closed loop of ``credit-router bench core``.
+"""``make bench-peers``: AIPerf's ``StickyCreditRouter`` in the closed loop of ``bench core``.
 
 Runs inside a throwaway virtual environment that has ``aiperf`` installed (``make bench-peers``
 builds it); it imports nothing from this project, so the project's own environment never needs

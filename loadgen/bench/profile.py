@@ -1,0 +1,124 @@
+"""Where the router's microseconds per credit go, end to end (``make bench-profile``).
+
+Starts ``credit-router serve`` and sim workers as ``bench e2e`` does, keeps a closed loop of
+credits in flight from a bare producer, and samples the router process with py-spy (installed by
+the Makefile into a throwaway venv; sampling, so the router runs at its normal speed, unlike
+under cProfile). Each sampled stack's leaf and its nearest frame in our code are charged with
+the router's measured CPU per credit in proportion to their samples: a table of µs per credit by
+our function (inclusive of the library calls it makes) and by leaf (where the CPU actually is).
+
+Usage: ``python -m loadgen.bench.profile --py-spy PATH [--seconds 8] [--top 30]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from loadgen.bench import e2e
+
+__all__ = ["main"]
+
+OURS = ("router_service/", "protocol/", "credit_common/")
+
+
+def _frames(stack: str) -> list[tuple[str, str]]:
+    """``func (file:line)`` frames of one collapsed py-spy stack, outermost first."""
+    out = []
+    for frame in stack.split(";"):
+        name, _, where = frame.partition(" (")
+        out.append((name.strip(), where.rstrip(")").rsplit(":", 1)[0]))
+    return out
+
+
+def _label(name: str, path: str) -> str:
+    for marker in OURS:
+        if marker in path:
+            return f"{marker}{path.split(marker, 1)[1]}:{name}"
+    return f"{Path(path).name}:{name}" if path else name
+
+
+def _tables(raw: str, us_per_credit: float, top: int) -> dict[str, list[tuple[str, float]]]:
+    by_leaf: collections.Counter[str] = collections.Counter()
+    by_ours: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = _frames(stack)
+        if not frames:
+            continue
+        total += count
+        by_leaf[_label(*frames[-1])] += count
+        ours = [f for f in frames if any(m in f[1] for m in OURS)]
+        by_ours[_label(*ours[-1]) if ours else "(outside our code: loop, libzmq, idle)"] += count
+    scale = us_per_credit / max(total, 1)
+    return {
+        "by_our_function": [(k, v * scale) for k, v in by_ours.most_common(top)],
+        "by_leaf": [(k, v * scale) for k, v in by_leaf.most_common(top)],
+    }
+
+
+def run(py_spy: str, seconds: float, window: int, workers: int, top: int) -> dict[str, Any]:
+    producers, worker_ep = f"tcp://127.0.0.1:{e2e._port()}", f"tcp://127.0.0.1:{e2e._port()}"
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    stats: dict[str, float] = {}
+    with e2e._processes(e2e._router_commands(producers, worker_ep, workers, window)) as procs:
+        time.sleep(1.0)
+        pid = procs[0].pid
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "router.txt"
+            spy = subprocess.Popen(
+                [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "500",
+                 "--duration", str(int(seconds) + 2), "--output", str(out), "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )  # fmt: skip
+
+            def loop() -> None:
+                stats.update(e2e._closed_loop(ctx, producers, pid, window, 1.0, seconds))
+
+            thread = threading.Thread(target=loop)
+            thread.start()
+            thread.join()
+            _, err = spy.communicate(timeout=60)
+            if not out.exists():
+                raise RuntimeError(f"py-spy wrote no profile: {err.decode().strip()[-300:]}")
+            raw = out.read_text()
+    ctx.destroy(linger=0)
+    return {"closed_loop": stats, **_tables(raw, stats["router_cpu_us_per_credit"], top)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadgen.bench.profile", description=__doc__)
+    parser.add_argument("--py-spy", required=True, help="path of a py-spy executable")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--window", type=int, default=2048)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--top", type=int, default=30)
+    args = parser.parse_args(argv)
+    result = run(args.py_spy, args.seconds, args.window, args.workers, args.top)
+    loop = result["closed_loop"]
+    print(
+        f"router: {loop['credits_per_s']:.0f} credits/s, {loop['router_cpu_us_per_credit']:.2f} "
+        f"µs CPU per credit, {loop['router_cores']:.2f} cores (shared 2-core machine: noisy)"
+    )
+    for title, key in (("our function (inclusive)", "by_our_function"), ("leaf", "by_leaf")):
+        print(f"\n| µs/credit | {title} |\n|---:|---|")
+        for name, us in result[key]:
+            print(f"| {us:.3f} | {name} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
