@@ -28,7 +28,7 @@ from loadgen.bench import e2e
 
 __all__ = ["main"]
 
-OURS = ("router_service/", "protocol/", "credit_common/")
+OURS = ("router_service/", "worker_agent/", "protocol/", "credit_common/")
 
 
 def _frames(stack: str) -> list[tuple[str, str]]:
@@ -70,33 +70,49 @@ def _tables(raw: str, us_per_credit: float, top: int) -> dict[str, list[tuple[st
     }
 
 
-def run(py_spy: str, seconds: float, window: int, workers: int, top: int) -> dict[str, Any]:
+def run(
+    py_spy: str, seconds: float, window: int, workers: int, top: int, target: str = "router"
+) -> dict[str, Any]:
+    """Profile ``target`` ("router", or "worker": the first worker agent process)."""
     producers, worker_ep = f"tcp://127.0.0.1:{e2e._port()}", f"tcp://127.0.0.1:{e2e._port()}"
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     stats: dict[str, float] = {}
     with e2e._processes(e2e._router_commands(producers, worker_ep, workers, window)) as procs:
         time.sleep(1.0)
-        pid = procs[0].pid
+        pid = procs[0].pid if target == "router" else procs[1].pid
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "router.txt"
-            spy = subprocess.Popen(
-                [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "500",
-                 "--duration", str(int(seconds) + 2), "--output", str(out), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            )  # fmt: skip
+            out = Path(tmp) / "profile.txt"
 
             def loop() -> None:
-                stats.update(e2e._closed_loop(ctx, producers, pid, window, 1.0, seconds))
+                stats.update(
+                    e2e._closed_loop(
+                        ctx, producers, procs[0].pid, window, 1.0, seconds, (procs[1].pid,)
+                    )
+                )
 
             thread = threading.Thread(target=loop)
             thread.start()
+            time.sleep(1.5)  # past start-up (imports) and the closed loop's warm-up
+            # Sampling without --idle: only samples where the process runs, so the shares
+            # split its CPU time (not wall time).
+            spy = subprocess.run(
+                [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "500",
+                 "--duration", str(max(1, int(seconds) - 2)), "--output", str(out),
+                 "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False,
+            )  # fmt: skip
             thread.join()
-            _, err = spy.communicate(timeout=60)
             if not out.exists():
-                raise RuntimeError(f"py-spy wrote no profile: {err.decode().strip()[-300:]}")
+                raise RuntimeError(f"py-spy wrote no profile: {spy.stderr.decode()[-300:]}")
             raw = out.read_text()
     ctx.destroy(linger=0)
-    return {"closed_loop": stats, **_tables(raw, stats["router_cpu_us_per_credit"], top)}
+    # One worker process of ``workers`` is sampled: it handles 1/workers of the credits.
+    per_credit = (
+        stats["router_cpu_us_per_credit"]
+        if target == "router"
+        else stats["workers_cpu_us_per_credit"] * workers
+    )
+    return {"closed_loop": stats, **_tables(raw, per_credit, top)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,12 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--target", choices=["router", "worker"], default="router")
     args = parser.parse_args(argv)
-    result = run(args.py_spy, args.seconds, args.window, args.workers, args.top)
+    result = run(args.py_spy, args.seconds, args.window, args.workers, args.top, args.target)
     loop = result["closed_loop"]
     print(
-        f"router: {loop['credits_per_s']:.0f} credits/s, {loop['router_cpu_us_per_credit']:.2f} "
-        f"µs CPU per credit, {loop['router_cores']:.2f} cores (shared 2-core machine: noisy)"
+        f"{loop['credits_per_s']:.0f} credits/s; router {loop['router_cpu_us_per_credit']:.2f} µs "
+        f"CPU per credit ({loop['router_cores']:.2f} cores); worker processes "
+        f"{loop['workers_cpu_us_per_credit']:.2f} µs per credit ({loop['workers_cores']:.2f} "
+        f"cores, {args.workers} processes); profiled: {args.target} (shared machine: noisy)"
     )
     for title, key in (("our function (inclusive)", "by_our_function"), ("leaf", "by_leaf")):
         print(f"\n| µs/credit | {title} |\n|---:|---|")
