@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 RUN := $(UV) run --frozen --extra dev
 
-.PHONY: help install run test lint typecheck format bench bench-peers compile uncompile fuzz fuzz-atheris deploy-tools clean
+.PHONY: help install run test lint typecheck format bench bench-peers bench-compiled bench-profile compile uncompile fuzz fuzz-atheris deploy-tools clean
 
 help:  #? list targets
 	@grep -E '^[a-z-]+:.*#\?' $(MAKEFILE_LIST) | sed -E 's/:.*#\?/\t/'
@@ -56,6 +56,17 @@ compile: install  #? mypyc-compile the routing core and peer links (optional; `m
 uncompile:  #? remove the mypyc build and its .pth: back to the interpreted sources
 	rm -rf build/mypyc build/mypyc-tmp
 	rm -f .venv/lib/python*/site-packages/credit_router_mypyc.pth
+
+bench-compiled: compile  #? bench core compiled (make compile) vs interpreted, alternating, as ratios
+	$(RUN) python -m loadgen.bench.compiled
+
+# py-spy (a sampling profiler, so the router runs at full speed) goes into a throwaway venv.
+PYSPY_VENV := $(TOOLS)/py-spy-venv
+PROFILE_TARGET ?= router
+bench-profile: install  #? µs per credit by function, end to end, sampled (PROFILE_TARGET=router|worker)
+	test -x $(PYSPY_VENV)/bin/py-spy || { $(UV) venv --quiet $(PYSPY_VENV) && \
+		$(UV) pip install --quiet --python $(PYSPY_VENV)/bin/python "py-spy>=0.4,<0.5"; }
+	$(RUN) python -m loadgen.bench.profile --py-spy $(PYSPY_VENV)/bin/py-spy --target $(PROFILE_TARGET)
 
 # AIPerf goes into a throwaway venv under .tools (never .venv): the newest release on PyPI unless
 # AIPERF_SPEC pins one (e.g. AIPERF_SPEC="aiperf==0.13.0"). Recreated on every run so "newest" holds.
