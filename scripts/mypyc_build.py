@@ -10,7 +10,8 @@ The sources are never shadowed blindly. The build writes, next to the extension 
   half-fresh group is not safe). Otherwise it prints one line naming the edited file and the
   interpreter runs the sources as if nothing had been compiled;
 * ``.venv/.../credit_router_mypyc.pth``, which imports the guard (``make uncompile`` removes
-  it and the build directory).
+  it and the build directory) — written only after a small closed loop of ``bench core`` ran on
+  the compiled modules, so a build that compiles but misbehaves is never enabled.
 
 ``CREDIT_ROUTER_INTERPRETED=1`` skips the compiled modules for one process.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +44,31 @@ SOURCES = [
 
 def _module(source: str) -> str:
     return source.removesuffix(".py").replace("/", ".")
+
+
+_SMOKE = f"""
+import sys
+sys.path.insert(0, {str(OUT)!r})
+import _credit_router_mypyc as guard
+guard.install()
+assert guard.active, guard.ignored
+from loadgen.bench import core
+import router_service.core.router as router
+assert not router.__file__.endswith(".py"), router.__file__
+for kind in ("single_turn", "sticky_5_turn"):
+    for batch in (1, 64):
+        core._closed_loop(core._core(8, 1000), core._credits(kind, 5000, 256), 256, batch)
+"""
+
+
+def _smoke() -> str | None:
+    """Run a small closed loop on the compiled modules in a child; the failure's last line."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SMOKE], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    if out.returncode == 0:
+        return None
+    return (out.stderr.strip().splitlines() or ["no output"])[-1]
 
 
 def main(argv: list[str]) -> int:
@@ -80,6 +107,10 @@ def main(argv: list[str]) -> int:
         json.dumps({"root": str(ROOT), "python": sys.version, "modules": modules}, indent=1)
     )
     shutil.copyfile(ROOT / "scripts" / "mypyc_guard.py", OUT / "_credit_router_mypyc.py")
+    failure = _smoke()
+    if failure is not None:
+        print(f"mypyc build: not enabled, the compiled core fails a closed loop: {failure}")
+        return 1
     pth = Path(argv[0]) / "credit_router_mypyc.pth"
     pth.write_text(f"{OUT}\nimport _credit_router_mypyc; _credit_router_mypyc.install()\n")
     print(f"mypyc build: {len(modules)} modules in {OUT}; enabled by {pth}")

@@ -36,8 +36,12 @@ def _child(interpreted: bool, credits: int) -> dict[str, Any]:
     env = {**os.environ, "CREDIT_ROUTER_INTERPRETED": "1" if interpreted else "0"}
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, str(credits)],
-        env=env, capture_output=True, text=True, check=True,
+        env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
+    if out.returncode != 0:
+        build = "interpreted" if interpreted else "compiled"
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the {build} run failed: {last}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
@@ -50,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
     for _ in range(args.repeat):
         for interpreted in (True, False):
-            result = _child(interpreted, args.credits)
+            try:
+                result = _child(interpreted, args.credits)
+            except RuntimeError as exc:
+                print(f"bench-compiled: {exc}")
+                return 1
             if result.pop("compiled") == interpreted:
                 print("bench-compiled: the compiled build is not in use (run `make compile`)")
                 return 1
