@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 RUN := $(UV) run --frozen --extra dev
 
-.PHONY: help install run test lint typecheck format bench fuzz fuzz-atheris deploy-tools clean
+.PHONY: help install run test lint typecheck format bench bench-peers bench-compiled bench-profile compile uncompile fuzz fuzz-atheris deploy-tools clean
 
 help:  #? list targets
 	@grep -E '^[a-z-]+:.*#\?' $(MAKEFILE_LIST) | sed -E 's/:.*#\?/\t/'
@@ -46,6 +46,38 @@ bench: install  #? benchmarks, printed as JSON lines
 	$(RUN) credit-router bench e2e --json
 	$(RUN) python -m loadgen.bench.pacing --json
 
+# Optional mypyc build of the per-credit modules (scripts/mypyc_build.py lists them) into build/mypyc,
+# enabled through a .pth in .venv. A guard hashes the sources at interpreter start and ignores the
+# whole build (one line on stderr) once any of them is edited; CREDIT_ROUTER_INTERPRETED=1 skips it.
+compile: install  #? mypyc-compile the routing core and peer links (optional; `make uncompile` undoes)
+	$(UV) run --frozen --extra dev --with "setuptools>=80" python scripts/mypyc_build.py \
+		"$$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+
+uncompile:  #? remove the mypyc build and its .pth: back to the interpreted sources
+	rm -rf build/mypyc build/mypyc-tmp
+	rm -f .venv/lib/python*/site-packages/credit_router_mypyc.pth
+
+bench-compiled: compile  #? bench core compiled (make compile) vs interpreted, alternating, as ratios
+	$(RUN) python -m loadgen.bench.compiled
+
+# py-spy (a sampling profiler, so the router runs at full speed) goes into a throwaway venv.
+PYSPY_VENV := $(TOOLS)/py-spy-venv
+PROFILE_TARGET ?= router
+bench-profile: install  #? µs per credit by function, end to end, sampled (PROFILE_TARGET=router|worker)
+	test -x $(PYSPY_VENV)/bin/py-spy || { $(UV) venv --quiet $(PYSPY_VENV) && \
+		$(UV) pip install --quiet --python $(PYSPY_VENV)/bin/python "py-spy>=0.4,<0.5"; }
+	$(RUN) python -m loadgen.bench.profile --py-spy $(PYSPY_VENV)/bin/py-spy --target $(PROFILE_TARGET)
+
+# AIPerf goes into a throwaway venv under .tools (never .venv): the newest release on PyPI unless
+# AIPERF_SPEC pins one (e.g. AIPERF_SPEC="aiperf==0.13.0"). Recreated on every run so "newest" holds.
+AIPERF_SPEC ?= aiperf
+AIPERF_VENV := $(TOOLS)/aiperf-venv
+bench-peers: install  #? our core vs AIPerf's StickyCreditRouter, same closed loop, one table (AIPERF_SPEC=aiperf)
+	rm -rf $(AIPERF_VENV)
+	$(UV) venv --quiet $(AIPERF_VENV)
+	$(UV) pip install --quiet --python $(AIPERF_VENV)/bin/python "$(AIPERF_SPEC)"
+	$(RUN) python -m loadgen.bench.peers --aiperf-python $(AIPERF_VENV)/bin/python
+
 # The fuzz tests run briefly in `make test`; here each gets FUZZ_EXAMPLES examples (default 5000).
 fuzz: install  #? long fuzz run of the decoders and the router (FUZZ_EXAMPLES=5000 per test)
 	HYPOTHESIS_PROFILE=fuzz-long $(RUN) pytest tests/fuzz tests/pair/test_interleavings.py -q --timeout=0
@@ -78,4 +110,4 @@ deploy-tools:  #? install prometheus, promtool and systemd-analyze from Debian i
 	fi
 
 clean:  #? remove the environment and caches
-	rm -rf .venv $(TOOLS) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf .venv $(TOOLS) build .pytest_cache .mypy_cache .ruff_cache .hypothesis

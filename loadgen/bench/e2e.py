@@ -135,18 +135,21 @@ def _closed_loop(
     window: int,
     warmup_s: float,
     duration_s: float,
+    worker_pids: tuple[int, ...] = (),
 ) -> dict[str, float]:
     producer = _Producer(ctx, endpoint)
     producer.submit(window)
     start = time.perf_counter()
     measuring_since = 0.0
     count = 0
-    cpu0 = 0.0
+    cpu0 = wcpu0 = pcpu0 = 0.0
     while True:
         outcomes = producer.outcomes(10_000)
         now = time.perf_counter()
         if not measuring_since and now - start >= warmup_s:
             measuring_since, count, cpu0 = now, 0, _cpu_s(pid)
+            wcpu0 = sum(_cpu_s(w) for w in worker_pids)
+            pcpu0 = time.process_time()
         elif measuring_since:
             count += len(outcomes)
             if now - measuring_since >= duration_s:
@@ -154,11 +157,42 @@ def _closed_loop(
         producer.submit(len(outcomes))
     elapsed = now - measuring_since
     cpu = _cpu_s(pid) - cpu0
+    wcpu = sum(_cpu_s(w) for w in worker_pids) - wcpu0
+    pcpu = time.process_time() - pcpu0
     producer.close()
     return {
         "credits_per_s": count / elapsed,
         "router_cpu_us_per_credit": cpu / max(count, 1) * 1e6,
         "router_cores": cpu / elapsed,
+        # The workers share the same two cores: when they use most of them, they and not the
+        # router bound the closed loop.
+        "workers_cpu_us_per_credit": wcpu / max(count, 1) * 1e6,
+        "workers_cores": wcpu / elapsed,
+        # The bench's own producer (this process) takes its share of the two cores as well.
+        "producer_cpu_us_per_credit": pcpu / max(count, 1) * 1e6,
+    }
+
+
+def _one_in_flight(
+    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, duration_s: float
+) -> dict[str, float]:
+    """One credit in flight at a time: submit -> outcome round trip, the latency floor of a hop."""
+    producer = _Producer(ctx, endpoint)
+    rtts: list[float] = []
+    start = time.perf_counter()
+    while True:
+        sent = time.perf_counter()
+        if sent - start >= duration_s:
+            break
+        producer.submit(1)
+        while not producer.outcomes(5_000):
+            pass
+        rtts.append(time.perf_counter() - sent)
+    producer.close()
+    rtts = sorted(rtts[len(rtts) // 10 :])  # the first tenth warms connections and caches
+    return {
+        "one_in_flight_p50_us": rtts[len(rtts) // 2] * 1e6,
+        "one_in_flight_mean_us": sum(rtts) / len(rtts) * 1e6,
     }
 
 
@@ -277,9 +311,11 @@ def _measure(
             if dead:
                 raise RuntimeError(f"{name}: processes exited at start: {dead}")
             row: dict[str, Any] = {"system": name}
-            row.update(_closed_loop(ctx, producers, procs[0].pid, window, 1.0, duration_s))
+            pids = tuple(p.pid for p in procs[1:])
+            row.update(_closed_loop(ctx, producers, procs[0].pid, window, 1.0, duration_s, pids))
             rate = half_rate if half_rate is not None else row["credits_per_s"] / 2
             row.update(_open_loop(ctx, producers, rate, duration_s))
+            row.update(_one_in_flight(ctx, producers, min(duration_s, 2.0)))
             return row
     finally:
         ctx.destroy(linger=0)
@@ -351,6 +387,9 @@ def run(
         "target_credits_per_s": 250_000,
         "p99_half_load_vs_raw": router["p99_us"] / raw["p99_us"],
         "target_p99_half_load_vs_raw": 1.5,
+        "one_in_flight_p50_minus_raw_us": router["one_in_flight_p50_us"]
+        - raw["one_in_flight_p50_us"],
+        "target_one_in_flight_minus_raw_us": 100,
     }
     rows = [raw, router, bare, summary]
     if scale_agents:
