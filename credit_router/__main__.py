@@ -155,6 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
         heartbeat_interval_s=settings.heartbeat_interval_s,
         suspect_after_missed=settings.suspect_after_missed,
         lost_after_s=settings.lost_after_s,
+        closed_grace_s=min(settings.closed_grace_s, settings.lost_after_s),
         inflight_report_interval_s=settings.inflight_report_interval_s,
         soft_affinity_gap=settings.soft_affinity_gap,
         spawn_affinity_slack=settings.spawn_affinity_slack,

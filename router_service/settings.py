@@ -74,6 +74,9 @@ class RouterSettings(LayeredSettings):
     """Silent beats after which a worker gets nothing new."""
     lost_after_s: PositiveFloat = 5.0
     """Silence after which a worker is lost and its credits end (the grace period)."""
+    closed_grace_s: PositiveFloat = 1.0
+    """A worker whose connection closed (its process died, a link was cut) is suspect at once
+    and lost this long after, unless it says hello again (capped at ``lost_after_s``)."""
     inflight_report_interval_s: PositiveFloat = 5.0
     drain_deadline_s: NonNegativeFloat = 30.0
     producer_timeout_s: PositiveFloat = 60.0

@@ -2,7 +2,7 @@
 
 No I/O in this module, no clock reads: time is passed in as ``now``.
 
-A session belongs to the producer that started it (``routing.md`` §1): its key is
+A session belongs to the producer that started it (``docs/ROUTING.md`` §1): its key is
 ``(producer, x_correlation_id)``. Each producer has its own ``SessionTable`` (entries, aliases,
 tombstones), found in ``Sessions.tables`` by the producer key, so another producer's credits,
 ``EndSession``, ``ReleaseReservation`` or ``ChildRelease`` with the same id never reach it. One
@@ -42,7 +42,7 @@ __all__ = ["NO_HISTORY", "Alias", "Entry", "SessionTable", "Sessions"]
 
 NO_HISTORY = "/no_history"
 """Suffix of a tombstone whose session never completed a turn on the worker that was lost: no
-history of it exists anywhere, so a retry of its turn 0 starts it afresh (``routing.md`` §3)."""
+history of it exists anywhere, so a retry of its turn 0 starts it afresh (``docs/ROUTING.md`` §3)."""
 
 
 class Entry:

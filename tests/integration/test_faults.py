@@ -312,7 +312,8 @@ async def test_same_incarnation_reconnecting_within_grace_loses_nothing(
 ) -> None:
     # A blip costs the worker's libzmq a few reconnect back-off steps and a hello: give it the
     # default grace (5 s) rather than the short one the other tests use.
-    cluster.start_router("--lost-after-s", "5")
+    # (A cut link looks like a closed connection: it gets the same grace here.)
+    cluster.start_router("--lost-after-s", "5", "--closed-grace-s", "5")
     proxy = Proxy(cluster.worker_port)
     await proxy.start()
     real = cluster.worker_port

@@ -250,9 +250,14 @@ class Rig:
         if transport is not None and sock is not None:
             # The socket goes first, abruptly (no linger): nothing the dying agent does after
             # this — cancelling, flushing, saying goodbye — reaches the router.
+            monitor = transport._monitor  # type: ignore[attr-defined]
+            if monitor is not None:
+                monitor.close()
+                transport._monitor = None  # type: ignore[attr-defined]
             transport._loop.remove_reader(transport._fd)  # type: ignore[attr-defined]
             transport._sock = None  # type: ignore[attr-defined]
             sock.close(linger=0)
+            transport._ctx.term()  # type: ignore[attr-defined]
         worker.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await worker.task

@@ -292,7 +292,8 @@ async def test_goodbye_and_fork_child_on_parent_worker(router: RouterService, ct
         )
         for producer, credit in await holder.credits(2):
             holder.complete(producer, credit)
-            holder.send(ChildRelease(x_correlation_id=credit.x_correlation_id))
+            # Sessions belong to their producer: the release names it (PROTOCOL.md §5.3).
+            holder.send(ChildRelease(x_correlation_id=credit.x_correlation_id, producer=producer))
         await asyncio.wait_for(asyncio.gather(*kids), 3)
         await asyncio.sleep(0.05)
         assert router.core.sessions.live == 0
