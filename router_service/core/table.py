@@ -42,7 +42,8 @@ __all__ = ["NO_HISTORY", "Alias", "Entry", "SessionTable", "Sessions"]
 
 NO_HISTORY = "/no_history"
 """Suffix of a tombstone whose session never completed a turn on the worker that was lost: no
-history of it exists anywhere, so a retry of its turn 0 starts it afresh (``docs/ROUTING.md`` §3)."""
+history of it exists anywhere, so a retry of its turn 0 starts it afresh (``docs/ROUTING.md``
+§3)."""
 
 
 class Entry:
