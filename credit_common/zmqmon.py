@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -66,6 +67,13 @@ def handshake_failure(event: int, value: int) -> str:
         if value & 0x10000000:
             return f"ZMTP protocol error in the handshake (code {value:#x})"
         return f"handshake failed (protocol error {value:#x})"
+    if value in (errno.EPIPE, errno.ECONNRESET):
+        # The router hung up mid-handshake without saying why: what it does to a peer whose
+        # security does not match its own, or whose key it will not check.
+        return (
+            f"the router closed the connection during the handshake ({os.strerror(value)}): "
+            "a CURVE/plaintext mismatch, or a key it does not accept"
+        )
     return f"handshake failed ({os.strerror(value) if value > 0 else 'no detail'})"
 
 

@@ -188,8 +188,6 @@ class RouterService:
         """Frames for producer keys with no link (yet)."""
         self._held_since: dict[str, float] = {}
         self._seqs = SeqWindows()
-        self._acks: dict[WorkerLink, int] = {}
-        """Acknowledgements to send at the next tick (see ``_on_worker_frames``)."""
         self._errors: dict[tuple[str, bytes], _PeerErrors] = {}
         self.should_exit = False
         self.force_exit = False
@@ -303,8 +301,6 @@ class RouterService:
     def on_tick(self, now: float) -> None:
         """Periodic duties; public so tests can drive them with their own clock."""
         self.core.tick(now)
-        if self._acks:
-            self._send_acks()
         for link in list(self._names.values()):
             if link.outbox:
                 self._flush_worker(link)
@@ -323,12 +319,6 @@ class RouterService:
                 if producer.outbox:
                     producer.flush(psend)
         self._flush(now)
-
-    def _send_acks(self) -> None:
-        acks, self._acks = self._acks, {}
-        for link, seq in acks.items():
-            if link.state is LinkState.JOINED:
-                self._to_worker_identity(link, Ack(seq=seq))
 
     def _beat_workers(self) -> None:
         assert self._workers_sock is not None
@@ -393,9 +383,7 @@ class RouterService:
             link.revoked for link in self.workers.values() if link.state is LinkState.JOINED
         ):
             await asyncio.sleep(0.02)
-            self._send_acks()
             self._flush_all_outboxes()
-        self._send_acks()
         unconfirmed = [link.name for link in self.workers.values() if link.revoked]
         if unconfirmed:
             logger.warning(
@@ -560,13 +548,14 @@ class RouterService:
                 )
                 self._count("internal_error")
         self._flush(now)
-        # Acks wait for the next tick: by then the outcomes they cover have left this process
-        # (an ack that reached a worker before its outcome reached the producer would lose
-        # that outcome if the router died in between: the worker would never resend it).
-        pending = self._acks
+        # Acks leave after the outcomes they cover were handed to the transport, in the same
+        # wake-up: an ack sent first would, if the router died in between, lose the outcome for
+        # good (the worker never resends it); an ack held longer would, if it died after the
+        # outcome left, have the worker resend it to the next router, which would forward it a
+        # second time. Either window is now the gap between two sends.
         for link, seq in acks.items():
-            if seq > pending.get(link, 0):
-                pending[link] = seq
+            if link.state is LinkState.JOINED:
+                self._to_worker_identity(link, Ack(seq=seq))
 
     def _worker_message(
         self, link: WorkerLink, msg: object, now: float, acks: dict[WorkerLink, int]
