@@ -99,12 +99,15 @@ class WorkerLink(_Link):
     ``name`` and ``incarnation`` come from its admitted hello.
     """
 
-    __slots__ = ("incarnation", "name", "revoked")
+    __slots__ = ("after_welcome", "incarnation", "name", "revoked")
 
     def __init__(self, identity: bytes, now: float) -> None:
         super().__init__(identity, now)
         self.name = ""
         self.incarnation = ""
+        self.after_welcome: list[bytes] = []
+        """Frames held for a peer that has just said hello again: they go right after its
+        ``Welcome`` (a connection never gets a ``Dispatch`` before its ``Welcome``)."""
         self.revoked = False
         """Sent credits to forget (a draining router's ``Cancel(revoked=True)``) and not yet
         confirmed by an ``InFlightReport``."""

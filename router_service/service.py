@@ -69,6 +69,7 @@ from protocol.messages import (
     Status,
     Submit,
     SubmitBatch,
+    Welcome,
 )
 from router_service import sdnotify
 from router_service.core.router import Effects, RouterCore
@@ -652,6 +653,10 @@ class RouterService:
             return
         holder = self._names.get(msg.name)
         known = msg.name in self.core.workers
+        if link.outbox:
+            # Held while the peer was away: they follow the Welcome this hello will get.
+            link.after_welcome.extend(link.outbox)
+            link.outbox.clear()
         admitted = self.core.worker_hello(
             msg.name,
             incarnation=msg.incarnation,
@@ -953,6 +958,12 @@ class RouterService:
                 msg: RouterToWorker = item
                 if type(msg) is Refusal:
                     continue  # for the peer whose hello was refused: _hello sent it there
+                if type(msg) is Welcome and link.after_welcome:
+                    link.send(encode(msg), send)
+                    for frame in link.after_welcome:
+                        link.send(frame, send)
+                    link.after_welcome.clear()
+                    continue
                 if type(msg) is Cancel and msg.revoked:
                     link.revoked = True
                 if not link.send(encode(msg), send):

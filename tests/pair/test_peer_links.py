@@ -408,7 +408,8 @@ async def test_s13_a_final_turn_whose_send_failed_waits_for_its_worker(rig: Rig)
     assert 2 not in rig.workers["other"].executor.started  # not re-routed as a new session
     back = Scripted(rig.ctx, rig.worker_endpoint, b"home/i1")  # the same process reconnects
     back.send(Hello(name="home", incarnation="i1", protocol_version=PROTOCOL_VERSION, capacity=4))
-    await back.expect(decode_router_to_worker, Welcome)
+    # The frame held while it was away comes after the Welcome, never before (scenario 1).
+    assert isinstance(await back.recv(decode_router_to_worker), Welcome)
     got = await back.expect(decode_router_to_worker, Dispatch | DispatchBatch)
     dispatched = [got.credit] if isinstance(got, Dispatch) else got.credits
     assert [c.id for c in dispatched] == [2]  # the final turn came home
