@@ -309,6 +309,7 @@ class RouterService:
             self._last_beat = now
             self._beat_workers()
             self._tick_producers(now)
+            self._prune_links(now)
             # Forget error counts of peers that have been quiet (one per identity would grow
             # without bound under a peer that keeps inventing identities).
             for peer, errors in list(self._errors.items()):
@@ -328,6 +329,17 @@ class RouterService:
         for link in self._names.values():
             if not link.outbox:  # a beat is never queued: a late one says nothing
                 send(link.identity, beat)
+
+    def _prune_links(self, now: float) -> None:
+        """Forget worker links that hold no name and have been quiet for a while (a restarted
+        worker's old routing id, a peer that never joined, a fenced process): one per routing
+        id would grow without bound. A fenced process that wakes up later is refused by the
+        core, which remembers superseded incarnations."""
+        names = self._names
+        quiet = now - self.producer_timeout_s
+        for identity, link in list(self.workers.items()):
+            if link.last_seen < quiet and names.get(link.name) is not link:
+                del self.workers[identity]
 
     def _tick_producers(self, now: float) -> None:
         """Beat, retry held frames, forget silent producers and frames nobody came for."""

@@ -548,3 +548,22 @@ async def test_s20_fork_children_end_without_an_unknown_release(rig: Rig) -> Non
     assert stats.unknown_child_releases == 0
     assert rig.router.core.sessions.live == 0  # and nothing leaked
     assert not rig.ran_elsewhere()
+
+
+async def test_links_that_hold_no_name_are_forgotten(rig: Rig) -> None:
+    """A link per routing id would grow without bound (every restarted worker comes with a new
+    one): links that hold no name are forgotten once quiet; the live holder's stays."""
+    from protocol.messages import Heartbeat
+
+    router = await rig.start_router()
+    await rig.start_worker("w")
+    await rig.joined("w")
+    stray = Scripted(rig.ctx, rig.worker_endpoint, b"stray/1")
+    stray.send(Heartbeat())  # never says hello
+    await stray.expect(decode_router_to_worker, ErrorReport)
+    assert b"stray/1" in router.workers
+    holder = router._names["w"].identity
+    router.on_tick(router.now() + router.producer_timeout_s + 1)
+    assert b"stray/1" not in router.workers
+    assert holder in router.workers
+    stray.close()
