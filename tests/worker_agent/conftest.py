@@ -34,7 +34,8 @@ from worker_agent.executor import SimExecutor
 
 T = TypeVar("T")
 
-BORING: tuple[type, ...] = (Heartbeat, InFlightReport, FirstToken)
+BORING: tuple[type, ...] = (Heartbeat, InFlightReport, FirstToken, Hello)
+# (Hello: a worker resends it until a Welcome comes, so a slow test may see two.)
 """Messages ``FakeRouter.expect`` skips unless asked for."""
 
 
