@@ -73,7 +73,7 @@ from protocol.messages import (
 )
 from router_service.core.invariants import check_invariants
 from router_service.core.router import RouterCore
-from router_service.core.workers import Worker
+from router_service.core.workers import Worker, WorkerState
 from router_service.service import INVALID_LIMIT, RouterService
 
 Key = tuple[str, int]
@@ -312,8 +312,12 @@ class Rig:
 
     def _decode_worker_frames(self, frames: list[tuple[bytes, bytes]]) -> Frames:
         seen = Frames()
-        # Who is known, as the wake-up goes on (a hello may admit a worker mid-batch).
+        # Who is known, as the wake-up goes on (a hello may admit a worker mid-batch), which
+        # holders are live (active or draining: a new incarnation is refused name_in_use), and
+        # which incarnations were replaced (refused superseded).
         incarnations = {n: w.incarnation for n, w in self.core.workers.items()}
+        live = {n for n, w in self.core.workers.items() if w.state is not WorkerState.SUSPECT}
+        superseded = {n: set(inc) for n, inc in self.core._superseded.items()}
         for identity, payload in frames:
             name = identity.decode("utf-8", "replace")
             try:
@@ -324,8 +328,10 @@ class Rig:
                     incarnations.pop(name, None)
                 continue
             if isinstance(msg, Hello):
-                _note_hello(seen, incarnations, name, msg)
+                _note_hello(seen, incarnations, live, superseded, name, msg)
                 continue
+            if name in incarnations:
+                live.add(name)  # any message of a known worker: it is alive
             if isinstance(msg, Completion | CompletionBatch | Recovered):
                 done = [msg] if isinstance(msg, Completion) else msg.completions
                 for c in done:
@@ -634,17 +640,32 @@ def _keys(worker: Worker | None) -> set[Key]:
     return {(t.producer, t.credit.id) for t in worker.tickets}
 
 
-def _note_hello(seen: Frames, incarnations: dict[str, str], name: str, msg: Hello) -> None:
-    """What a hello does: admit, re-admit (with an in-flight report), or replace a worker."""
+def _note_hello(
+    seen: Frames,
+    incarnations: dict[str, str],
+    live: set[str],
+    superseded: dict[str, set[str]],
+    name: str,
+    msg: Hello,
+) -> None:
+    """What a hello does (docs/ROUTING.md §6): admit, re-admit (with an in-flight report),
+    replace a holder that is not live, or nothing (refused: a superseded incarnation, or a new
+    one while the holder is live)."""
     seen.hellos.add(name)
     seen.capacities[name] = max(seen.capacities.get(name, 0), msg.capacity)
     if msg.name == name and msg.protocol_version == PROTOCOL_VERSION and msg.capacity >= 1:
+        if msg.incarnation in superseded.get(name, ()):
+            return  # refused: superseded
         known = incarnations.get(name)
         if known is not None and msg.incarnation != known:
-            seen.leaves.add(name)  # a new incarnation: the old one is lost
+            if name in live:
+                return  # refused: name_in_use; the holder keeps everything
+            seen.leaves.add(name)  # a new incarnation replaces a suspect holder: it is lost
+            superseded.setdefault(name, set()).add(known)
         elif known is not None:
             seen.reports[name].append(_held(msg.in_flight))
         incarnations[name] = msg.incarnation
+        live.add(name)
 
 
 def _held(report: dict[str, list[int]]) -> set[Key]:
