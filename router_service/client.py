@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Final
@@ -143,6 +144,9 @@ class RouterClient:
         self._beat_frame = encode(Heartbeat())
         self.unmatched_outcomes = 0
         """Outcomes for credits this client was not waiting for."""
+        self.late_outcomes: deque[Outcome] = deque(maxlen=1024)
+        """The most recent of those (a router killed between an outcome and its ack has the
+        worker resend it to the next router: PROTOCOL.md §6.1)."""
         self.errors: list[ErrorReport] = []
         """Error reports the router sent (kept for inspection; also logged)."""
         self.handshake_failure: str | None = None
@@ -475,6 +479,7 @@ class RouterClient:
         future = self._futures.pop(cid, None)
         if future is None:
             self.unmatched_outcomes += 1
+            self.late_outcomes.append(outcome)
             return
         self._credits.pop(cid, None)
         self._sent_under.pop(cid, None)
