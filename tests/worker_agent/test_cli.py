@@ -134,7 +134,9 @@ async def test_sigterm_drains_then_says_goodbye_and_exits_0(
     router: FakeRouter, spawn: list[asyncio.subprocess.Process]
 ) -> None:
     process = await start_worker(router, spawn, "--drain-deadline-s", "7")
-    await router.welcome(heartbeat_s=1.0, report_s=1.0)
+    # A long beat: the fake router sends none, and the agent must not take its silence for a
+    # lost router (and rejoin instead of draining) on a slow machine.
+    await router.welcome(heartbeat_s=5.0, report_s=1.0)
     await router.send(DispatchBatch(producer="p", credits=[credit(1), credit(2)]))
     batch = await router.expect(CompletionBatch)
     await router.send(Ack(seq=batch.completions[-1].seq))
@@ -154,7 +156,9 @@ async def test_second_signal_forces_the_exit(
     router: FakeRouter, spawn: list[asyncio.subprocess.Process]
 ) -> None:
     process = await start_worker(router, spawn)
-    await router.welcome(heartbeat_s=1.0, report_s=1.0)
+    # A long beat: the fake router sends none, and the agent must not take its silence for a
+    # lost router (and rejoin instead of draining) on a slow machine.
+    await router.welcome(heartbeat_s=5.0, report_s=1.0)
     await router.send(Dispatch(producer="p", credit=credit(1, "live", num_turns=3)))
     await router.expect(Completion)  # the session stays live: the drain waits for it
     process.send_signal(signal.SIGTERM)
