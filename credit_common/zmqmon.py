@@ -24,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 __all__ = [
     "HANDSHAKE_FAILED",
+    "ConnectionWatch",
     "Monitor",
     "handshake_failure",
     "peer_address",
@@ -151,3 +152,72 @@ class Monitor:
         with contextlib.suppress(zmq.ZMQError):
             self._sock.disable_monitor()
         monitor.close(0)
+
+
+RECONNECT_AFTER_FAILURE_S: Final = 0.5
+"""libzmq never reconnects after a failed handshake (a protocol error ends the session): the
+watch does it, this long after."""
+
+
+class ConnectionWatch:
+    """A connecting socket's link to the router, as the peer session needs it.
+
+    ``on_connected()`` when the router can hear us again: the ZMTP handshake succeeded (not
+    ``EVENT_CONNECTED``: with ``IMMEDIATE`` frames are handed over only once it is done).
+    ``on_handshake_failed(why)`` with the reason in words, after which the watch reconnects
+    the socket itself, so that a refused key is tried again and the peer's count of failures
+    in a row can reach its limit.
+
+    Args:
+        sock: the connecting socket (its owner closes it, after ``close()``).
+        endpoint: where it connects.
+        on_connected: see above.
+        on_handshake_failed: see above.
+    """
+
+    def __init__(
+        self,
+        sock: zmq.Socket[bytes],
+        endpoint: str,
+        on_connected: Callable[[], None] | None,
+        on_handshake_failed: Callable[[str], None] | None,
+    ) -> None:
+        self._sock = sock
+        self._endpoint = endpoint
+        self._on_connected = on_connected
+        self._on_handshake_failed = on_handshake_failed
+        self._monitor = Monitor(
+            sock, int(zmq.EVENT_HANDSHAKE_SUCCEEDED) | HANDSHAKE_FAILED, self._on_event
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._retry: asyncio.TimerHandle | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start watching on ``loop``."""
+        self._loop = loop
+        self._monitor.attach(loop)
+
+    def _on_event(self, event: int, value: int, endpoint: str) -> None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            if self._on_connected is not None:
+                self._on_connected()
+        elif event & HANDSHAKE_FAILED:
+            if self._on_handshake_failed is not None:
+                self._on_handshake_failed(handshake_failure(event, value))
+            if self._loop is not None and self._retry is None:
+                self._retry = self._loop.call_later(RECONNECT_AFTER_FAILURE_S, self._reconnect)
+
+    def _reconnect(self) -> None:
+        self._retry = None
+        with contextlib.suppress(zmq.ZMQError):  # the failed session may be gone already
+            self._sock.disconnect(self._endpoint)
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.connect(self._endpoint)
+
+    def close(self) -> None:
+        """Stop watching (before the socket closes)."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._loop = None
+        self._monitor.close()

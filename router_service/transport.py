@@ -16,7 +16,6 @@ after sending, since a send can consume the edge.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -26,7 +25,13 @@ from typing import Final
 
 import zmq
 
-from credit_common.zmqmon import HANDSHAKE_FAILED, Monitor, handshake_failure, peer_address
+from credit_common.zmqmon import (
+    HANDSHAKE_FAILED,
+    ConnectionWatch,
+    Monitor,
+    handshake_failure,
+    peer_address,
+)
 from router_service.security import ZAP_DOMAIN
 
 __all__ = ["Curve", "DealerSocket", "RouterSocket", "TransportError"]
@@ -423,40 +428,17 @@ class DealerSocket(_Driven):
         super().__init__(sock)
         self.endpoint = endpoint
         self._on_payloads = on_frames
-        self._on_connected = on_connected
-        self._on_handshake_failed = on_handshake_failed
-        # Not EVENT_CONNECTED: frames can be handed over only once the ZMTP handshake is done
-        # (IMMEDIATE), so "connected" means "the router can hear us now".
-        self._up_event = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        self._monitor: Monitor | None = Monitor(
-            sock, self._up_event | HANDSHAKE_FAILED, self._on_event
-        )
+        self._watch = ConnectionWatch(sock, endpoint, on_connected, on_handshake_failed)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start delivering frames and connection events on ``loop``."""
         super().attach(loop)
-        if self._monitor is not None:
-            self._monitor.attach(loop)
+        self._watch.attach(loop)
 
-    def _on_event(self, event: int, value: int, endpoint: str) -> None:
-        if event == self._up_event:
-            if self._on_connected is not None:
-                self._on_connected()
-        elif event & HANDSHAKE_FAILED:
-            if self._on_handshake_failed is not None:
-                self._on_handshake_failed(handshake_failure(event, value))
-            if self._loop is not None:
-                # libzmq never reconnects after a failed handshake (a protocol error ends the
-                # session): without this, one failure would leave us knocking on nothing.
-                self._loop.call_later(RECONNECT_IVL_MAX_MS / 1000, self._reconnect)
-
-    def _reconnect(self) -> None:
-        if self._loop is None:
-            return  # closed meanwhile
-        with contextlib.suppress(zmq.ZMQError):  # the failed session may be gone already
-            self._sock.disconnect(self.endpoint)
-        with contextlib.suppress(zmq.ZMQError):
-            self._sock.connect(self.endpoint)
+    def close(self) -> None:
+        """Stop watching the connection, then close the socket (bounded linger)."""
+        self._watch.close()
+        super().close()
 
     def _drain(self) -> bool:
         recv = self._sock.recv

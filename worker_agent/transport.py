@@ -34,7 +34,7 @@ from typing import Final, Protocol
 
 import zmq
 
-from credit_common.zmqmon import HANDSHAKE_FAILED, Monitor, handshake_failure
+from credit_common.zmqmon import ConnectionWatch
 from worker_agent.errors import TransportClosedError, TransportError
 
 __all__ = [
@@ -235,9 +235,7 @@ class DealerTransport:
             raise TransportError(endpoint, f"cannot connect: {exc}", exc.errno) from None
         self._sock: zmq.Socket[bytes] | None = sock
         self._fd = fd
-        self._curve = curve is not None
-        self._monitor: Monitor | None = None
-        self._reconnect_at: asyncio.TimerHandle | None = None
+        self._watch: ConnectionWatch | None = None
         self._loop.add_reader(fd, self._service)
         # Edge-triggered FD: a pipe the socket has not yet seen empty never signals, so drain
         # once now rather than wait for an edge that may never come.
@@ -388,40 +386,14 @@ class DealerTransport:
     def watch(
         self, on_connected: Callable[[], None], on_handshake_failed: Callable[[str], None]
     ) -> None:
-        """Report connection events: ``on_connected()`` when the router can hear us again (a
-        new connection; under CURVE, a completed handshake), ``on_handshake_failed(why)`` with
-        the reason in words (the router does not accept our key, a CURVE/plaintext mismatch).
-        """
+        """Report connection events (``credit_common.zmqmon.ConnectionWatch``): ``on_connected()``
+        when the router can hear us again, ``on_handshake_failed(why)`` with the reason in words
+        (the router does not accept our key, a CURVE/plaintext mismatch)."""
         sock = self._sock
-        if sock is None or self._monitor is not None:
+        if sock is None or self._watch is not None:
             return
-        # Not EVENT_CONNECTED: frames reach the router only once the ZMTP handshake is done.
-        up = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-
-        def on_event(event: int, value: int, endpoint: str) -> None:
-            if event == up:
-                on_connected()
-            elif event & HANDSHAKE_FAILED:
-                on_handshake_failed(handshake_failure(event, value))
-                # libzmq never reconnects after a failed handshake (a protocol error ends the
-                # session): without this, one failure would leave the agent knocking on
-                # nothing, and never reaching its limit of failures in a row.
-                self._reconnect_at = self._loop.call_later(
-                    RECONNECT_IVL_MAX_MS / 1000, self._reconnect
-                )
-
-        self._monitor = Monitor(sock, up | HANDSHAKE_FAILED, on_event)
-        self._monitor.attach(self._loop)
-
-    def _reconnect(self) -> None:
-        self._reconnect_at = None
-        sock = self._sock
-        if sock is None:
-            return
-        with contextlib.suppress(zmq.ZMQError):  # the failed session may be gone already
-            sock.disconnect(self.endpoint)
-        with contextlib.suppress(zmq.ZMQError):
-            sock.connect(self.endpoint)
+        self._watch = ConnectionWatch(sock, self.endpoint, on_connected, on_handshake_failed)
+        self._watch.attach(self._loop)
 
     # ------------------------------------------------------------------------------ closing
 
@@ -435,18 +407,15 @@ class DealerTransport:
         if sock is None:
             return
         self._sock = None
-        if self._monitor is not None:
-            self._monitor.close()
-            self._monitor = None
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         self._loop.remove_reader(self._fd)
         with contextlib.suppress(zmq.ZMQError):  # closing anyway; leftovers are logged below
             self._flush_backlog(sock)
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        if self._reconnect_at is not None:
-            self._reconnect_at.cancel()
-            self._reconnect_at = None
         if self._backlog:
             logger.warning(
                 "transport closed with unsent frames endpoint=%s frames=%d",
