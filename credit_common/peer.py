@@ -252,7 +252,7 @@ class PeerSession:
     def error_report(self, code: str, now: float) -> bool:
         """An ``ErrorReport`` arrived. Returns whether it made us say hello again."""
         if code in REJOIN_CODES and not self.final:
-            return self._rejoin(f"the router does not know us ({code})", now, at_once=True)
+            return self._rejoin(f"the router does not know us ({code})", now)
         return False
 
     def connected(self, now: float) -> bool:
@@ -264,7 +264,7 @@ class PeerSession:
         if self.final:
             return False
         if self.state is PeerState.READY:
-            return self._rejoin("connection re-established", now, at_once=True)
+            return self._rejoin("connection re-established", now)
         if self._hello_unsent:
             self._next_hello_at = now
             return True
@@ -318,7 +318,7 @@ class PeerSession:
         if state is PeerState.READY:
             if not stalled and self.liveness.router_gone(now):
                 silent = self.liveness.silent_for(now)
-                self._rejoin(f"router silent for {silent:.1f}s", now, at_once=True)
+                self._rejoin(f"router silent for {silent:.1f}s", now)
                 return self._hello_if_due(now)
             if self.liveness.heartbeat_due(now):
                 self.liveness.sent(now)
@@ -341,18 +341,16 @@ class PeerSession:
 
     # ---------------------------------------------------------------------- helpers
 
-    def _rejoin(self, why: str, now: float, *, at_once: bool) -> bool:
+    def _rejoin(self, why: str, now: float) -> bool:
+        """Say hello at once (from ``READY``: start rejoining). Whether a hello is now due."""
         if self.state is PeerState.READY:
             self.state = PeerState.REJOINING
             self.why = why
             self.backoff.reset()
-            if at_once:
-                self._next_hello_at = now
-            return True
-        if at_once and self.state in (PeerState.JOINING, PeerState.REJOINING):
-            self._next_hello_at = now
-            return True
-        return False
+        elif self.state not in (PeerState.JOINING, PeerState.REJOINING):
+            return False
+        self._next_hello_at = now
+        return True
 
     def _hello_if_due(self, now: float) -> str | None:
         at = self._next_hello_at

@@ -55,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import secrets
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -577,10 +578,13 @@ class WorkerAgent:
             credits = self._report(self._router_incarnation, now)
             self._send(InFlightReport(credits=credits), now)
 
+    def _running_sessions(self) -> list[Session]:
+        """The sessions of credits held here (never dropped as orphans)."""
+        return [h.session for h in self._held.values() if h.session is not None]
+
     def _expire_sessions(self, now: float) -> None:
         """Drop histories unused for ``session_idle_ttl_s`` (orphans the router forgot)."""
-        keep = [h.session for h in self._held.values() if h.session is not None]
-        dropped = self.sessions.expire(now - self.session_idle_ttl_s, keep)
+        dropped = self.sessions.expire(now - self.session_idle_ttl_s, self._running_sessions())
         if dropped:
             logger.info("dropped %d idle session histories (orphans)", dropped)
 
@@ -669,8 +673,7 @@ class WorkerAgent:
             # The router holds nothing of ours (it restarted, or it had declared us lost): it
             # will never send a turn of the sessions we hold again. Keep only those of credits
             # still running here.
-            keep = [h.session for h in self._held.values() if h.session is not None]
-            dropped = self.sessions.drop_all_but(keep)
+            dropped = self.sessions.expire(math.inf, self._running_sessions())
             if dropped:
                 logger.info("dropped %d session histories the router no longer holds", dropped)
         if previous is None:

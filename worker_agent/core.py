@@ -245,7 +245,8 @@ class SessionTable:
 
     def expire(self, horizon: float, keep: Iterable[Session] = ()) -> int:
         """Drop sessions not used since ``horizon`` (histories orphaned by a router that
-        forgot them: it will never send their turns here again), except ``keep``.
+        forgot them: it will never send their turns here again), except ``keep``;
+        ``math.inf`` drops every session but those (a router that holds none of them).
 
         Returns:
             How many were dropped.
@@ -260,22 +261,6 @@ class SessionTable:
                 continue
             del live[key]
             dropped += 1
-        self.stats.expired += dropped
-        return dropped
-
-    def drop_all_but(self, keep: Iterable[Session]) -> int:
-        """Drop every session except ``keep`` (a new router incarnation knows none of them).
-
-        Returns:
-            How many were dropped.
-        """
-        kept = {id(s) for s in keep}
-        live = self._live
-        dropped = 0
-        for key, session in list(live.items()):
-            if id(session) not in kept:
-                del live[key]
-                dropped += 1
         self.stats.expired += dropped
         return dropped
 

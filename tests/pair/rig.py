@@ -250,10 +250,10 @@ class Rig:
         if transport is not None and sock is not None:
             # The socket goes first, abruptly (no linger): nothing the dying agent does after
             # this — cancelling, flushing, saying goodbye — reaches the router.
-            monitor = transport._monitor  # type: ignore[attr-defined]
-            if monitor is not None:
-                monitor.close()
-                transport._monitor = None  # type: ignore[attr-defined]
+            watch = transport._watch  # type: ignore[attr-defined]
+            if watch is not None:
+                watch.close()
+                transport._watch = None  # type: ignore[attr-defined]
             transport._loop.remove_reader(transport._fd)  # type: ignore[attr-defined]
             transport._sock = None  # type: ignore[attr-defined]
             sock.close(linger=0)
