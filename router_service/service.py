@@ -302,9 +302,7 @@ class RouterService:
     def on_tick(self, now: float) -> None:
         """Periodic duties; public so tests can drive them with their own clock."""
         self.core.tick(now)
-        for link in list(self._names.values()):
-            if link.outbox:
-                self._flush_worker(link)
+        self._flush_outboxes(self._names.values())
         if now - self._last_beat >= self.heartbeat_interval_s:
             self._last_beat = now
             self._beat_workers()
@@ -315,11 +313,6 @@ class RouterService:
             for peer, errors in list(self._errors.items()):
                 if now - max(errors.window_start, errors.last_log) > INVALID_WINDOW_S + LOG_EVERY_S:
                     del self._errors[peer]
-        elif self._producers_sock is not None:
-            psend = self._producers_sock.send
-            for producer in self.producers.values():
-                if producer.outbox:
-                    producer.flush(psend)
         self._flush(now)
 
     def _beat_workers(self) -> None:
@@ -342,7 +335,7 @@ class RouterService:
                 del self.workers[identity]
 
     def _tick_producers(self, now: float) -> None:
-        """Beat, retry held frames, forget silent producers and frames nobody came for."""
+        """Beat, forget silent producers and the frames nobody came for."""
         assert self._producers_sock is not None
         send = self._producers_sock.send
         for identity, producer in list(self.producers.items()):
@@ -350,10 +343,8 @@ class RouterService:
                 logger.warning("producer gone producer=%s (silent)", producer.key or identity)
                 self._drop_producer(producer, now)
                 continue
-            if producer.outbox:
-                producer.flush(send)
-            elif producer.state is LinkState.JOINED:
-                send(identity, self._beat)
+            if not producer.outbox and producer.state is LinkState.JOINED:
+                send(identity, self._beat)  # never queued: a late beat says nothing
         for key, since in list(self._held_since.items()):
             if now - since > self.producer_timeout_s:
                 # Nobody came for them: their producer is gone for good.
@@ -396,7 +387,7 @@ class RouterService:
             link.revoked for link in self.workers.values() if link.state is LinkState.JOINED
         ):
             await asyncio.sleep(0.02)
-            self._flush_all_outboxes()
+            self._flush_outboxes(self.workers.values())
         unconfirmed = [link.name for link in self.workers.values() if link.revoked]
         if unconfirmed:
             logger.warning(
@@ -406,7 +397,7 @@ class RouterService:
         # a moment (bounded) before the sockets close.
         give_up = loop.time() + 1.0
         while loop.time() < give_up and any(p.outbox for p in self.producers.values()):
-            self._flush_all_outboxes()
+            self._flush_outboxes(self.workers.values())
             await asyncio.sleep(0.02)
         self._close_sockets()
         if self.http is not None:
@@ -424,15 +415,16 @@ class RouterService:
         if self._own_context:
             self._ctx.term()
 
-    def _flush_all_outboxes(self) -> None:
+    def _flush_outboxes(self, workers: Iterable[WorkerLink]) -> None:
+        """Hand over what the producers' links and these worker links hold."""
         if self._producers_sock is not None:
             psend = self._producers_sock.send
             for producer in self.producers.values():
                 if producer.outbox:
                     producer.flush(psend)
-        for link in self.workers.values():
-            if link.outbox and self._workers_sock is not None:
-                link.flush(self._workers_sock.send)
+        for link in list(workers):
+            if link.outbox:
+                self._flush_worker(link)
 
     def reload_keys(self) -> None:
         """Re-read the allowlist (SIGHUP): peers whose key was removed are cut off and lost."""
