@@ -898,12 +898,18 @@ class RouterService:
             self.core.producer_gone(link.key, now)
 
     def _reply_producer(self, identity: bytes, msg: object) -> None:
-        assert self._producers_sock is not None
-        link = self.producers.get(identity)
+        self._reply(identity, msg, worker=False)
+
+    def _reply(self, identity: bytes, msg: object, *, worker: bool) -> None:
+        """Answer ``identity`` on its endpoint: behind what its link holds, or at once if it
+        has none (a peer that never said hello)."""
+        sock = self._workers_sock if worker else self._producers_sock
+        assert sock is not None
+        link = (self.workers if worker else self.producers).get(identity)
         if link is not None:
-            link.send(encode(msg), self._producers_sock.send)
+            link.send(encode(msg), sock.send)
         else:
-            self._producers_sock.send(identity, encode(msg))
+            sock.send(identity, encode(msg))
 
     def _on_malformed_producer(self, identity: bytes) -> None:
         assert self._loop is not None
@@ -1030,16 +1036,9 @@ class RouterService:
                 suppressed,
                 text,
             )
-        report = encode(ErrorReport(code="invalid_message", message=text[:512]))
-        if worker:
-            link = self.workers.get(identity)
-            assert self._workers_sock is not None
-            if link is not None:
-                link.send(report, self._workers_sock.send)
-            else:
-                self._workers_sock.send(identity, report)
-        else:
-            self._reply_producer(identity, ErrorReport(code="invalid_message", message=text[:512]))
+        self._reply(
+            identity, ErrorReport(code="invalid_message", message=text[:512]), worker=worker
+        )
         if errors.count > INVALID_LIMIT:
             logger.warning("cutting off %s %r: %d invalid messages", kind, identity, errors.count)
             errors.count = 0
