@@ -24,8 +24,13 @@ The rules (docs/PROTOCOL.md §5.6, "when to say hello again"):
    ``welcomed`` returns the previous incarnation so the caller can recover what the old one
    held.
 5. A ``Refusal`` is final (``REFUSED``). ``max_auth_failures`` failed CURVE handshakes in a row
-   with no welcome in between are final too (``FAILED``): a key the router does not accept
-   will not be accepted on the next try either.
+   with no welcome or successful handshake in between are final too (``FAILED``): a key the
+   router does not accept will not be accepted on the next try either. A *hang-up* (the far end
+   closed the connection mid-handshake without saying why) is weaker evidence: it is also what
+   a TCP proxy or load balancer with no router behind it does, and what a router killed
+   mid-handshake does, so a streak of nothing but hang-ups is final only once it has lasted
+   ``hangup_give_up_s`` (a wrong router public key looks exactly like this, and is reported
+   in words on every rate-limited warning meanwhile).
 """
 
 from __future__ import annotations
@@ -161,6 +166,8 @@ class PeerSession:
         rehello_max_s: the longest re-hello delay (keep it short: a restarted router should
             have its peers back within about a second).
         max_auth_failures: failed handshakes in a row, with no welcome, before giving up.
+        hangup_give_up_s: how long a streak of hang-ups only (no definite refusal among them)
+            must last before it counts as final (see rule 5).
         rng: randomness for the back-off jitter (seeded in tests).
     """
 
@@ -172,18 +179,26 @@ class PeerSession:
         rehello_initial_s: float = 0.25,
         rehello_max_s: float = 1.0,
         max_auth_failures: int = 5,
+        hangup_give_up_s: float = 60.0,
         rng: random.Random | None = None,
     ) -> None:
         if silence_beats < 1 or max_auth_failures < 1:
             raise ValueError("silence_beats and max_auth_failures must be >= 1")
+        if hangup_give_up_s < 0:
+            raise ValueError("hangup_give_up_s must be >= 0")
         self.state = PeerState.JOINING
         self.router_incarnation: str | None = None
         """The incarnation of the router that last welcomed us."""
         self.liveness = Liveness(heartbeat_interval_s, silence_beats)
         self.backoff = Backoff(rehello_initial_s, rehello_max_s, rng=rng)
         self.max_auth_failures = max_auth_failures
+        self.hangup_give_up_s = hangup_give_up_s
         self.auth_failures = 0
-        """Failed handshakes since the last welcome."""
+        """Failed handshakes since the last welcome or successful handshake."""
+        self._streak_since: float | None = None
+        """When the current streak of failed handshakes began."""
+        self._streak_definite = False
+        """Whether the streak holds a definite refusal (not only hang-ups)."""
         self.why: str = ""
         """Why the session is REFUSED, FAILED, or last went REJOINING (for logs)."""
         self.refusal_code: str = ""
@@ -241,8 +256,7 @@ class PeerSession:
         self.router_incarnation = incarnation
         self.state = PeerState.READY
         self.backoff.reset()
-        self.auth_failures = 0
-        self._auth_reasons.clear()
+        self._end_streak()
         self._next_hello_at = None
         if previous is not None and previous != incarnation:
             self.restarts += 1
@@ -263,6 +277,7 @@ class PeerSession:
         """
         if self.final:
             return False
+        self._end_streak()  # the handshake succeeded: our security settings are accepted
         if self.state is PeerState.READY:
             return self._rejoin("connection re-established", now)
         if self._hello_unsent:
@@ -281,23 +296,32 @@ class PeerSession:
         self.refusal_code = code
         self.why = reason
 
-    def auth_failed(self, why: str) -> bool:
-        """A handshake failed (CURVE key not accepted, or a mechanism mismatch).
+    def auth_failed(self, why: str, now: float, *, hangup: bool = False) -> bool:
+        """A handshake failed: a CURVE key not accepted or a mechanism mismatch (definite), or
+        the far end hung up mid-handshake without a reason (``hangup``: see rule 5).
 
         Returns whether this was one too many: the session is then ``FAILED``.
         """
         if self.final:
             return False
         self.auth_failures += 1
+        if self._streak_since is None:
+            self._streak_since = now
+        if not hangup:
+            self._streak_definite = True
         if why not in self._auth_reasons:
             # The same failure is reported in several words: a router that refuses plaintext
             # may close the connection before saying why ("Broken pipe"). Keep each.
             self._auth_reasons.append(why)
-        if self.auth_failures >= self.max_auth_failures:
-            self.state = PeerState.FAILED
-            self.why = f"{'; '.join(self._auth_reasons)} ({self.auth_failures} handshakes in a row)"
-            return True
-        return False
+        if self.auth_failures < self.max_auth_failures:
+            return False
+        lasted = now - self._streak_since
+        if not self._streak_definite and lasted < self.hangup_give_up_s:
+            return False
+        self.state = PeerState.FAILED
+        self.why = f"{'; '.join(self._auth_reasons)} ({self.auth_failures} handshakes in a row"
+        self.why += f" over {lasted:.0f} s)" if not self._streak_definite else ")"
+        return True
 
     def close(self) -> None:
         """The caller is done; ``due()`` asks for nothing any more."""
@@ -340,6 +364,12 @@ class PeerSession:
         return now + 1.0
 
     # ---------------------------------------------------------------------- helpers
+
+    def _end_streak(self) -> None:
+        self.auth_failures = 0
+        self._auth_reasons.clear()
+        self._streak_since = None
+        self._streak_definite = False
 
     def _rejoin(self, why: str, now: float) -> bool:
         """Say hello at once (from ``READY``: start rejoining). Whether a hello is now due."""

@@ -27,6 +27,7 @@ __all__ = [
     "ConnectionWatch",
     "Monitor",
     "handshake_failure",
+    "is_hangup",
     "peer_address",
 ]
 
@@ -57,6 +58,12 @@ _PROTOCOL: Final = {
 }
 
 
+def is_hangup(event: int) -> bool:
+    """Whether a failed handshake was the far end hanging up without a reason (``NO_DETAIL``):
+    a refusal, or no router behind a proxy, or a router dying: see ``credit_common.peer``."""
+    return event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+
+
 def handshake_failure(event: int, value: int) -> str:
     """One sentence for a failed-handshake monitor event (``event``, its ``value``)."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -73,7 +80,8 @@ def handshake_failure(event: int, value: int) -> str:
         # security does not match its own, or whose key it will not check.
         return (
             f"the router closed the connection during the handshake ({os.strerror(value)}): "
-            "a CURVE/plaintext mismatch, or a key it does not accept"
+            "a CURVE/plaintext mismatch, a key it does not accept, a wrong router public key, "
+            "or no router behind a proxy"
         )
     return f"handshake failed ({os.strerror(value) if value > 0 else 'no detail'})"
 
@@ -164,7 +172,8 @@ class ConnectionWatch:
 
     ``on_connected()`` when the router can hear us again: the ZMTP handshake succeeded (not
     ``EVENT_CONNECTED``: with ``IMMEDIATE`` frames are handed over only once it is done).
-    ``on_handshake_failed(why)`` with the reason in words, after which the watch reconnects
+    ``on_handshake_failed(why, hangup)`` with the reason in words and whether it was a hang-up
+    (``is_hangup``), after which the watch reconnects
     the socket itself, so that a refused key is tried again and the peer's count of failures
     in a row can reach its limit.
 
@@ -180,7 +189,7 @@ class ConnectionWatch:
         sock: zmq.Socket[bytes],
         endpoint: str,
         on_connected: Callable[[], None] | None,
-        on_handshake_failed: Callable[[str], None] | None,
+        on_handshake_failed: Callable[[str, bool], None] | None,
     ) -> None:
         self._sock = sock
         self._endpoint = endpoint
@@ -203,7 +212,7 @@ class ConnectionWatch:
                 self._on_connected()
         elif event & HANDSHAKE_FAILED:
             if self._on_handshake_failed is not None:
-                self._on_handshake_failed(handshake_failure(event, value))
+                self._on_handshake_failed(handshake_failure(event, value), is_hangup(event))
             if self._loop is not None and self._retry is None:
                 self._retry = self._loop.call_later(RECONNECT_AFTER_FAILURE_S, self._reconnect)
 

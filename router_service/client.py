@@ -269,13 +269,13 @@ class RouterClient:
         if self.session.connected(now):
             self._wake.set()
 
-    def _on_handshake_failed(self, why: str) -> None:
+    def _on_handshake_failed(self, why: str, hangup: bool) -> None:
         self.handshake_failure = why
         # While connecting, connect() raises with the reason: no log line of our own.
         joined = self.session.router_incarnation is not None
         logger.log(logging.WARNING if joined else logging.DEBUG, "handshake with %s failed: %s",
                    self.endpoint, why)  # fmt: skip
-        if self.session.auth_failed(why):
+        if self.session.auth_failed(why, asyncio.get_running_loop().time(), hangup=hangup):
             if joined:
                 logger.error("giving up on %s: %s", self.endpoint, self.session.why)
             self._end_unsent(f"auth_failed: {why}")

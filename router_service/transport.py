@@ -394,7 +394,8 @@ class DealerSocket(_Driven):
             authenticate, or ``None`` for plaintext.
         on_connected: called when a connection to the router is (re-)established.
         on_handshake_failed: called with the reason in words when a handshake fails (the
-            router does not accept our key, or one side uses CURVE and the other not).
+            router does not accept our key, or one side uses CURVE and the other not) and
+            whether the far end only hung up (``credit_common.zmqmon.is_hangup``).
     """
 
     def __init__(
@@ -406,7 +407,7 @@ class DealerSocket(_Driven):
         curve: tuple[bytes, bytes, bytes] | None = None,
         *,
         on_connected: Callable[[], None] | None = None,
-        on_handshake_failed: Callable[[str], None] | None = None,
+        on_handshake_failed: Callable[[str, bool], None] | None = None,
     ) -> None:
         sock = ctx.socket(zmq.DEALER)
         _common_options(sock)

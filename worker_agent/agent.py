@@ -648,12 +648,12 @@ class WorkerAgent:
         if self._session.connected(self._require_loop().time()):
             self._wake.set()
 
-    def _on_handshake_failed(self, why: str) -> None:
+    def _on_handshake_failed(self, why: str, hangup: bool) -> None:
         now = self._require_loop().time()
         suppressed = self._throttle.ready("handshake", now)
         if suppressed is not None:
             logger.warning("handshake with %s failed: %s", self.router, why)
-        if self._session.auth_failed(why):
+        if self._session.auth_failed(why, now, hangup=hangup):
             logger.error("giving up on %s: %s", self.router, self._session.why)
             if self._stop is None:
                 self._stop = StopReason.REFUSED

@@ -56,6 +56,7 @@ class Cluster:
         self.http_port = _port()
         self.router: subprocess.Popen[bytes] | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.worker_http: dict[str, int] = {}
         self._files: list[Any] = []
 
     @property
@@ -84,6 +85,9 @@ class Cluster:
         return self.router
 
     def start_worker(self, name: str, *extra: str, capacity: int = 4) -> subprocess.Popen[bytes]:
+        if "--http-port" not in extra:
+            self.worker_http[name] = port = _port()
+            extra = (*extra, "--http-port", str(port))
         cmd = [
             sys.executable, "-m", "worker_agent", "--router", self.worker_endpoint,
             "--name", name, "--capacity", str(capacity), "--executor", "sim",
@@ -98,6 +102,32 @@ class Cluster:
         with urllib.request.urlopen(url, timeout=2) as r:
             doc: dict[str, Any] = json.load(r)
         return doc
+
+    def held(self) -> int:
+        """Credits the workers hold, by their own ``/metrics`` (``credit_worker_in_flight``)."""
+        total = 0
+        for port in self.worker_http.values():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue  # not up yet, or killed: it holds nothing we can count
+            for line in text.splitlines():
+                if line.startswith("credit_worker_in_flight "):
+                    total += int(float(line.split()[1]))
+        return total
+
+    async def until_held(self, count: int, within_s: float = 10.0) -> None:
+        """Wait until the workers hold ``count`` credits: the router's ``in_flight`` counts a
+        dispatch once decided, which may still be in its socket (and die with it)."""
+        deadline = time.monotonic() + within_s
+        held = -1
+        while time.monotonic() < deadline:
+            held = await asyncio.to_thread(self.held)
+            if held == count:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for the workers to hold {count}: {held}")
 
     async def until(self, predicate: Any, within_s: float = 10.0, what: str = "") -> Any:
         deadline = time.monotonic() + within_s
@@ -138,10 +168,13 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     c = Cluster(tmp_path)
     yield c
     c.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(c.logs())  # the processes' own logs, in the failure report
 
 
 @contextlib.asynccontextmanager
@@ -307,6 +340,29 @@ class Proxy:
             w.transport.abort()
 
 
+async def test_worker_behind_a_proxy_waits_for_its_router(cluster: Cluster) -> None:
+    """A worker started before its router, through a TCP proxy that accepts and hangs up while
+    nothing is behind it: its handshakes fail many times a second with a bare hang-up, which is
+    no verdict on its keys. It keeps trying, and joins once the router is up."""
+    proxy = Proxy(cluster.worker_port)
+    await proxy.start()
+    real = cluster.worker_port
+    cluster.worker_port = proxy.port
+    worker = cluster.start_worker("patient")
+    cluster.worker_port = real
+    try:
+        await asyncio.sleep(2.0)  # libzmq retries every 0.1 s: well past 5 hang-ups
+        assert "during the handshake" in (cluster.tmp / "patient.log").read_text()
+        assert worker.poll() is None, cluster.logs()
+        cluster.start_router()
+        await cluster.workers_active("patient")
+        async with producer(cluster) as client:
+            outcome = await client.run(Credit(id=1, x_correlation_id="s", payload=payload(1)))
+        assert (outcome.status, outcome.worker) == (Status.COMPLETED, "patient")
+    finally:
+        await proxy.stop()
+
+
 async def test_same_incarnation_reconnecting_within_grace_loses_nothing(
     cluster: Cluster,
 ) -> None:
@@ -327,6 +383,9 @@ async def test_same_incarnation_reconnecting_within_grace_loses_nothing(
                 Credit(id=i, x_correlation_id=f"s{i}", payload=payload(150)) for i in range(4)
             )
             await cluster.until(lambda d: d["totals"]["in_flight"] == 4, what="4 in flight")
+            # Cut once the worker holds them: a dispatch still in the proxy dies with the
+            # connection, and its credit ends lost: orphaned (not this test's subject).
+            await cluster.until_held(4)
             incarnation = cluster.status()["workers"][0]["incarnation"]
             await proxy.cut(for_s=0.8)  # completions finish during the cut
             outcomes = await gather(futures, 10)
@@ -379,6 +438,9 @@ async def test_router_restart_mid_run(cluster: Cluster) -> None:
             Credit(id=i, x_correlation_id=f"s{i}", payload=payload(300)) for i in range(8)
         )
         await cluster.until(lambda d: d["totals"]["in_flight"] == 8, what="8 in flight")
+        # Killed once the workers hold them: a dispatch still in the dying router's socket
+        # never ran, and ends lost: router_restarted after the grace (PROTOCOL.md §5.1).
+        await cluster.until_held(8)
         assert cluster.router is not None
         cluster.router.kill()
         cluster.router.wait()

@@ -54,6 +54,9 @@ class Procs(Cluster):
     def start_worker(
         self, name: str, *extra: str, capacity: int = 4, log: str | None = None
     ) -> subprocess.Popen[bytes]:
+        if "--http-port" not in extra:
+            self.worker_http[log or name] = port = _port()
+            extra = (*extra, "--http-port", str(port))
         cmd = [
             sys.executable, "-m", "worker_agent", "--router", self.worker_endpoint,
             "--name", name, "--capacity", str(capacity), "--executor", "sim",
@@ -86,10 +89,13 @@ class Procs(Cluster):
 
 
 @pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
+def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Procs]:
     c = Procs(tmp_path)
     yield c
     c.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(c.logs())  # the processes' own logs, in the failure report
 
 
 class CountingClient(RouterClient):
@@ -207,6 +213,7 @@ async def test_router_kill9_and_back_gives_every_credit_exactly_one_outcome(
             lambda d: d["totals"]["in_flight"] == 4 and d["totals"]["queued"] == 6,
             what="4 in flight, 6 queued",
         )
+        await procs.until_held(4)  # (a dispatch still in the dying router's socket never ran)
         assert procs.router is not None
         procs.router.kill()
         procs.router.wait()
