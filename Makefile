@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 RUN := $(UV) run --frozen --extra dev
 
-.PHONY: help install run test lint typecheck format bench bench-peers bench-compiled bench-profile compile uncompile fuzz fuzz-atheris deploy-tools clean
+.PHONY: help install run test test-compiled lint typecheck format bench bench-peers bench-compiled bench-profile compile uncompile fuzz fuzz-atheris deploy-tools clean
 
 help:  #? list targets
 	@grep -E '^[a-z-]+:.*#\?' $(MAKEFILE_LIST) | sed -E 's/:.*#\?/\t/'
@@ -56,6 +56,13 @@ compile: install  #? mypyc-compile the routing core and peer links (optional; `m
 uncompile:  #? remove the mypyc build and its .pth: back to the interpreted sources
 	rm -rf build/mypyc build/mypyc-tmp
 	rm -f .venv/lib/python*/site-packages/credit_router_mypyc.pth
+
+# The compiled build must pass what the sources pass (make test runs the sources): the core's,
+# the service's and the pair tier's tests again on it, then the build is removed.
+test-compiled: compile  #? the router's tests again on the mypyc build (make compile), then make uncompile
+	$(RUN) python -c 'import router_service.core.router as r; assert not r.__file__.endswith(".py"), r.__file__' \
+		&& $(RUN) pytest -q -p no:cacheprovider tests/router_service tests/pair tests/protocol tests/credit_common; \
+		rc=$$?; $(MAKE) --no-print-directory uncompile; exit $$rc
 
 bench-compiled: compile  #? bench core compiled (make compile) vs interpreted, alternating, as ratios
 	$(RUN) python -m loadgen.bench.compiled

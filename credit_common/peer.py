@@ -19,7 +19,8 @@ The rules (docs/PROTOCOL.md §5.6, "when to say hello again"):
    when the router was silent for ``silence_beats`` intervals; at once on an ``ErrorReport``
    whose code says the router does not know us (``hello_required``, ``unknown_worker``,
    ``unknown_producer``); and at once when the transport reports that the connection was
-   re-established (the router may be a new process).
+   re-established (the router may be a new process) — not for the report of the connection
+   the welcome came over, which may be read after the welcome.
 4. A welcome naming another router incarnation than the last one means the router restarted:
    ``welcomed`` returns the previous incarnation so the caller can recover what the old one
    held.
@@ -269,17 +270,24 @@ class PeerSession:
             return self._rejoin(f"the router does not know us ({code})", now)
         return False
 
-    def connected(self, now: float) -> bool:
+    def connected(self, now: float, *, reconnected: bool = True) -> bool:
         """The transport (re-)established its connection: the router may be a new process.
 
-        Returns whether a hello is now due: when welcomed (say hello again, at once), or when
-        the last hello could not be handed to the transport (``hello_unsent``).
+        Args:
+            now: the caller's monotonic clock.
+            reconnected: a connection closed since the previous one was made. ``False`` means
+                this is the first connection, whose report may come after the welcome that
+                came over it: no reason to say hello again.
+
+        Returns whether a hello is now due: when welcomed and ``reconnected`` (say hello again,
+        at once), or when the last hello could not be handed to the transport
+        (``hello_unsent``).
         """
         if self.final:
             return False
         self._end_streak()  # the handshake succeeded: our security settings are accepted
         if self.state is PeerState.READY:
-            return self._rejoin("connection re-established", now)
+            return reconnected and self._rejoin("connection re-established", now)
         if self._hello_unsent:
             self._next_hello_at = now
             return True

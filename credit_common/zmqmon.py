@@ -170,8 +170,12 @@ watch does it, this long after."""
 class ConnectionWatch:
     """A connecting socket's link to the router, as the peer session needs it.
 
-    ``on_connected()`` when the router can hear us again: the ZMTP handshake succeeded (not
-    ``EVENT_CONNECTED``: with ``IMMEDIATE`` frames are handed over only once it is done).
+    ``on_connected(reconnected)`` when the router can hear us again: the ZMTP handshake
+    succeeded (not ``EVENT_CONNECTED``: with ``IMMEDIATE`` frames are handed over only once it
+    is done). ``reconnected`` says whether a connection closed since the previous one was made:
+    the monitor is a socket of its own, read whenever the loop gets to it, so the event of the
+    very connection a welcome already came over may be read after that welcome, and must not be
+    taken for a new connection (a peer would say hello again for nothing).
     ``on_handshake_failed(why, hangup)`` with the reason in words and whether it was a hang-up
     (``is_hangup``), after which the watch reconnects
     the socket itself, so that a refused key is tried again and the peer's count of failures
@@ -188,16 +192,17 @@ class ConnectionWatch:
         self,
         sock: zmq.Socket[bytes],
         endpoint: str,
-        on_connected: Callable[[], None] | None,
+        on_connected: Callable[[bool], None] | None,
         on_handshake_failed: Callable[[str, bool], None] | None,
     ) -> None:
         self._sock = sock
         self._endpoint = endpoint
         self._on_connected = on_connected
         self._on_handshake_failed = on_handshake_failed
-        self._monitor = Monitor(
-            sock, int(zmq.EVENT_HANDSHAKE_SUCCEEDED) | HANDSHAKE_FAILED, self._on_event
-        )
+        self._closed_since = False
+        """A connection closed since the last successful handshake."""
+        events = int(zmq.EVENT_HANDSHAKE_SUCCEEDED) | int(zmq.EVENT_DISCONNECTED) | HANDSHAKE_FAILED
+        self._monitor = Monitor(sock, events, self._on_event)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._retry: asyncio.TimerHandle | None = None
 
@@ -208,8 +213,11 @@ class ConnectionWatch:
 
     def _on_event(self, event: int, value: int, endpoint: str) -> None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            reconnected, self._closed_since = self._closed_since, False
             if self._on_connected is not None:
-                self._on_connected()
+                self._on_connected(reconnected)
+        elif event == zmq.EVENT_DISCONNECTED:
+            self._closed_since = True
         elif event & HANDSHAKE_FAILED:
             if self._on_handshake_failed is not None:
                 self._on_handshake_failed(handshake_failure(event, value), is_hangup(event))

@@ -264,9 +264,9 @@ class RouterClient:
                     await self._wake.wait()
         self._welcomed.set()  # wake connect() on a refusal or auth failure
 
-    def _on_connected(self) -> None:
+    def _on_connected(self, reconnected: bool) -> None:
         now = asyncio.get_running_loop().time()
-        if self.session.connected(now):
+        if self.session.connected(now, reconnected=reconnected):
             self._wake.set()
 
     def _on_handshake_failed(self, why: str, hangup: bool) -> None:

@@ -392,7 +392,8 @@ class DealerSocket(_Driven):
         on_frames: called with the payloads of each wake-up.
         curve: ``(server public, own public, own secret)`` Z85 keys to encrypt and
             authenticate, or ``None`` for plaintext.
-        on_connected: called when a connection to the router is (re-)established.
+        on_connected: called when a connection to the router is (re-)established, with
+            whether one closed since the previous (``ConnectionWatch``).
         on_handshake_failed: called with the reason in words when a handshake fails (the
             router does not accept our key, or one side uses CURVE and the other not) and
             whether the far end only hung up (``credit_common.zmqmon.is_hangup``).
@@ -406,7 +407,7 @@ class DealerSocket(_Driven):
         on_frames: Callable[[list[bytes]], None],
         curve: tuple[bytes, bytes, bytes] | None = None,
         *,
-        on_connected: Callable[[], None] | None = None,
+        on_connected: Callable[[bool], None] | None = None,
         on_handshake_failed: Callable[[str, bool], None] | None = None,
     ) -> None:
         sock = ctx.socket(zmq.DEALER)

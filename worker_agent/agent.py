@@ -643,9 +643,9 @@ class WorkerAgent:
                 dropped,
             )
 
-    def _on_connected(self) -> None:
+    def _on_connected(self, reconnected: bool) -> None:
         """The transport (re-)connected: the router may be a new process; say hello now."""
-        if self._session.connected(self._require_loop().time()):
+        if self._session.connected(self._require_loop().time(), reconnected=reconnected):
             self._wake.set()
 
     def _on_handshake_failed(self, why: str, hangup: bool) -> None:

@@ -384,12 +384,15 @@ class DealerTransport:
     # ------------------------------------------------------------------------------ events
 
     def watch(
-        self, on_connected: Callable[[], None], on_handshake_failed: Callable[[str, bool], None]
+        self,
+        on_connected: Callable[[bool], None],
+        on_handshake_failed: Callable[[str, bool], None],
     ) -> None:
-        """Report connection events (``credit_common.zmqmon.ConnectionWatch``): ``on_connected()``
-        when the router can hear us again, ``on_handshake_failed(why, hangup)`` with the reason
-        in words (the router does not accept our key, a CURVE/plaintext mismatch) and whether
-        the far end only hung up (``credit_common.zmqmon.is_hangup``)."""
+        """Report connection events (``credit_common.zmqmon.ConnectionWatch``):
+        ``on_connected(reconnected)`` when the router can hear us again,
+        ``on_handshake_failed(why, hangup)`` with the reason in words (the router does not
+        accept our key, a CURVE/plaintext mismatch) and whether the far end only hung up
+        (``credit_common.zmqmon.is_hangup``)."""
         sock = self._sock
         if sock is None or self._watch is not None:
             return

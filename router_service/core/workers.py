@@ -23,9 +23,8 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import msgspec
-
 from protocol.messages import Credit
+from router_service.core.ticket import Ticket
 
 if TYPE_CHECKING:
     from router_service.core.table import Entry
@@ -44,34 +43,6 @@ class WorkerState(enum.Enum):
     """No new sessions; turns of its live sessions still come to it."""
     GONE = "gone"
     """Lost or left; kept by nobody once its credits and sessions are accounted for."""
-
-
-class Ticket(msgspec.Struct, eq=False):
-    """The router's record of one credit that has no outcome yet (queued or in flight).
-
-    A msgspec Struct rather than a slotted class: it is built once per credit and msgspec's
-    constructor is ~40% cheaper. ``eq=False`` keeps identity hashing, so tickets are dict keys.
-    """
-
-    producer: str
-    credit: Credit
-    submitted_at: float
-    dispatched_at: float = -1.0
-    """Negative while queued."""
-    worker: Worker | None = None
-    """The worker that holds it (in flight) or whose queue it waits in."""
-    missed: bool = False
-    """Missing from the worker's last in-flight report (first strike)."""
-    entry: Entry | None = None
-    """In flight: the sticky entry its dispatch was booked on (it keeps that entry busy, so the
-    idle TTL never evicts a session with a turn running), else ``None``."""
-    queue: TicketQueue | None = None
-    """Queued: the queue it waits in (``None`` once it left it)."""
-
-    def __repr__(self) -> str:
-        where = self.worker.name if self.worker else "-"
-        state = "queued" if self.dispatched_at < 0 else "in_flight"
-        return f"<Ticket {self.producer}/{self.credit.id} {state} at {where}>"
 
 
 class TicketQueue:

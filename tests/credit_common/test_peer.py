@@ -135,3 +135,19 @@ class HandshakeStreaks(RuleBasedStateMachine):
 
 
 TestHandshakeStreaks = HandshakeStreaks.TestCase
+
+
+def test_the_report_of_the_welcomed_connection_is_not_a_reconnect() -> None:
+    # The monitor is read whenever the loop gets to it: the handshake of the connection the
+    # welcome came over may be reported after the welcome. Saying hello again then would leave
+    # a peer rejoining for nothing (a worker so would not report its drain until re-welcomed).
+    session = joining()
+    assert session.due(0.0) == "hello"
+    session.welcomed("r-1", 1.0, 0.1)
+    assert not session.connected(0.2, reconnected=False)
+    assert session.state is PeerState.READY
+    assert session.due(0.3) is None
+    # A connection that closed and came back is another matter: the router may be new.
+    assert session.connected(0.4, reconnected=True)
+    assert session.state is PeerState.REJOINING
+    assert session.due(0.4) == "hello"

@@ -1,0 +1,38 @@
+"""``ConnectionWatch`` on real sockets: a first connection is reported as such, and only a
+connection that closed and came back is reported as a reconnection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import zmq
+
+from credit_common.zmqmon import ConnectionWatch
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def test_first_connection_then_a_reconnection_after_the_router_came_back() -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.RECONNECT_IVL, 50)
+    endpoint = f"tcp://127.0.0.1:{port}"
+    events: asyncio.Queue[bool] = asyncio.Queue()
+    watch = ConnectionWatch(dealer, endpoint, events.put_nowait, None)
+    watch.attach(asyncio.get_running_loop())
+    try:
+        dealer.connect(endpoint)
+        assert await asyncio.wait_for(events.get(), 10) is False  # the first connection
+        router.close(linger=0)  # the router goes away and a new one binds the same port
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(endpoint)
+        assert await asyncio.wait_for(events.get(), 10) is True
+        assert events.empty()
+    finally:
+        watch.close()
+        dealer.close(linger=0)
+        router.close(linger=0)
+        ctx.term()
