@@ -8,7 +8,9 @@ The router is the real class with its real ``__init__``, ``send_credit`` and ret
 only its communication layer is replaced by one whose ``send_to`` records ``(worker, credit)``
 and does nothing else (no encode, no socket), the same "no I/O" footing as our core bench.
 The loop matches ``loadgen/bench/core.py``: ``concurrency`` credits in flight, every round
-returns each dispatched credit from its worker and sends one new credit per return. A
+returns each dispatched credit from its worker and sends one new credit per return, either
+right after each return (``--order interleaved``) or after all of the round's returns
+(``--order returns-first``). A
 *decision* is one ``send_credit`` plus its ``CreditReturn`` through the router's handler.
 Credits and returns are built before the timed loop; GC is off inside it.
 """
@@ -96,7 +98,9 @@ def _credits(kind: str, total: int, concurrency: int) -> list[Any]:
     return out
 
 
-async def _closed_loop(cls: Any, workers: int, credits: list[Any], concurrency: int) -> float:
+async def _closed_loop(
+    cls: Any, workers: int, credits: list[Any], concurrency: int, order: str = "interleaved"
+) -> float:
     from aiperf.credit.messages import CreditReturn, WorkerDispatchable
 
     _Comms.outbox = outbox = []
@@ -110,6 +114,7 @@ async def _closed_loop(cls: Any, workers: int, credits: list[Any], concurrency: 
     feed = iter(credits)
     send = router.send_credit
     remaining = len(credits) - concurrency
+    interleaved = order == "interleaved"
     gc.collect()
     gc.disable()
     start = time.perf_counter()
@@ -122,12 +127,19 @@ async def _closed_loop(cls: Any, workers: int, credits: list[Any], concurrency: 
         for worker, credit in outbox:
             rounds.setdefault(worker, []).append(credit)
         outbox.clear()
+        # "returns-first": a round's returns all arrive before its sends, so each send picks
+        # among many workers with free slots (the issue's loop; AIPerf scans them all).
+        returned = 0
         for worker, sent in rounds.items():
             for credit in sent:
                 await handle(worker, returns[credit.id])
-                if remaining > 0:
+                returned += 1
+                if interleaved and remaining > 0:
                     remaining -= 1
                     await send(next(feed))
+        for _ in range(0 if interleaved else min(returned, remaining)):
+            remaining -= 1
+            await send(next(feed))
     elapsed = time.perf_counter() - start
     gc.enable()
     if any(w.in_flight_credits for w in router._workers.values()):
@@ -141,15 +153,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=64)
     parser.add_argument("--credits", type=int, default=100_000)
     parser.add_argument("--concurrency", type=int, default=1024)
+    parser.add_argument("--order", choices=["interleaved", "returns-first"], default="interleaved")
     args = parser.parse_args()
     cls = _router_class()
     credits = _credits(args.scenario, args.credits, args.concurrency)
-    elapsed = asyncio.run(_closed_loop(cls, args.workers, credits, args.concurrency))
+    elapsed = asyncio.run(_closed_loop(cls, args.workers, credits, args.concurrency, args.order))
     print(
         json.dumps(
             {
                 "system": f"aiperf {importlib.metadata.version('aiperf')} {cls.__name__}",
                 "scenario": args.scenario,
+                "order": args.order,
                 "workers": args.workers,
                 "credits": args.credits,
                 "decisions_per_s": args.credits / elapsed,

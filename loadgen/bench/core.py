@@ -66,8 +66,18 @@ def _credits(kind: str, total: int, concurrency: int) -> list[Credit]:
     return out
 
 
-def _closed_loop(core: RouterCore, credits: list[Credit], concurrency: int, batch: int) -> float:
-    """Run every credit through ``core``; returns seconds spent. One submit call per batch."""
+def _closed_loop(
+    core: RouterCore,
+    credits: list[Credit],
+    concurrency: int,
+    batch: int,
+    order: str = "interleaved",
+) -> float:
+    """Run every credit through ``core``; returns seconds spent. One submit call per batch.
+
+    ``order``: ``"interleaved"`` submits new credits right after each completion call;
+    ``"returns-first"`` completes the whole round first, then submits as many new credits
+    (so each routing decision sees many workers with free slots)."""
     done = {
         c.id: Completion(seq=c.id, producer="bench", credit_id=c.id, status=Status.COMPLETED)
         for c in credits
@@ -82,10 +92,12 @@ def _closed_loop(core: RouterCore, credits: list[Credit], concurrency: int, batc
     for i in range(0, len(first), batch):
         submit("bench", first[i : i + batch], now)
     remaining = len(credits) - concurrency
+    interleaved = order == "interleaved"
     while True:
         effects = take()
         if not effects.to_worker:
             break
+        returned = 0
         for worker, item in effects.to_worker:
             if not isinstance(item, tuple):
                 continue
@@ -93,10 +105,17 @@ def _closed_loop(core: RouterCore, credits: list[Credit], concurrency: int, batc
             for i in range(0, len(sent), batch):
                 chunk = sent[i : i + batch]
                 complete(worker, [done[c.id] for c in chunk], now)
-                if remaining > 0:
+                if not interleaved:
+                    returned += len(chunk)
+                elif remaining > 0:
                     n = min(len(chunk), remaining)
                     remaining -= n
                     submit("bench", [next(feed) for _ in range(n)], now)
+        while returned and remaining > 0:
+            n = min(batch, returned, remaining)
+            returned -= n
+            remaining -= n
+            submit("bench", [next(feed) for _ in range(n)], now)
         now += 0.001
     elapsed = time.perf_counter() - start
     gc.enable()

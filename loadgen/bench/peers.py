@@ -3,9 +3,10 @@
 AIPerf runs in its own throwaway virtual environment (``--aiperf-python``, built by the Makefile
 from the newest ``aiperf`` on PyPI) through ``scripts/aiperf_harness.py``; ours runs here through
 ``core._closed_loop``. Both: 64 workers, 1024 credits in flight, single-turn and 5-turn sticky
-sessions, credits built before the timed loop, GC off inside it. The systems alternate run by
-run so a noisy neighbour on this shared machine hits both alike; the table reports the best of
-``repeat`` runs and each of ours as a ratio to AIPerf's best.
+sessions, credits built before the timed loop, GC off inside it; in both orders of
+``core._closed_loop`` (a new credit after each return, or after all of a round's returns). The
+systems alternate run by run so a noisy neighbour on this shared machine hits both alike; the
+table reports the best of ``repeat`` runs and each of ours as a ratio to AIPerf's best.
 
 Usage: ``python -m loadgen.bench.peers --aiperf-python PATH [--json] [--repeat N]``.
 """
@@ -28,19 +29,28 @@ HARNESS = Path(__file__).resolve().parents[2] / "scripts" / "aiperf_harness.py"
 SCENARIOS = ("single_turn", "sticky_5_turn")
 
 
-def _aiperf(python: str, scenario: str, workers: int, credits: int, concurrency: int) -> Any:
+ORDERS = ("interleaved", "returns-first")
+"""The closed loop's two orders (``core._closed_loop``): a new credit right after each return,
+or after all of a round's returns (the issue's loop, where AIPerf's least-loaded pick scans)."""
+
+
+def _aiperf(
+    python: str, scenario: str, workers: int, credits: int, concurrency: int, order: str
+) -> Any:
     out = subprocess.run(
         [python, str(HARNESS), "--scenario", scenario, "--workers", str(workers),
-         "--credits", str(credits), "--concurrency", str(concurrency)],
+         "--credits", str(credits), "--concurrency", str(concurrency), "--order", order],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _ours(scenario: str, workers: int, credits: int, concurrency: int, batch: int) -> float:
+def _ours(
+    scenario: str, workers: int, credits: int, concurrency: int, batch: int, order: str
+) -> float:
     router = core._core(workers, capacity=10 * concurrency)
     elapsed = core._closed_loop(
-        router, core._credits(scenario, credits, concurrency), concurrency, batch
+        router, core._credits(scenario, credits, concurrency), concurrency, batch, order
     )
     return credits / elapsed
 
@@ -53,19 +63,20 @@ def run(
     concurrency: int = 1024,
     repeat: int = 3,
 ) -> list[dict[str, Any]]:
-    """One row per (system, scenario) with best/median decisions/s and the ratio to AIPerf."""
+    """One row per (order, system, scenario) with best/median decisions/s and the ratio to
+    AIPerf's best in the same order."""
     rows: list[dict[str, Any]] = []
-    for scenario in SCENARIOS:
+    for order, scenario in ((o, s) for o in ORDERS for s in SCENARIOS):
         peer: list[float] = []
         one: list[float] = []
         batched: list[float] = []
         label = "aiperf"
         for _ in range(repeat):
-            result = _aiperf(aiperf_python, scenario, workers, credits, concurrency)
+            result = _aiperf(aiperf_python, scenario, workers, credits, concurrency, order)
             label = result["system"]
             peer.append(result["decisions_per_s"])
-            one.append(_ours(scenario, workers, credits, concurrency, 1))
-            batched.append(_ours(scenario, workers, credits, concurrency, 64))
+            one.append(_ours(scenario, workers, credits, concurrency, 1, order))
+            batched.append(_ours(scenario, workers, credits, concurrency, 64, order))
         best_peer = max(peer)
         for system, rates in (
             (label, peer),
@@ -78,6 +89,7 @@ def run(
                     "bench": "peers",
                     "system": system,
                     "scenario": scenario,
+                    "order": order,
                     "workers": workers,
                     "concurrency": concurrency,
                     "credits": credits,
@@ -91,19 +103,23 @@ def run(
 
 def _table(rows: list[dict[str, Any]]) -> str:
     systems = list(dict.fromkeys(r["system"] for r in rows))
-    cell = {(r["system"], r["scenario"]): r for r in rows}
+    cell = {(r["order"], r["system"], r["scenario"]): r for r in rows}
     lines = [
         f"closed loop, {rows[0]['workers']} workers, {rows[0]['concurrency']} in flight, "
-        "decisions/s best of runs (ratio to AIPerf); one run, shared machine: read the ratios",
-        f"| {'':<40} | {'single-turn':>20} | {'5-turn sticky':>20} |",
-        f"|{'-' * 42}|{'-' * 21}:|{'-' * 21}:|",
+        "decisions/s best of runs (ratio to AIPerf in the same order); one run, shared "
+        "machine: read the ratios",
+        f"| {'':<56} | {'single-turn':>20} | {'5-turn sticky':>20} |",
+        f"|{'-' * 58}|{'-' * 21}:|{'-' * 21}:|",
     ]
-    for system in systems:
-        vals = []
-        for scenario in SCENARIOS:
-            r = cell[(system, scenario)]
-            vals.append(f"{r['decisions_per_s_best'] / 1000:.0f}k/s ({r['vs_aiperf_best']:.2f}x)")
-        lines.append(f"| {system:<40} | {vals[0]:>20} | {vals[1]:>20} |")
+    for order in ORDERS:
+        for system in systems:
+            vals = []
+            for scenario in SCENARIOS:
+                r = cell[(order, system, scenario)]
+                rate = r["decisions_per_s_best"] / 1000
+                vals.append(f"{rate:.0f}k/s ({r['vs_aiperf_best']:.2f}x)")
+            label = f"{system} [{order}]"
+            lines.append(f"| {label:<56} | {vals[0]:>20} | {vals[1]:>20} |")
     return "\n".join(lines)
 
 
