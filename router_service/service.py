@@ -939,10 +939,7 @@ class RouterService:
                     link.outbox.clear()
                     link.state = LinkState.NEW
                 logger.info("worker forgotten name=%s", name)
-        assert self._workers_sock is not None
-        self._workers_sock.recheck()
-        if self._producers_sock is not None:
-            self._producers_sock.recheck()
+        # (No recheck for input here: every send schedules one on its socket, ``_sent``.)
 
     def _send_to_workers(self, fx: Effects) -> None:
         """Each worker's messages, in the order the core decided them."""
