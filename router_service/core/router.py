@@ -58,6 +58,7 @@ the open chunk first.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable
 from typing import Final, TypeAlias
@@ -648,15 +649,21 @@ class RouterCore:
         worker = self.workers.get(name)
         stats = self.stats
         if worker is None:
-            for _ in completions:
-                stats.duplicate_completions += 1
+            stats.duplicate_completions += sum(1 for _ in completions)
             return
         ledgers = self.ledgers
         outcomes = self._effects.outcomes
         counts = stats.outcomes
         tickets = worker.tickets
-        waited = stats.submit_to_dispatch_s.observe if self.observe_latency else None
-        held = stats.dispatch_to_outcome_s.observe
+        by_worker = worker.outcomes
+        # The two latency histograms, observed inline (a method call each cost ~10 % of this
+        # loop): bucket counts and sums, as ``Histogram.observe`` keeps them.
+        observe = self.observe_latency
+        waited = stats.submit_to_dispatch_s
+        held = stats.dispatch_to_outcome_s
+        waited_bounds, waited_counts = waited.bounds, waited.counts
+        held_bounds, held_counts = held.bounds, held.counts
+        waited_sum = held_sum = 0.0
         for done in completions:
             producer = done.producer
             ledger = ledgers.get(producer)
@@ -671,13 +678,16 @@ class RouterCore:
             del tickets[ticket]
             status = done.status
             counts[status] += 1
-            by_worker = worker.outcomes
             by_worker[status] = by_worker.get(status, 0) + 1
             if status is not _COMPLETED:
                 stats.count_reason(status, done.reason)
-            if waited is not None:
-                waited(ticket.dispatched_at - ticket.submitted_at)
-                held(now - ticket.dispatched_at)
+            wait = ticket.dispatched_at - ticket.submitted_at
+            run = now - ticket.dispatched_at
+            if observe:
+                waited_counts[bisect_left(waited_bounds, wait)] += 1
+                waited_sum += wait
+                held_counts[bisect_left(held_bounds, run)] += 1
+                held_sum += run
             credit = ticket.credit
             entry = ticket.entry
             if entry is not None:
@@ -693,8 +703,8 @@ class RouterCore:
                 status=status,
                 reason=done.reason,
                 worker=name,
-                submit_to_dispatch_s=ticket.dispatched_at - ticket.submitted_at,
-                dispatch_to_outcome_s=now - ticket.dispatched_at,
+                submit_to_dispatch_s=wait,
+                dispatch_to_outcome_s=run,
                 ttft_s=done.ttft_s,
                 subagent_type=ticket.credit.subagent_type,
                 result=done.result,
@@ -704,8 +714,11 @@ class RouterCore:
                 outcomes[producer] = [outcome]
             else:
                 bucket.append(outcome)
+        waited.sum += waited_sum
+        held.sum += held_sum
         self._reindex(worker)
-        self._refill(worker, now)
+        if worker.queue.live or self.queue.live:
+            self._refill(worker, now)
 
     def _ended_on(
         self, name: str, producer: str, credit: Credit, done: Completion, now: float
