@@ -159,6 +159,8 @@ _msgpack_request: Final = msgspec.msgpack.Decoder(SimRequest)
 _json_request: Final = msgspec.json.Decoder(SimRequest)
 _result_encoder: Final = msgspec.msgpack.Encoder()
 _DEFAULT_REQUEST: Final = SimRequest()
+_LONE_MEMO_PAYLOAD_MAX: Final = 256
+"""Payloads up to this many bytes key the lone-turn memo (larger ones are parsed each time)."""
 _RESULT_MEMO_MAX: Final = 4_096
 """Encoded results memoized by ``(prompt, cached, output)``: with the same token counts, most
 turns of a benchmark return identical bytes, and encoding is a third of the simulator's cost."""
@@ -301,6 +303,7 @@ class SimExecutor:
         """Tokens of completed credits (``/metrics``)."""
         self.cached_tokens_total = 0
         self._memo: dict[tuple[int, int, int], bytes] = {}
+        self._lone_memo: dict[bytes, tuple[ExecResult, int, int]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -330,6 +333,18 @@ class SimExecutor:
         self.cache.insert(plan.all_blocks)
         return self._result(plan, 0.0)
 
+    def execute_lone_nowait(self, credit: Credit) -> ExecResult | None:
+        """``execute_nowait`` of a lone turn, one the agent runs without a ``Session``.
+
+        A lone turn has no history and its session ends with it (a single-turn root or SPAWN
+        child that declares no FORK children): the agent calls this instead of building a
+        session nobody reads. Same result and counts as ``execute_nowait``; ``None`` (with no
+        effect) when the execution has to wait.
+        """
+        if not self.zero_latency:
+            return None
+        return self._lone_turn(credit)
+
     async def execute(
         self, credit: Credit, session: Session, on_first_token: FirstTokenCallback
     ) -> ExecResult:
@@ -356,24 +371,37 @@ class SimExecutor:
         """A turn without history whose session ends with it: nothing to look up or cache.
 
         The dominant benchmark case (single-turn sessions), so it skips the plan; no ``Turn``
-        either, since no later turn will read this session's history.
+        either, since no later turn will read this session's history. Its result depends on the
+        payload alone, so the (frozen, shared) ``ExecResult`` is memoized by payload bytes.
         """
-        request = self._request(credit.payload)
-        if request is None:
-            return ExecResult(Status.FAILED, reason="invalid_payload")
-        new_input = request.input_tokens
-        prompt = self.default_input_tokens if new_input is None else new_input
-        output = request.output_tokens
-        if output is None:
-            output = self.default_output_tokens
+        payload = credit.payload
+        memo = self._lone_memo
+        hit = memo.get(payload)
+        if hit is None:
+            request = self._request(payload)
+            if request is None:
+                return ExecResult(Status.FAILED, reason="invalid_payload")
+            new_input = request.input_tokens
+            prompt = self.default_input_tokens if new_input is None else new_input
+            output = request.output_tokens
+            if output is None:
+                output = self.default_output_tokens
+            key = (prompt, 0, output)
+            encoded = self._memo.get(key)
+            if encoded is None:
+                encoded = self._encode_result(key, self.base_ttft_s + prompt * self.prefill_s_per_token)
+            hit = (ExecResult(Status.COMPLETED, ttft_s=0.0, result=encoded), prompt, output)
+            if len(payload) <= _LONE_MEMO_PAYLOAD_MAX:
+                if len(memo) >= _RESULT_MEMO_MAX:
+                    memo.clear()
+                memo[payload] = hit
+        result, prompt, output = hit
         self.prompt_tokens_total += prompt
-        key = (prompt, 0, output)
-        encoded = self._memo.get(key)
-        if encoded is None:
-            ttft = self.base_ttft_s + prompt * self.prefill_s_per_token
-            encoded = self._encode_result(key, ttft)
-        self.tokens.add(prompt, 0, output)
-        return ExecResult(Status.COMPLETED, ttft_s=0.0, result=encoded)
+        tokens = self.tokens  # TokenCounts.add(prompt, 0, output), inlined
+        tokens.prompt += prompt
+        tokens.prompt_cache_reported += prompt
+        tokens.completion += output
+        return result
 
     def _plan(self, credit: Credit, session: Session) -> _Plan | ExecResult:
         request = self._request(credit.payload)
