@@ -389,7 +389,9 @@ class SimExecutor:
             key = (prompt, 0, output)
             encoded = self._memo.get(key)
             if encoded is None:
-                encoded = self._encode_result(key, self.base_ttft_s + prompt * self.prefill_s_per_token)
+                encoded = self._encode_result(
+                    key, self.base_ttft_s + prompt * self.prefill_s_per_token
+                )
             hit = (ExecResult(Status.COMPLETED, ttft_s=0.0, result=encoded), prompt, output)
             if len(payload) <= _LONE_MEMO_PAYLOAD_MAX:
                 if len(memo) >= _RESULT_MEMO_MAX:

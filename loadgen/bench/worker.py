@@ -119,11 +119,11 @@ async def _run(batch: int, turns: int, credits: int, profile: Callable[[], Any] 
         heartbeat_interval_s=1.0,
         inflight_report_interval_s=5.0,
     )
-    agent._on_frames([encode(welcome)])  # noqa: SLF001 - the transport's own entry point
+    agent._on_frames([encode(welcome)])  # the transport's own entry point
     rounds = max(turns, credits // batch // turns * turns)
     dispatches = _rounds(batch, turns, rounds)
     acks = [encode(Ack(seq=(r + 1) * batch)) for r in range(rounds)]
-    on_frames = agent._on_frames  # noqa: SLF001
+    on_frames = agent._on_frames
     # Warm up (first-use costs: memo tables, interned strings), then time.
     warm = min(rounds, 8)
     for r in range(warm):
@@ -146,7 +146,7 @@ async def _run(batch: int, turns: int, credits: int, profile: Callable[[], Any] 
     if completed != received or received != rounds * batch:
         raise RuntimeError(f"the agent completed {completed} of {received} credits")
     agent.force_exit()
-    agent._on_tick(loop.time())  # noqa: SLF001 - sets the stop reason without a main loop
+    agent._on_tick(loop.time())  # sets the stop reason without a main loop
     await agent.shutdown()
     return elapsed / done
 
