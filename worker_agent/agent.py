@@ -830,29 +830,28 @@ class WorkerAgent:
         lone = self._execute_lone
         sessions = self.sessions
         done: list[tuple[int, ExecResult]] = []
-        fast = self._lone_ready()
+        fast, tabled = self._lone_ready()
         for credit in credits:
-            key = (producer, credit.id)
-            if key in held:
+            if held and (producer, credit.id) in held:
                 self.stats.duplicate_credits += 1
                 logger.warning("ignored a second dispatch of credit %s/%d", producer, credit.id)
                 continue
             if (
                 fast
-                and lone is not None
                 and credit.turn_index == 0
                 and credit.num_turns <= 1
                 and not credit.fork_count
                 and credit.branch_mode is not _FORK
                 and credit.cancel_after_s is None
-                and (not sessions or sessions.get(credit.x_correlation_id, producer) is None)
+                and (not tabled or sessions.get(credit.x_correlation_id, producer) is None)
             ):
+                assert lone is not None  # (`fast` says so)
                 try:
                     result = lone(credit)
                 except Exception as exc:
                     self._end_lone(producer, incarnation, done, now)
                     self._start_executed(producer, credit, incarnation, now, None, exc)
-                    fast = self._lone_ready()
+                    fast, tabled = self._lone_ready()
                     continue
                 if (
                     result is not None
@@ -866,12 +865,21 @@ class WorkerAgent:
             else:
                 self._end_lone(producer, incarnation, done, now)
                 self._dispatch_one(producer, credit, incarnation, now)
-            fast = self._lone_ready()
+            fast, tabled = self._lone_ready()
         self._end_lone(producer, incarnation, done, now)
 
-    def _lone_ready(self) -> bool:
-        """Whether a credit dispatched now would start at once (``_dispatch_one``)."""
-        return self._running < self.capacity and self._stop is None and not self._waiting
+    def _lone_ready(self) -> tuple[bool, bool]:
+        """Whether a lone turn dispatched now may take the fast path (the executor offers it,
+        and the credit would start at once in ``_dispatch_one``); whether any session is held
+        (else none can be the credit's). Lone turns change neither: it is asked again only
+        after a credit took the general path."""
+        fast = (
+            self._execute_lone is not None
+            and self._running < self.capacity
+            and self._stop is None
+            and not self._waiting
+        )
+        return fast, len(self.sessions) > 0
 
     def _dispatch_one(self, producer: str, credit: Credit, incarnation: str, now: float) -> None:
         record = _Held(producer, credit, incarnation)
