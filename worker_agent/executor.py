@@ -13,6 +13,11 @@ OpenAI HTTP executor a later issue adds:
   ``reason`` (``http_503``), or an exception, reported as failed with the exception's class name.
 * ``execute_nowait`` lets an executor that can answer without waiting (the zero-latency
   simulator) skip the task altogether; executors that always wait return ``None``.
+* Optionally, ``execute_lone_nowait(credit)``: ``execute_nowait`` for a lone turn (no history,
+  its session ends with it, no FORK children), which the agent then runs without building a
+  ``Session`` or a per-credit record. Same result and side effects as ``execute_nowait``;
+  ``None`` without any effect when it cannot answer at once. Not part of ``Executor``: the agent
+  looks it up once (``getattr``), so executors without it need nothing.
 * The session is the agent's: read ``session.history``, never keep or mutate it. A completed
   turn hands back the ``Turn`` to append (``ExecResult.turn``; it may be ``None`` for a final
   turn that declares no FORK children, whose history nobody will read).

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -185,24 +184,26 @@ def _extract(rev: str, into: Path) -> None:
         tar.extractall(into, filter="data")
 
 
-def _child(scenario: str, credits: int, pythonpath: str | None) -> float:
-    env = dict(os.environ)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+def _child(scenario: str, credits: int, first: str | None) -> float:
+    """One ``measure`` in a fresh interpreter whose ``worker_agent`` comes from ``first``
+    (a directory holding an old ``worker_agent/``), or from this tree when ``None``."""
     here = str(Path(__file__).resolve().parents[2])
+    # Explicit path entries ahead of everything: `-c` puts the working directory first, and
+    # from inside this tree that would be this tree's worker_agent, whatever PYTHONPATH says.
+    paths = [first, here] if first is not None else [here]
     out = subprocess.run(
         [
             sys.executable,
             "-c",
-            # The bench module comes from this tree; worker_agent from PYTHONPATH's first entry.
-            f"import sys; sys.path.insert(1, {here!r}); "
+            f"import sys; sys.path[0:0] = {paths!r}; "
+            "import worker_agent; "
+            f"assert worker_agent.__file__.startswith({paths[0]!r}), worker_agent.__file__; "
             "from loadgen.bench.worker import measure; "
             f"print(measure({scenario!r}, {credits}))",
         ],
         check=True,
         capture_output=True,
         text=True,
-        env=env,
     ).stdout
     return float(out.strip().splitlines()[-1])
 
