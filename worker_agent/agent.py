@@ -831,42 +831,44 @@ class WorkerAgent:
         sessions = self.sessions
         done: list[tuple[int, ExecResult]] = []
         fast, tabled = self._lone_ready()
-        for credit in credits:
-            if held and (producer, credit.id) in held:
-                self.stats.duplicate_credits += 1
-                logger.warning("ignored a second dispatch of credit %s/%d", producer, credit.id)
-                continue
-            if (
-                fast
-                and credit.turn_index == 0
-                and credit.num_turns <= 1
-                and not credit.fork_count
-                and credit.branch_mode is not _FORK
-                and credit.cancel_after_s is None
-                and (not tabled or sessions.get(credit.x_correlation_id, producer) is None)
-            ):
-                assert lone is not None  # (`fast` says so)
-                try:
-                    result = lone(credit)
-                except Exception as exc:
-                    self._end_lone(producer, incarnation, done, now)
-                    self._start_executed(producer, credit, incarnation, now, None, exc)
-                    fast, tabled = self._lone_ready()
+        try:
+            for credit in credits:
+                if held and (producer, credit.id) in held:
+                    self.stats.duplicate_credits += 1
+                    logger.warning("ignored a second dispatch of credit %s/%d", producer, credit.id)
                     continue
                 if (
-                    result is not None
-                    and result.status is _COMPLETED
-                    and len(result.result) <= MAX_BLOB
+                    fast
+                    and credit.turn_index == 0
+                    and credit.num_turns <= 1
+                    and not credit.fork_count
+                    and credit.branch_mode is not _FORK
+                    and credit.cancel_after_s is None
+                    and (not tabled or sessions.get(credit.x_correlation_id, producer) is None)
                 ):
-                    done.append((credit.id, result))
-                    continue
-                self._end_lone(producer, incarnation, done, now)
-                self._start_executed(producer, credit, incarnation, now, result, None)
-            else:
-                self._end_lone(producer, incarnation, done, now)
-                self._dispatch_one(producer, credit, incarnation, now)
-            fast, tabled = self._lone_ready()
-        self._end_lone(producer, incarnation, done, now)
+                    assert lone is not None  # (`fast` says so)
+                    try:
+                        result = lone(credit)
+                    except Exception as exc:
+                        self._end_lone(producer, incarnation, done, now)
+                        self._start_executed(producer, credit, incarnation, now, None, exc)
+                        fast, tabled = self._lone_ready()
+                        continue
+                    if (
+                        result is not None
+                        and result.status is _COMPLETED
+                        and len(result.result) <= MAX_BLOB
+                    ):
+                        done.append((credit.id, result))
+                        continue
+                    self._end_lone(producer, incarnation, done, now)
+                    self._start_executed(producer, credit, incarnation, now, result, None)
+                else:
+                    self._end_lone(producer, incarnation, done, now)
+                    self._dispatch_one(producer, credit, incarnation, now)
+                fast, tabled = self._lone_ready()
+        finally:  # (a bug raising mid-frame must not lose the completions made before it)
+            self._end_lone(producer, incarnation, done, now)
 
     def _lone_ready(self) -> tuple[bool, bool]:
         """Whether a lone turn dispatched now may take the fast path (the executor offers it,
