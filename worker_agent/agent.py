@@ -830,7 +830,8 @@ class WorkerAgent:
         lone = self._execute_lone
         sessions = self.sessions
         done: list[tuple[int, ExecResult]] = []
-        fast, tabled = self._lone_ready()
+        fast: bool | None = None
+        tabled = False
         try:
             for credit in credits:
                 if held and (producer, credit.id) in held:
@@ -838,21 +839,27 @@ class WorkerAgent:
                     logger.warning("ignored a second dispatch of credit %s/%d", producer, credit.id)
                     continue
                 if (
-                    fast
-                    and credit.turn_index == 0
+                    credit.turn_index == 0
                     and credit.num_turns <= 1
                     and not credit.fork_count
                     and credit.branch_mode is not _FORK
                     and credit.cancel_after_s is None
-                    and (not tabled or sessions.get(credit.x_correlation_id, producer) is None)
                 ):
+                    if fast is None:  # asked again only when a lone turn follows another kind
+                        fast, tabled = self._lone_ready()
+                    eligible = fast and (
+                        not tabled or sessions.get(credit.x_correlation_id, producer) is None
+                    )
+                else:
+                    eligible = False
+                if eligible:
                     assert lone is not None  # (`fast` says so)
                     try:
                         result = lone(credit)
                     except Exception as exc:
                         self._end_lone(producer, incarnation, done, now)
                         self._start_executed(producer, credit, incarnation, now, None, exc)
-                        fast, tabled = self._lone_ready()
+                        fast = None
                         continue
                     if (
                         result is not None
@@ -866,7 +873,7 @@ class WorkerAgent:
                 else:
                     self._end_lone(producer, incarnation, done, now)
                     self._dispatch_one(producer, credit, incarnation, now)
-                fast, tabled = self._lone_ready()
+                fast = None
         finally:  # (a bug raising mid-frame must not lose the completions made before it)
             self._end_lone(producer, incarnation, done, now)
 
@@ -874,7 +881,8 @@ class WorkerAgent:
         """Whether a lone turn dispatched now may take the fast path (the executor offers it,
         and the credit would start at once in ``_dispatch_one``); whether any session is held
         (else none can be the credit's). Lone turns change neither: it is asked again only
-        after a credit took the general path."""
+        after a credit took the general path (``fast = None``), and only if a lone turn
+        follows."""
         fast = (
             self._execute_lone is not None
             and self._running < self.capacity
