@@ -61,6 +61,11 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
+    def observe_many(self, value: float, times: int) -> None:
+        """Record one value ``times`` times (a batch of equal observations, one bisect)."""
+        self.counts[bisect_left(self.bounds, value)] += times
+        self.sum += value * times
+
     def cumulative(self) -> list[tuple[str, int]]:
         """``(le, cumulative count)`` pairs, ``+Inf`` last, as Prometheus exposes them."""
         out = []

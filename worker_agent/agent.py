@@ -68,6 +68,7 @@ from protocol.codec import decode_router_to_worker, encode
 from protocol.errors import DecodeError
 from protocol.messages import (
     Ack,
+    BranchMode,
     Cancel,
     Credit,
     Dispatch,
@@ -81,6 +82,7 @@ from protocol.messages import (
     Heartbeat,
     Hello,
     InFlightReport,
+    Recovered,
     Refusal,
     RouterToWorker,
     Status,
@@ -123,6 +125,8 @@ _COMPLETED: Final = Status.COMPLETED
 _FAILED: Final = Status.FAILED
 _CANCELLED: Final = Status.CANCELLED
 _DEBUG: Final = logging.DEBUG
+_FORK: Final = BranchMode.FORK
+_COMPLETED_KEY: Final = _COMPLETED.value
 
 TransportFactory = Callable[[str, str, FrameHandler, ErrorHandler], Transport]
 """``(endpoint, routing_id, on_frames, on_error) -> Transport``; the default builds a
@@ -139,6 +143,10 @@ class AgentState(enum.Enum):
     """The router went silent (or forgot us): re-hello until a ``Welcome``."""
     STOPPED = "stopped"
 
+
+_READY: Final = PeerState.READY
+_PEER_STOPPED: Final = (PeerState.REFUSED, PeerState.FAILED, PeerState.CLOSED)
+"""The peer states ``_AGENT_STATE`` maps to ``STOPPED`` (a tuple: enum hashing is slow)."""
 
 _AGENT_STATE: Final = {
     PeerState.JOINING: AgentState.JOINING,
@@ -331,6 +339,10 @@ class WorkerAgent:
         self.completions = CompletionLog()
         self.stats = AgentStats()
         self._executor = executor
+        self._execute_lone: Callable[[Credit], ExecResult | None] | None = getattr(
+            executor, "execute_lone_nowait", None
+        )
+        """The executor's optional fast path for lone turns (see ``_on_dispatch``)."""
         self.executor = executor
         """What runs the credits (read by ``/metrics`` for its token counts)."""
         self._transport_factory = transport_factory
@@ -741,21 +753,28 @@ class WorkerAgent:
         now = self._require_loop().time()
         self._session.received(now)  # any frame is a heartbeat, even one that fails to decode
         debug = logger.isEnabledFor(_DEBUG)
-        for frame in frames:
-            try:
-                msg = decode_router_to_worker(frame)
-            except DecodeError as err:
-                self._bad_frame(err, now)
-                continue
-            if debug:
-                logger.debug("<<- %r", msg)
-            try:
-                self._handle(msg, now)
-            except Exception:
-                logger.exception("failed to handle %s from the router", type(msg).__name__)
-        if self._outbox:
-            # Completions made inside this wakeup (zero-latency executions) leave with it, in
-            # one frame, rather than an event-loop iteration later.
+        # Completions made inside this wakeup (zero-latency executions) leave with it, in one
+        # frame, rather than an event-loop iteration later: the flush below, so none is
+        # scheduled meanwhile (one call_soon and one empty _flush less per wakeup).
+        scheduled = self._flush_scheduled
+        self._flush_scheduled = True
+        try:
+            for frame in frames:
+                try:
+                    msg = decode_router_to_worker(frame)
+                except DecodeError as err:
+                    self._bad_frame(err, now)
+                    continue
+                if debug:
+                    logger.debug("<<- %r", msg)
+                try:
+                    self._handle(msg, now)
+                except Exception:
+                    logger.exception("failed to handle %s from the router", type(msg).__name__)
+        finally:
+            if not scheduled:
+                self._flush_scheduled = False
+        if self._outbox or (not scheduled and self._first_tokens):
             self._flush()
 
     def _bad_frame(self, err: DecodeError, now: float) -> None:
@@ -792,26 +811,150 @@ class WorkerAgent:
                 self._on_error_report(msg, now)
 
     def _on_dispatch(self, producer: str, credits: list[Credit], now: float) -> None:
+        """Start (or queue) each credit, in order.
+
+        A lone turn (turn 0 of 1, no FORK children, not a FORK child, no session of its id
+        held) needs no session: with an executor that offers ``execute_lone_nowait`` it runs
+        here without a ``_Held`` record or a ``Session``, and the completions of a run of such
+        credits are numbered in one ``CompletionLog.record_completed`` call (``_end_lone``).
+        Same completions, seqs, counts and histograms as ``_start``/``_finish`` would make;
+        anything else (a result that is not a plain completion, an exception, ``None``) takes
+        the general path with the result already in hand (``_start_executed``).
+        """
         incarnation = self._router_incarnation
         if incarnation is None:
             self.stats.credits_before_welcome += len(credits)
             logger.warning("dropped %d credits sent before any Welcome", len(credits))
             return
         held = self._held
-        for credit in credits:
-            key = (producer, credit.id)
-            if key in held:
-                self.stats.duplicate_credits += 1
-                logger.warning("ignored a second dispatch of credit %s/%d", producer, credit.id)
-                continue
-            record = _Held(producer, credit, incarnation)
-            held[key] = record
-            self.stats.credits_received += 1
-            if self._running < self.capacity and self._stop is None:
-                self._start(record, now)
-            else:
-                self.stats.queued_over_capacity += 1
-                self._waiting.append(record)
+        lone = self._execute_lone
+        sessions = self.sessions
+        done: list[tuple[int, ExecResult]] = []
+        fast: bool | None = None
+        tabled = False
+        try:
+            for credit in credits:
+                if held and (producer, credit.id) in held:
+                    self.stats.duplicate_credits += 1
+                    logger.warning("ignored a second dispatch of credit %s/%d", producer, credit.id)
+                    continue
+                if (
+                    credit.turn_index == 0
+                    and credit.num_turns <= 1
+                    and not credit.fork_count
+                    and credit.branch_mode is not _FORK
+                    and credit.cancel_after_s is None
+                ):
+                    if fast is None:  # asked again only when a lone turn follows another kind
+                        fast, tabled = self._lone_ready()
+                    eligible = fast and (
+                        not tabled or sessions.get(credit.x_correlation_id, producer) is None
+                    )
+                else:
+                    eligible = False
+                if eligible:
+                    assert lone is not None  # (`fast` says so)
+                    try:
+                        result = lone(credit)
+                    except Exception as exc:
+                        self._end_lone(producer, incarnation, done, now)
+                        self._start_executed(producer, credit, incarnation, now, None, exc)
+                        fast = None
+                        continue
+                    if (
+                        result is not None
+                        and result.status is _COMPLETED
+                        and len(result.result) <= MAX_BLOB
+                    ):
+                        done.append((credit.id, result))
+                        continue
+                    self._end_lone(producer, incarnation, done, now)
+                    self._start_executed(producer, credit, incarnation, now, result, None)
+                else:
+                    self._end_lone(producer, incarnation, done, now)
+                    self._dispatch_one(producer, credit, incarnation, now)
+                fast = None
+        finally:  # (a bug raising mid-frame must not lose the completions made before it)
+            self._end_lone(producer, incarnation, done, now)
+
+    def _lone_ready(self) -> tuple[bool, bool]:
+        """Whether a lone turn dispatched now may take the fast path (the executor offers it,
+        and the credit would start at once in ``_dispatch_one``); whether any session is held
+        (else none can be the credit's). Lone turns change neither: it is asked again only
+        after a credit took the general path (``fast = None``), and only if a lone turn
+        follows."""
+        fast = (
+            self._execute_lone is not None
+            and self._running < self.capacity
+            and self._stop is None
+            and not self._waiting
+        )
+        return fast, len(self.sessions) > 0
+
+    def _dispatch_one(self, producer: str, credit: Credit, incarnation: str, now: float) -> None:
+        record = _Held(producer, credit, incarnation)
+        self._held[record.key] = record
+        self.stats.credits_received += 1
+        if self._running < self.capacity and self._stop is None:
+            self._start(record, now)
+        else:
+            self.stats.queued_over_capacity += 1
+            self._waiting.append(record)
+
+    def _start_executed(
+        self,
+        producer: str,
+        credit: Credit,
+        incarnation: str,
+        now: float,
+        result: ExecResult | None,
+        error: Exception | None,
+    ) -> None:
+        """``_dispatch_one`` of a lone turn ``execute_lone_nowait`` already ran (or declined:
+        ``None``, no error): ``_start`` from the point where ``execute_nowait`` returned."""
+        if result is None and error is None:
+            self._dispatch_one(producer, credit, incarnation, now)
+            return
+        record = _Held(producer, credit, incarnation)
+        self._held[record.key] = record
+        self.stats.credits_received += 1
+        record.session = self.sessions.begin(credit, producer, now)
+        record.started_at = now
+        self._running += 1
+        if error is not None:
+            self._finish(record, _FAILED, self._failure_reason(record, error, now), now)
+        elif result is not None:
+            self._finish_with(record, result, now)
+
+    def _end_lone(
+        self, producer: str, incarnation: str, done: list[tuple[int, ExecResult]], now: float
+    ) -> None:
+        """The completions of lone turns that completed in ``_on_dispatch`` (``done`` is
+        emptied): what ``_finish`` and ``_record`` do for each, once for the run."""
+        if not done:
+            return
+        count = len(done)
+        self._outbox += self.completions.record_completed(producer, incarnation, done)
+        stats = self.stats
+        stats.credits_received += count
+        stats.completions[_COMPLETED_KEY] += count
+        stats.duration_s.observe_many(0.0, count)  # started and ended at the same `now`
+        zero_ttft = 0
+        ttft_s = stats.ttft_s
+        for _, result in done:
+            ttft = result.ttft_s
+            if ttft == 0.0:
+                zero_ttft += 1
+            elif ttft is not None:
+                ttft_s.observe(ttft)
+        if zero_ttft:
+            ttft_s.observe_many(0.0, zero_ttft)
+        done.clear()
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._require_loop().call_soon(self._flush)
+        if self._draining:
+            self._wake.set()
 
     def _on_cancel(self, producer: str, credit_ids: list[int]) -> None:
         held = self._held
@@ -1050,7 +1193,8 @@ class WorkerAgent:
         self._flush_scheduled = False
         outbox, self._outbox = self._outbox, []
         first_tokens, self._first_tokens = self._first_tokens, []
-        if self._state is not AgentState.JOINED or self._transport is None:
+        # (`self._state is not AgentState.JOINED`, without the property and its enum lookup)
+        if self._stopped or self._session.state is not _READY or self._transport is None:
             return  # completions stay in the log and go after the next Welcome
         now = self._require_loop().time()
         if first_tokens:
@@ -1070,15 +1214,17 @@ class WorkerAgent:
             self.stats.first_tokens_sent += 1
 
     def _send_completions(self, entries: list[Logged], now: float) -> None:
-        current = self._router_incarnation
-        for msg in completion_messages(entries, current):
+        recovered = 0
+        for msg in completion_messages(entries, self._router_incarnation):
             self._send(msg, now)
-        recovered = sum(1 for e in entries if e.router_incarnation != current)
+            if type(msg) is Recovered:
+                recovered += len(msg.completions)
         self.stats.recovered_completions += recovered
 
     def _send(self, msg: WorkerToRouter, now: float) -> None:
         transport = self._transport
-        if transport is None or self._state is AgentState.STOPPED:
+        # (`self._state is AgentState.STOPPED`, without the property and its enum lookup)
+        if transport is None or self._stopped or self._session.state in _PEER_STOPPED:
             return
         if logger.isEnabledFor(_DEBUG):
             logger.debug("->> %r", msg)

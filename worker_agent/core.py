@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
-from typing import Final
+from typing import Final, Protocol
 
 import msgspec
 
@@ -56,6 +56,7 @@ __all__ = [
     "Liveness",
     "LogThrottle",
     "Logged",
+    "Outcome",
     "Session",
     "SessionStats",
     "SessionTable",
@@ -65,6 +66,7 @@ __all__ = [
 ]
 
 _FORK: Final = BranchMode.FORK
+_COMPLETED: Final = Status.COMPLETED
 # The small value types built once per credit (Turn, TurnEnd, Logged) are msgspec Structs:
 # ~60 ns to build against ~700 ns for a frozen dataclass, on the zero-latency hot path.
 
@@ -399,6 +401,16 @@ class Logged(msgspec.Struct, frozen=True, gc=False):
     """The FORK child whose session this completion ended, to release after it."""
 
 
+class Outcome(Protocol):
+    """What ``CompletionLog.record_completed`` reads of an execution's result."""
+
+    @property
+    def ttft_s(self) -> float | None: ...
+
+    @property
+    def result(self) -> bytes: ...
+
+
 class CompletionLog:
     """Worker-local sequence numbers and the completions the router has not acknowledged."""
 
@@ -457,6 +469,42 @@ class CompletionLog:
         self._unacked.append(entry)
         return entry
 
+    def record_completed(
+        self, producer: str, router_incarnation: str, done: Iterable[tuple[int, Outcome]]
+    ) -> list[Logged]:
+        """Number the completions of credits that completed the moment they started.
+
+        ``record`` for each ``(credit_id, outcome)`` in order, with status ``COMPLETED``,
+        ``duration_s`` 0, ``session_ended`` and the outcome's ``ttft_s`` and ``result``: the
+        zero-latency executions of lone turns (one call per dispatch frame, not per credit).
+
+        Returns:
+            The kept entries, in ``seq`` order.
+        """
+        seq = self._next_seq
+        out: list[Logged] = []
+        append = out.append
+        for credit_id, outcome in done:
+            append(
+                Logged(
+                    Completion(
+                        seq=seq,
+                        producer=producer,
+                        credit_id=credit_id,
+                        status=_COMPLETED,
+                        ttft_s=outcome.ttft_s,
+                        duration_s=0.0,
+                        session_ended=True,
+                        result=outcome.result,
+                    ),
+                    router_incarnation,
+                )
+            )
+            seq += 1
+        self._next_seq = seq
+        self._unacked.extend(out)
+        return out
+
     def ack(self, seq: int) -> int:
         """A cumulative ``Ack``: forget every completion up to and including ``seq``.
 
@@ -464,6 +512,12 @@ class CompletionLog:
             How many completions were forgotten.
         """
         unacked = self._unacked
+        if unacked and unacked[-1].completion.seq <= seq:  # it covers them all (the usual)
+            dropped = len(unacked)
+            unacked.clear()
+            if seq > self.acked_seq:
+                self.acked_seq = seq
+            return dropped
         dropped = 0
         while unacked and unacked[0].completion.seq <= seq:
             unacked.popleft()
@@ -511,6 +565,11 @@ def completion_messages(
         Per run and chunk: the current incarnation's completions as one ``Completion`` or
         ``CompletionBatch``, another incarnation's as a ``Recovered`` naming it.
     """
+    if isinstance(entries, list) and entries and len(entries) <= max_batch:
+        # The usual flush: one run of one incarnation, one frame, without the per-entry cut.
+        incarnation = entries[0].router_incarnation
+        if all(e.router_incarnation == incarnation for e in entries):
+            return [_frame([e.completion for e in entries], incarnation, router_incarnation)]
     out: list[WorkerToRouter] = []
     run: list[Completion] = []
     run_incarnation: str | None = None

@@ -13,6 +13,11 @@ OpenAI HTTP executor a later issue adds:
   ``reason`` (``http_503``), or an exception, reported as failed with the exception's class name.
 * ``execute_nowait`` lets an executor that can answer without waiting (the zero-latency
   simulator) skip the task altogether; executors that always wait return ``None``.
+* Optionally, ``execute_lone_nowait(credit)``: ``execute_nowait`` for a lone turn (no history,
+  its session ends with it, no FORK children), which the agent then runs without building a
+  ``Session`` or a per-credit record. Same result and side effects as ``execute_nowait``;
+  ``None`` without any effect when it cannot answer at once. Not part of ``Executor``: the agent
+  looks it up once (``getattr``), so executors without it need nothing.
 * The session is the agent's: read ``session.history``, never keep or mutate it. A completed
   turn hands back the ``Turn`` to append (``ExecResult.turn``; it may be ``None`` for a final
   turn that declares no FORK children, whose history nobody will read).
@@ -159,6 +164,10 @@ _msgpack_request: Final = msgspec.msgpack.Decoder(SimRequest)
 _json_request: Final = msgspec.json.Decoder(SimRequest)
 _result_encoder: Final = msgspec.msgpack.Encoder()
 _DEFAULT_REQUEST: Final = SimRequest()
+_LONE_MEMO_PAYLOAD_MAX: Final = 256
+"""Payloads up to this many bytes key the lone-turn memo (larger ones are parsed each time)."""
+_CHAIN_MEMO_MAX: Final = 4_096
+"""Hash chains kept (the oldest goes first): one per live multi-turn session at most."""
 _RESULT_MEMO_MAX: Final = 4_096
 """Encoded results memoized by ``(prompt, cached, output)``: with the same token counts, most
 turns of a benchmark return identical bytes, and encoding is a third of the simulator's cost."""
@@ -181,10 +190,20 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def match(self, hashes: list[int]) -> int:
-        """How many leading blocks are cached (a prefix match stops at the first miss)."""
+    def match(self, hashes: list[int], refresh: bool = True) -> int:
+        """How many leading blocks are cached (a prefix match stops at the first miss).
+
+        The matched blocks become the most recently used, unless ``refresh`` is false (the
+        caller inserts them all at once, which does the same).
+        """
         blocks = self._blocks
         hits = 0
+        if not refresh:
+            for h in hashes:
+                if h not in blocks:
+                    break
+                hits += 1
+            return hits
         for h in hashes:
             if h not in blocks:
                 break
@@ -224,13 +243,30 @@ def block_hashes(segments: list[tuple[int, int]], block_tokens: int) -> list[int
         One hash per full block (a partial last block is not cacheable).
     """
     hashes: list[int] = []
-    previous = 0
-    pieces: list[tuple[int, int, int]] = []
-    filled = 0
+    _extend_chain(hashes, 0, [], 0, segments, block_tokens)
+    return hashes
+
+
+_Pieces = list[tuple[int, int, int]]
+
+
+def _extend_chain(
+    hashes: list[int],
+    previous: int,
+    pieces: _Pieces,
+    filled: int,
+    segments: list[tuple[int, int]],
+    block_tokens: int,
+) -> tuple[int, _Pieces, int]:
+    """``block_hashes`` resumed: append to ``hashes`` the blocks ``segments`` complete, from the
+    chain's state (last hash, pieces of the partial block, tokens in it); returns the new state.
+    """
     for seg_id, length in segments:
         offset = 0
         while offset < length:
-            take = min(length - offset, block_tokens - filled)
+            take = block_tokens - filled
+            if take > length - offset:
+                take = length - offset
             pieces.append((seg_id, offset, take))
             offset += take
             filled += take
@@ -239,7 +275,19 @@ def block_hashes(segments: list[tuple[int, int]], block_tokens: int) -> list[int
                 hashes.append(previous)
                 pieces = []
                 filled = 0
-    return hashes
+    return previous, pieces, filled
+
+
+class _Chain(msgspec.Struct, frozen=True, gc=False):
+    """The block-hash chain of a history, to resume when a turn extends it."""
+
+    history: tuple[Turn, ...]
+    """The turns it covers (a lookup checks them: the chain is only reused for equal turns)."""
+    block_tokens: int
+    hashes: tuple[int, ...]
+    previous: int
+    pieces: tuple[tuple[int, int, int], ...]
+    filled: int
 
 
 class _Plan(msgspec.Struct, frozen=True, gc=False):
@@ -301,6 +349,9 @@ class SimExecutor:
         """Tokens of completed credits (``/metrics``)."""
         self.cached_tokens_total = 0
         self._memo: dict[tuple[int, int, int], bytes] = {}
+        self._lone_memo: dict[bytes, tuple[ExecResult, int, int]] = {}
+        self._chains: OrderedDict[int, _Chain] = OrderedDict()
+        """Block-hash chains of the turns of sessions that go on, by the last turn's uid."""
 
     def __repr__(self) -> str:
         return (
@@ -324,11 +375,34 @@ class SimExecutor:
             and not credit.fork_count
         ):
             return self._lone_turn(credit)
-        plan = self._plan(credit, session)
+        # (The insert right after the match refreshes every matched block again, in the same
+        # order, before any eviction: the match need not.)
+        plan = self._plan(credit, session, refresh=False)
         if isinstance(plan, ExecResult):
             return plan
         self.cache.insert(plan.all_blocks)
         return self._result(plan, 0.0)
+
+    def execute_lone_nowait(self, credit: Credit) -> ExecResult | None:
+        """``execute_nowait`` of a lone turn, one the agent runs without a ``Session``.
+
+        A lone turn has no history and its session ends with it (a single-turn root or SPAWN
+        child that declares no FORK children): the agent calls this instead of building a
+        session nobody reads. Same result and counts as ``execute_nowait``; ``None`` (with no
+        effect) when the execution has to wait.
+        """
+        if not self.zero_latency:
+            return None
+        hit = self._lone_memo.get(credit.payload)
+        if hit is None:
+            return self._lone_turn(credit)
+        result, prompt, output = hit  # _lone_turn's memo hit, inlined (once per credit)
+        self.prompt_tokens_total += prompt
+        tokens = self.tokens
+        tokens.prompt += prompt
+        tokens.prompt_cache_reported += prompt
+        tokens.completion += output
+        return result
 
     async def execute(
         self, credit: Credit, session: Session, on_first_token: FirstTokenCallback
@@ -356,26 +430,44 @@ class SimExecutor:
         """A turn without history whose session ends with it: nothing to look up or cache.
 
         The dominant benchmark case (single-turn sessions), so it skips the plan; no ``Turn``
-        either, since no later turn will read this session's history.
+        either, since no later turn will read this session's history. Its result depends on the
+        payload alone, so the (frozen, shared) ``ExecResult`` is memoized by payload bytes.
         """
-        request = self._request(credit.payload)
-        if request is None:
-            return ExecResult(Status.FAILED, reason="invalid_payload")
-        new_input = request.input_tokens
-        prompt = self.default_input_tokens if new_input is None else new_input
-        output = request.output_tokens
-        if output is None:
-            output = self.default_output_tokens
+        payload = credit.payload
+        memo = self._lone_memo
+        hit = memo.get(payload)
+        if hit is None:
+            request = self._request(payload)
+            if request is None:
+                return ExecResult(Status.FAILED, reason="invalid_payload")
+            new_input = request.input_tokens
+            prompt = self.default_input_tokens if new_input is None else new_input
+            output = request.output_tokens
+            if output is None:
+                output = self.default_output_tokens
+            key = (prompt, 0, output)
+            encoded = self._memo.get(key)
+            if encoded is None:
+                encoded = self._encode_result(
+                    key, self.base_ttft_s + prompt * self.prefill_s_per_token
+                )
+            hit = (ExecResult(Status.COMPLETED, ttft_s=0.0, result=encoded), prompt, output)
+            if len(payload) <= _LONE_MEMO_PAYLOAD_MAX:
+                if len(memo) >= _RESULT_MEMO_MAX:
+                    memo.clear()
+                memo[payload] = hit
+        result, prompt, output = hit
         self.prompt_tokens_total += prompt
-        key = (prompt, 0, output)
-        encoded = self._memo.get(key)
-        if encoded is None:
-            ttft = self.base_ttft_s + prompt * self.prefill_s_per_token
-            encoded = self._encode_result(key, ttft)
-        self.tokens.add(prompt, 0, output)
-        return ExecResult(Status.COMPLETED, ttft_s=0.0, result=encoded)
+        tokens = self.tokens  # TokenCounts.add(prompt, 0, output), inlined
+        tokens.prompt += prompt
+        tokens.prompt_cache_reported += prompt
+        tokens.completion += output
+        return result
 
-    def _plan(self, credit: Credit, session: Session) -> _Plan | ExecResult:
+    def _plan(self, credit: Credit, session: Session, refresh: bool = True) -> _Plan | ExecResult:
+        """What executing the credit takes. ``refresh=False``: the caller inserts the plan's
+        ``all_blocks`` at once, so matching the prompt need not refresh the blocks it finds
+        (it still does when the plan keeps no blocks: nothing will refresh them)."""
         request = self._request(credit.payload)
         if request is None:
             return ExecResult(Status.FAILED, reason="invalid_payload")
@@ -399,16 +491,10 @@ class SimExecutor:
         prompt_blocks: list[int] = []
         cached = 0
         if history or keep:
-            segments = []
-            for past in history:
-                segments.append((2 * past.uid, past.input_tokens))
-                segments.append((2 * past.uid + 1, past.output_tokens))
-            segments.append((2 * turn.uid, new_input))
-            segments.append((2 * turn.uid + 1, output))
-            hashes = block_hashes(segments, self.block_tokens)
+            hashes = self._hashes(history, turn, keep)
             in_prompt = hashes[: prompt // self.block_tokens]
             if history:
-                cached = self.cache.match(in_prompt) * self.block_tokens
+                cached = self.cache.match(in_prompt, refresh or not keep) * self.block_tokens
             if keep:
                 prompt_blocks, all_blocks = in_prompt, hashes
         self.prompt_tokens_total += prompt
@@ -423,6 +509,44 @@ class SimExecutor:
             all_blocks=all_blocks,
             turn=turn,
         )
+
+    def _hashes(self, history: list[Turn], turn: Turn, keep: bool) -> list[int]:
+        """``block_hashes`` of the history's and the turn's segments (each turn is an input and
+        an output segment), resuming the chain kept for the history when there is one, and
+        keeping this turn's for the next one (``keep``: the session goes on or forks).
+
+        Same hashes as hashing the whole stream, in O(this turn) rather than O(history).
+        """
+        block_tokens = self.block_tokens
+        chains = self._chains
+        hashes: list[int]
+        pieces: _Pieces
+        segments: list[tuple[int, int]] = []
+        known = chains.get(history[-1].uid) if history else None
+        if (
+            known is not None
+            and known.block_tokens == block_tokens
+            and known.history == tuple(history)
+        ):
+            hashes = list(known.hashes)
+            previous, pieces, filled = known.previous, list(known.pieces), known.filled
+        else:
+            hashes, previous, pieces, filled = [], 0, [], 0
+            for past in history:
+                segments.append((2 * past.uid, past.input_tokens))
+                segments.append((2 * past.uid + 1, past.output_tokens))
+        segments.append((2 * turn.uid, turn.input_tokens))
+        segments.append((2 * turn.uid + 1, turn.output_tokens))
+        previous, pieces, filled = _extend_chain(
+            hashes, previous, pieces, filled, segments, block_tokens
+        )
+        if keep:
+            if len(chains) >= _CHAIN_MEMO_MAX:
+                chains.popitem(last=False)  # the oldest
+            chains[turn.uid] = _Chain(
+                (*history, turn), block_tokens, tuple(hashes), previous, tuple(pieces), filled
+            )
+        return hashes
 
     @staticmethod
     def _request(payload: bytes) -> SimRequest | None:

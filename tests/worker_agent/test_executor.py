@@ -235,3 +235,59 @@ def test_turn_sizes_come_from_the_payload() -> None:
     assert last is not None
     assert last.turn is None  # a lone final turn: nobody will read its history
     assert decode(last).input_tokens == 12
+
+
+# ------------------------------------------------------------------- the per-credit shortcuts
+
+
+def segments_of(turns: list[Turn]) -> list[tuple[int, int]]:
+    out = []
+    for t in turns:
+        out += [(2 * t.uid, t.input_tokens), (2 * t.uid + 1, t.output_tokens)]
+    return out
+
+
+def test_resumed_hash_chain_equals_hashing_the_whole_stream() -> None:
+    sim = SimExecutor(zero_latency=True, block_tokens=16)
+    history: list[Turn] = []
+    for size in (5, 40, 16, 1, 33, 0, 70):  # partial blocks carried across turns
+        turn = Turn(size, size // 3 + 1)
+        hashes = sim._hashes(history, turn, True)  # resumed from the previous turn's chain
+        assert hashes == block_hashes(segments_of([*history, turn]), 16)
+        history.append(turn)
+    # A FORK copy of the history resumes the same chain and then goes its own way.
+    child = list(history)
+    child_turn = Turn(9, 9)
+    assert sim._hashes(child, child_turn, True) == block_hashes(
+        segments_of([*child, child_turn]), 16
+    )
+    # A history that ends in a known turn after another prefix is hashed whole, not resumed.
+    other = [Turn(7, 7), history[-1]]
+    last = Turn(3, 3)
+    assert sim._hashes(other, last, True) == block_hashes(segments_of([*other, last]), 16)
+
+
+def test_matching_without_refresh_then_inserting_leaves_the_same_lru() -> None:
+    def cache() -> PrefixCache:
+        c = PrefixCache(8)
+        c.insert([1, 2, 3, 4, 5, 6, 7, 8])
+        return c
+
+    refreshed, lazy = cache(), cache()
+    prompt, stream = [2, 3, 9], [2, 3, 9, 10, 11]
+    assert refreshed.match(prompt) == lazy.match(prompt, refresh=False) == 2
+    refreshed.insert(stream)
+    lazy.insert(stream)
+    assert list(refreshed._blocks) == list(lazy._blocks) == [4, 5, 6, 7, 8, 2, 3, 9, 10, 11][-8:]
+
+
+def test_lone_turn_fast_path_matches_execute_nowait_and_counts_once() -> None:
+    fast, general = SimExecutor(zero_latency=True), SimExecutor(zero_latency=True)
+    for payload in (b"", tokens(12, 3), tokens(12, 3), b"\xc1", b"{}"):
+        lone = credit(payload=payload)
+        assert fast.execute_lone_nowait(lone) == general.execute_nowait(lone, Session("s"))
+    assert fast.prompt_tokens_total == general.prompt_tokens_total
+    assert [getattr(fast.tokens, n) for n in fast.tokens.__slots__] == [
+        getattr(general.tokens, n) for n in general.tokens.__slots__
+    ]
+    assert SimExecutor().execute_lone_nowait(credit()) is None  # with latency: a task
