@@ -45,6 +45,7 @@ bench: install  #? benchmarks, printed as JSON lines
 	$(RUN) credit-router bench core --json
 	$(RUN) credit-router bench e2e --json
 	$(RUN) python -m loadgen.bench.pacing --json
+	$(RUN) python -m loadgen.bench.worker --json
 
 # Optional mypyc build of the per-credit modules (scripts/mypyc_build.py lists them) into build/mypyc,
 # enabled through a .pth in .venv. A guard hashes the sources at interpreter start and ignores the
