@@ -233,8 +233,8 @@ class Refusal(Msg, frozen=True, kw_only=True, tag="refusal"):
     """The ``protocol_version`` the hello carried."""
     code: Text = ""
     """Stable machine-readable reason (docs/PROTOCOL.md §7.2): ``version_mismatch``,
-    ``invalid_capacity``, ``name_mismatch``, ``name_in_use``, ``superseded``. Empty from a
-    router that predates the field."""
+    ``invalid_capacity``, ``name_mismatch``, ``name_in_use``, ``superseded``,
+    ``unauthorized``. Empty from a router that predates the field."""
 
 
 class ErrorReport(Msg, frozen=True, kw_only=True, tag="error"):

@@ -93,6 +93,8 @@ that arrive at a restarted router before their producer said hello again)."""
 DISCONNECT_RECHECK_S: Final = 0.05
 """After a worker's connection closed, when to ask again whether its routing id still has a
 connection (the first answer may come before libzmq dropped the old one)."""
+UNAUTHORIZED_REPLY_S: Final = 1.0
+"""A peer whose key may not speak as its routing id is told so at most this often."""
 REVOKE_WAIT_S: Final = 1.0
 """At shutdown, how long to wait for workers to confirm a ``Cancel(revoked=True)``."""
 STALE_INCARNATION: Final = "stale_incarnation"
@@ -185,6 +187,8 @@ class RouterService:
         """Producer links by routing id."""
         self._producer_keys: dict[str, ProducerLink] = {}
         """Producer links by the key the core knows them by (``name/incarnation``)."""
+        self._told_unauthorized: dict[bytes, float] = {}
+        """When each peer whose key may not speak as its routing id was last told so."""
         self._held: dict[str, deque[bytes]] = {}
         """Frames for producer keys with no link (yet)."""
         self._held_since: dict[str, float] = {}
@@ -262,6 +266,7 @@ class RouterService:
             curve=worker_curve,
             on_auth_failure=self._on_auth_failure,
             on_disconnect=self._on_worker_disconnect,
+            on_unauthorized=self._on_unauthorized_worker,
         )
         try:
             self._producers_sock = RouterSocket(
@@ -271,6 +276,7 @@ class RouterService:
                 self._on_malformed_producer,
                 curve=producer_curve,
                 on_auth_failure=self._on_auth_failure,
+                on_unauthorized=self._on_unauthorized_producer,
             )
         except BaseException:
             self._workers_sock.close()
@@ -462,6 +468,37 @@ class RouterService:
             logger.warning(
                 "authentication failure peer=%s: %s (%d more suppressed)", who, why, suppressed
             )
+
+    def _on_unauthorized_worker(self, identity: bytes, why: str) -> None:
+        self._refuse_unauthorized(identity, why, worker=True)
+
+    def _on_unauthorized_producer(self, identity: bytes, why: str) -> None:
+        self._refuse_unauthorized(identity, why, worker=False)
+
+    def _refuse_unauthorized(self, identity: bytes, why: str, *, worker: bool) -> None:
+        """A peer whose key passed the handshake but may not speak as its routing id (bound
+        to another name, or removed by a key reload): its frames are dropped; tell it why,
+        at most once a second per peer, so that it exits with the reason instead of saying
+        hello into silence forever."""
+        now = self.now()
+        told = self._told_unauthorized
+        last = told.get(identity)
+        if last is not None and now - last < UNAUTHORIZED_REPLY_S:
+            return
+        if len(told) >= 10_000:  # bounded: routing ids are the peer's choice
+            told.clear()
+        told[identity] = now
+        self._event("refused_unauthorized")
+        sock = self._workers_sock if worker else self._producers_sock
+        if sock is not None:
+            refusal = Refusal(
+                reason=f"not authorized: {why} (check this peer's --curve-key and its name "
+                "against the router's --curve-allowed-keys)",
+                router_version=PROTOCOL_VERSION,
+                peer_version=PROTOCOL_VERSION,
+                code="unauthorized",
+            )
+            sock.send(identity, encode(refusal))
 
     def _on_worker_disconnect(self, identity: bytes, recheck: bool = True) -> None:
         link = self.workers.get(identity)

@@ -208,6 +208,9 @@ class RouterSocket(_Driven):
             plaintext peer on a CURVE endpoint).
         on_disconnect: called with the routing identity of a peer whose connection closed.
             The identity may have reconnected meanwhile (a send to it tells).
+        on_unauthorized: called with ``(identity, why)`` for each frame dropped because its
+            key does not own its routing identity (the handshake passed, so the peer can be
+            answered, and told why).
 
     Raises:
         TransportError: the endpoint cannot be bound — in use, or an ``ipc://`` path that a
@@ -224,6 +227,7 @@ class RouterSocket(_Driven):
         curve: Curve | None = None,
         on_auth_failure: Callable[[str, str], None] | None = None,
         on_disconnect: Callable[[bytes], None] | None = None,
+        on_unauthorized: Callable[[bytes, str], None] | None = None,
     ) -> None:
         _claim_ipc_path(endpoint)
         sock = ctx.socket(zmq.ROUTER)
@@ -252,6 +256,7 @@ class RouterSocket(_Driven):
         self._curve = curve
         self._on_auth_failure = on_auth_failure
         self._on_disconnect = on_disconnect
+        self._on_unauthorized = on_unauthorized
         self._fds: dict[int, bytes] = {}
         """Connection fd -> the identity seen on it. Learned from the first frame of each
         identity (``SRCFD``; the one frame per peer read with ``copy=False``), so a closed
@@ -310,15 +315,17 @@ class RouterSocket(_Driven):
         assert curve is not None
         user = frame.get("User-Id")
         if not user or user not in curve.allowed() or curve.owner(identity) != user:
+            who = identity.decode("utf-8", "replace")
+            why = (
+                f"the key of {user!r} may not speak as {who!r}"
+                if user and user in curve.allowed()
+                else f"the key of {user or 'an unknown peer'!r} is no longer allowed"
+            )
             if self._on_auth_failure is not None:
-                who = identity.decode("utf-8", "replace")
-                why = (
-                    f"the key of {user!r} may not speak as {who!r}"
-                    if user and user in curve.allowed()
-                    else f"the key of {user or 'an unknown peer'!r} is no longer allowed"
-                )
                 fd = frame.get(zmq.SRCFD)
                 self._on_auth_failure(f"{peer_address(fd)} ({who})", why)
+            if self._on_unauthorized is not None:
+                self._on_unauthorized(identity, why)
             return False
         if identity not in self._fd_of:
             self._learn_fd(identity, frame)

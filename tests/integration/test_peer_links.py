@@ -475,6 +475,39 @@ async def test_unaccepted_key_and_plaintext_worker_exit_with_a_clear_reason(
     assert {w["name"] for w in procs.status()["workers"]} == {"gpu-1"}
 
 
+async def test_a_listed_key_under_another_name_or_a_revoked_key_exits_with_the_reason(
+    procs: Procs, keys: Path
+) -> None:
+    """Keys that pass the handshake but may not speak as their routing id: a listed key used
+    under another worker's name, and a key the router stopped listing (SIGHUP reload). The
+    router drops their frames; each worker is told why (``Refusal(code="unauthorized")``) and
+    exits 2 with the reason in one line, instead of saying hello into silence forever."""
+    generate(keys / "allowed", ["gpu-2"])
+    procs.start_router(
+        "--curve-secret-key-file", str(keys / "router" / "router.key_secret"),
+        "--curve-allowed-keys", str(keys / "allowed"),
+    )  # fmt: skip
+    server = str(keys / "router" / "router.key")
+    procs.start_worker(
+        "gpu-2", "--curve-server-key", server, "--curve-key",
+        str(keys / "allowed" / "gpu-2.key_secret"),
+    )  # fmt: skip
+    await procs.workers_active("gpu-2")
+    impostor = procs.start_worker(
+        "gpu-3", "--curve-server-key", server, "--curve-key",
+        str(keys / "allowed" / "gpu-1.key_secret"),
+    )  # fmt: skip
+    assert await exited(impostor, 20) == 2
+    assert_one_line_reason(procs.log("gpu-3"), "not authorized", "may not speak as")
+    # Revoke gpu-2's key: the router cuts it off, and it learns why.
+    (keys / "allowed" / "gpu-2.key").unlink()
+    assert procs.router is not None
+    procs.router.send_signal(signal.SIGHUP)
+    assert await exited(procs.workers["gpu-2"], 20) == 2
+    assert_one_line_reason(procs.log("gpu-2"), "not authorized", "no longer allowed")
+    assert procs.router.poll() is None
+
+
 # ---------------------------------------------------------------------------- scenario 11
 
 
