@@ -605,8 +605,14 @@ class WorkerAgent:
             return None
         if self._router_incarnation is None or self._session.final:
             return StopReason.DRAINED  # never joined, or refused: nobody to tell
-        if not self._held and not self.sessions and self._state is AgentState.JOINED:
-            return StopReason.DRAINED
+        if not self._held and not self.sessions:
+            if self._state is AgentState.JOINED:
+                return StopReason.DRAINED
+            if not self.completions:
+                # The router is away and we owe it nothing: no credit, no session, no
+                # completion to deliver. Waiting for it until the deadline would only hold up
+                # a `systemctl stop` (it will see us gone, with nothing lost).
+                return StopReason.DRAINED
         if now >= self._drain_deadline:
             return StopReason.DRAIN_DEADLINE
         return None

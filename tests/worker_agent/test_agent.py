@@ -520,6 +520,33 @@ def test_names_and_labels_that_would_break_hello_are_refused() -> None:
         WorkerAgent(router="tcp://127.0.0.1:1", name="w", executor=sim, capacity=0)
 
 
+async def test_drain_with_the_router_away_and_nothing_owed_exits_at_once(
+    router: FakeRouter, start_agent: StartAgent
+) -> None:
+    # `systemctl stop` on an idle worker whose router is down: it holds no credit, no session
+    # and no completion to deliver, so it must not wait out its 30 s drain deadline.
+    running = await start_agent()
+    await router.welcome(heartbeat_s=0.05)
+    await until(lambda: running.agent.state is AgentState.REJOINING)
+    running.agent.drain(30.0)
+    assert await asyncio.wait_for(running.result(), 5) is StopReason.DRAINED
+
+
+async def test_drain_with_the_router_away_waits_for_a_completion_it_owes(
+    router: FakeRouter, start_agent: StartAgent
+) -> None:
+    # An unacknowledged completion is the router's to receive: the agent waits for the router
+    # to come back (here: until its drain deadline), it does not leave at once.
+    running = await start_agent()
+    await router.welcome(heartbeat_s=0.05)
+    await router.send(Dispatch(producer="p", credit=credit(1)))
+    await router.expect(Completion)  # never acknowledged
+    await until(lambda: running.agent.state is AgentState.REJOINING)
+    running.agent.drain(0.5)
+    assert await asyncio.wait_for(running.result(), 5) is StopReason.DRAIN_DEADLINE
+    assert len(running.agent.completions) == 1
+
+
 async def test_drain_before_any_welcome_exits_at_once(
     router: FakeRouter, start_agent: StartAgent
 ) -> None:
