@@ -63,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 ROUTER_RESTARTED: Final = "router_restarted"
 STALE_INCARNATION: Final = "stale_incarnation"
+ROUTER_DRAINING: Final = "router_draining"
 _MAX_RESENDS: Final = 5
 """A credit bounced ``stale_incarnation`` more often than this (routers restarting in a loop)
 ends with that outcome."""
@@ -126,6 +127,10 @@ class RouterClient:
         self._sent_under: dict[int, str] = {}
         """Credit id -> the router incarnation it was sent to."""
         self._resends: dict[int, int] = {}
+        self._draining: str | None = None
+        """The router incarnation that answered ``rejected: router_draining``, while it lasts."""
+        self._after_drain: set[int] = set()
+        """Credits sent to ``_draining`` after it said so: they cannot run there."""
         self._slots = asyncio.Semaphore(max_outstanding)
         self._queue: list[Credit | bytes] = []
         """Credits and control frames not sent yet, in order."""
@@ -247,7 +252,10 @@ class RouterClient:
         session = self.session
         while not session.final:
             now = loop.time()
+            was = session.router_incarnation if session.ready else None
             what = session.due(now)
+            if was is not None and not session.ready:
+                self._drained_router_gone(was)
             if what == HELLO:
                 if session.state is PeerState.REJOINING and session.rehellos == 1:
                     logger.warning("saying hello again to %s: %s", self.endpoint, session.why)
@@ -379,6 +387,8 @@ class RouterClient:
                 break
             for credit in batch:
                 sent_under[credit.id] = incarnation
+            if incarnation == self._draining:
+                self._after_drain.update(credit.id for credit in batch)
             i = j
         if i:
             session.sent(asyncio.get_running_loop().time())
@@ -434,7 +444,23 @@ class RouterClient:
                 else:
                     logger.warning("router reports %s: %s", code, text)
 
+    def _drained_router_gone(self, incarnation: str) -> None:
+        """The router ``incarnation`` is gone (silent, or replaced). If it had told us it was
+        draining, the credits we sent it after that never ran (a draining router starts
+        nothing new): whatever of them got no answer ends ``rejected: router_draining`` now,
+        instead of waiting out the recovery grace as credits it may have run do."""
+        if incarnation != self._draining:
+            return
+        self._draining = None
+        after, self._after_drain = self._after_drain, set()
+        for cid in after:
+            if cid in self._futures and self._sent_under.get(cid) == incarnation:
+                self._resolve(
+                    Outcome(credit_id=cid, status=Status.REJECTED, reason=ROUTER_DRAINING)
+                )
+
     def _router_restarted(self, previous: str) -> None:
+        self._drained_router_gone(previous)
         waiting = [cid for cid, inc in self._sent_under.items() if inc == previous]
         logger.warning(
             "router restarted (incarnation %s -> %s): %d credits await recovery",
@@ -461,6 +487,14 @@ class RouterClient:
 
     def _on_outcome(self, outcome: Outcome) -> None:
         cid = outcome.credit_id
+        if (
+            outcome.reason == ROUTER_DRAINING
+            and outcome.status is Status.REJECTED
+            and self._draining is None
+            and self.session.ready
+        ):
+            # This router drains (irreversibly): from now on, what we send it cannot run.
+            self._draining = self.session.router_incarnation
         if outcome.reason == STALE_INCARNATION and outcome.status is Status.REJECTED:
             credit = self._credits.get(cid)
             resends = self._resends.get(cid, 0)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -93,6 +94,9 @@ that arrive at a restarted router before their producer said hello again)."""
 DISCONNECT_RECHECK_S: Final = 0.05
 """After a worker's connection closed, when to ask again whether its routing id still has a
 connection (the first answer may come before libzmq dropped the old one)."""
+PRODUCERS_QUIET_S: Final = 0.25
+"""At shutdown, the sockets close only once no producer frame came for this long (bounded by
+a second): what arrives meanwhile is still answered, ``rejected: router_draining``."""
 UNAUTHORIZED_REPLY_S: Final = 1.0
 """A peer whose key may not speak as its routing id is told so at most this often."""
 REVOKE_WAIT_S: Final = 1.0
@@ -187,6 +191,8 @@ class RouterService:
         """Producer links by routing id."""
         self._producer_keys: dict[str, ProducerLink] = {}
         """Producer links by the key the core knows them by (``name/incarnation``)."""
+        self._producer_rx_at = -math.inf
+        """When the last producer frame arrived (the shutdown waits for a quiet moment)."""
         self._told_unauthorized: dict[bytes, float] = {}
         """When each peer whose key may not speak as its routing id was last told so."""
         self._held: dict[str, deque[bytes]] = {}
@@ -400,9 +406,15 @@ class RouterService:
                 "workers did not confirm the credits this router ended: %s", sorted(unconfirmed)
             )
         # The last outcomes must reach producers that are still there: give any held back
-        # a moment (bounded) before the sockets close.
+        # a moment (bounded) before the sockets close. Keep reading until the producers have
+        # been quiet for a moment too: a credit submitted just before we close would vanish
+        # with the socket (its producer would wait out its recovery grace for nothing); read,
+        # it is answered `rejected: router_draining` like every other since the drain began.
         give_up = loop.time() + 1.0
-        while loop.time() < give_up and any(p.outbox for p in self.producers.values()):
+        while loop.time() < give_up and (
+            any(p.outbox for p in self.producers.values())
+            or self.now() - self._producer_rx_at < PRODUCERS_QUIET_S
+        ):
             self._flush_outboxes(self.workers.values())
             await asyncio.sleep(0.02)
         self._close_sockets()
@@ -795,6 +807,7 @@ class RouterService:
     def _on_producer_frames(self, frames: Frames) -> None:
         assert self._loop is not None
         now = self.now()
+        self._producer_rx_at = now
         for identity, payload in frames:
             try:
                 msg = decode_producer_to_router(payload)

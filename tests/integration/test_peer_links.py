@@ -29,8 +29,18 @@ import pytest
 import zmq
 
 from protocol import PROTOCOL_VERSION, Credit, Outcome, Status
-from protocol.codec import decode_router_to_worker, encode
-from protocol.messages import Dispatch, DispatchBatch, Hello, Refusal, Welcome
+from protocol.codec import decode_router_to_producer, decode_router_to_worker, encode
+from protocol.messages import (
+    Dispatch,
+    DispatchBatch,
+    Hello,
+    OutcomeBatch,
+    ProducerHello,
+    ProducerWelcome,
+    Refusal,
+    SubmitBatch,
+    Welcome,
+)
 from router_service.client import RouterClient
 from router_service.security import generate
 from tests.integration.test_faults import Cluster, _port, payload
@@ -506,6 +516,93 @@ async def test_a_listed_key_under_another_name_or_a_revoked_key_exits_with_the_r
     assert await exited(procs.workers["gpu-2"], 20) == 2
     assert_one_line_reason(procs.log("gpu-2"), "not authorized", "no longer allowed")
     assert procs.router.poll() is None
+
+
+async def test_credits_sent_to_a_draining_router_that_dies_end_at_once(procs: Procs) -> None:
+    """A router drains (SIGTERM, a long credit keeps it draining) and says so: a credit sent to
+    it is rejected ``router_draining``. Credits the producer sends it after that can never run
+    there; if the router dies before answering them (here: frozen, then killed), they end
+    ``rejected: router_draining`` as soon as the producer sees the router gone, not after the
+    recovery grace (60 s here). The long credit, which did run, still completes once through
+    the next router."""
+    procs.start_router()
+    procs.start_worker("w", capacity=4)
+    await procs.workers_active("w")
+    async with counting(
+        procs.producer_endpoint, recovery_grace_s=60.0, heartbeat_interval_s=0.2
+    ) as client:
+        (long,) = await client.submit_many(credits(range(1), 750))  # 3 s
+        await procs.until_held(1)
+        assert procs.router is not None
+        procs.router.send_signal(signal.SIGTERM)
+        await procs.until(lambda d: d["router"]["draining"], what="draining")
+        first = await asyncio.wait_for(client.run(credits(range(10, 11), 1)[0]), 10)
+        assert (first.status, first.reason) == (Status.REJECTED, "router_draining")
+        os.kill(procs.router.pid, signal.SIGSTOP)  # it will never read what comes next
+        after = await client.submit_many(credits(range(20, 23), 1))
+        await asyncio.sleep(0.1)
+        procs.router.kill()
+        procs.router.wait()
+        ended = await asyncio.wait_for(asyncio.gather(*after), 10)
+        assert {(o.status, o.reason) for o in ended} == {(Status.REJECTED, "router_draining")}
+        procs.start_router()
+        done = await asyncio.wait_for(long, 20)
+        assert done.status is Status.COMPLETED
+        assert max(client.received.values()) == 1
+
+
+async def test_a_stopping_router_answers_what_producers_send_until_they_are_quiet(
+    procs: Procs,
+) -> None:
+    """A producer written from PROTOCOL.md keeps submitting while the router stops (SIGTERM,
+    nothing in flight, so it would close at once). Everything it sends before the router has
+    heard nothing for a moment is answered ``rejected: router_draining``: the router does not
+    close its socket on frames it never read."""
+    procs.start_router()
+    await procs.until(lambda d: d["router"]["ready"], what="ready")
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(procs.producer_endpoint)
+    try:
+        sock.send(encode(ProducerHello(producer="raw", protocol_version=PROTOCOL_VERSION)))
+        assert sock.poll(10_000)
+        assert isinstance(decode_router_to_producer(sock.recv()), ProducerWelcome)
+        assert procs.router is not None
+        procs.router.send_signal(signal.SIGTERM)
+        rejected: set[int] = set()
+        cid = 0
+        while not rejected:  # submit until the first refusal says the router drains
+            sock.send(encode(SubmitBatch(credits=[Credit(id=cid, x_correlation_id=f"s{cid}")])))
+            cid += 1
+            if sock.poll(20):
+                rejected |= _rejected_ids(decode_router_to_producer(sock.recv()))
+            assert cid < 1000, "the router never said it drains"
+        # A moment later (a producer has its own work between sends): the router, with nothing
+        # in flight, has left its main loop by now; it has not heard from us for less than
+        # its quiet period (0.25 s), so it is still reading.
+        await asyncio.sleep(0.15)
+        burst = list(range(cid, cid + 5))
+        for i in burst:
+            sock.send(encode(SubmitBatch(credits=[Credit(id=i, x_correlation_id=f"s{i}")])))
+        deadline = time.monotonic() + 5
+        while not set(burst) <= rejected and time.monotonic() < deadline:
+            if sock.poll(100):
+                rejected |= _rejected_ids(decode_router_to_producer(sock.recv()))
+        assert set(burst) <= rejected, f"unanswered: {sorted(set(burst) - rejected)}"
+        assert await exited(procs.router, 10) == 0
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def _rejected_ids(msg: object) -> set[int]:
+    outcomes = msg.outcomes if isinstance(msg, OutcomeBatch) else [msg]
+    return {
+        o.credit_id
+        for o in outcomes
+        if isinstance(o, Outcome) and (o.status, o.reason) == (Status.REJECTED, "router_draining")
+    }
 
 
 # ---------------------------------------------------------------------------- scenario 11
