@@ -17,7 +17,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-__all__ = ["LayeredSettings", "SettingsError", "describe_error"]
+__all__ = ["LayeredSettings", "SettingsError", "describe_error", "endpoint_problem"]
 
 
 class SettingsError(Exception):
@@ -83,3 +83,30 @@ def describe_error(exc: ValidationError) -> str:
         shown = "" if isinstance(given, dict) else f" (got {given!r})"
         parts.append(f"invalid setting {name}: {message}{shown}")
     return "; ".join(parts)
+
+
+def endpoint_problem(endpoint: str, *, bind: bool = False) -> str | None:
+    """What is wrong with a ZeroMQ endpoint we accept (``tcp://HOST:PORT``, ``ipc://PATH``), or
+    ``None``. libzmq itself takes a TCP port above 65535 and silently uses it modulo 65536, so
+    ``tcp://host:99999`` would bind or connect to port 34463.
+
+    Args:
+        endpoint: the endpoint as given.
+        bind: a listening endpoint: port ``0`` or ``*`` (any free port) is allowed.
+    """
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep or scheme not in ("tcp", "ipc"):
+        return "expected tcp://HOST:PORT or ipc://PATH"
+    if scheme == "ipc":
+        return None if rest else "ipc:// needs a path"
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        return "expected tcp://HOST:PORT"
+    if bind and port == "*":
+        return None
+    if not port.isdigit():
+        return f"port {port!r} is not a number"
+    lowest = 0 if bind else 1
+    if not lowest <= int(port) <= 65535:
+        return f"port {port} is out of range ({lowest}-65535)"
+    return None

@@ -47,6 +47,7 @@ import aiohttp
 import uvloop
 
 from credit_common.keys import KeyError_, load_public, load_secret
+from credit_common.settings import endpoint_problem
 from loadgen.replay import Replayer, ReplayOptions
 from loadgen.report import (
     DEFAULT_LATENESS_THRESHOLD_S,
@@ -425,11 +426,12 @@ class RemoteRouter:
         assert settings.router is not None
         self.producer_endpoint = settings.router
         self.topology = f"router at {settings.router} with its workers"
-        scheme, sep, rest = settings.router.partition("://")
-        if not sep or scheme not in ("tcp", "ipc"):
+        scheme, _, rest = settings.router.partition("://")
+        problem = endpoint_problem(settings.router)
+        if problem is not None:
             raise RunError(
-                f"--router {settings.router!r}: expected tcp://HOST:PORT or ipc:///PATH "
-                "(the router's --producers endpoint)"
+                f"--router {settings.router!r}: {problem} (the router's --producers endpoint: "
+                "tcp://HOST:PORT or ipc:///PATH)"
             )
         if scheme == "ipc" and not Path(rest).is_socket():
             raise RunError(

@@ -29,7 +29,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from credit_common.settings import LayeredSettings, SettingsError, describe_error
+from credit_common.settings import (
+    LayeredSettings,
+    SettingsError,
+    describe_error,
+    endpoint_problem,
+)
 
 __all__ = ["CurveSettings", "LayeredSettings", "RouterSettings", "SettingsError", "describe_error"]
 
@@ -108,6 +113,14 @@ class RouterSettings(LayeredSettings):
     insecure: bool = False
     """Allow plaintext on a non-loopback worker endpoint (logs a warning)."""
     curve: CurveSettings = CurveSettings()
+
+    @field_validator("worker_endpoint", "producer_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        problem = endpoint_problem(value, bind=True)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     @field_validator("latency_buckets_s")
     @classmethod

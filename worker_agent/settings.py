@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, NonNegativeFloat, PositiveInt, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from credit_common.settings import LayeredSettings, SettingsError
+from credit_common.settings import LayeredSettings, SettingsError, endpoint_problem
 
 __all__ = ["SettingsError", "WorkerSettings"]
 
@@ -47,6 +47,14 @@ class WorkerSettings(LayeredSettings):
     to 120 s); flag comma-separated, environment a JSON list."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("router")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        problem = endpoint_problem(value) if value else None
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     @field_validator("latency_buckets_s")
     @classmethod

@@ -409,3 +409,18 @@ def test_missing_router_key_file_names_the_file_and_the_fix(tmp_path: Path) -> N
         str(tmp_path),
     )
     assert_one_line_error(result, str(missing), "no such file", "keys generate")
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["serve", "--workers", "tcp://127.0.0.1:99999", "--http-port", "0"], ["worker_endpoint"]),
+        (["serve", "--producers", "tcp://127.0.0.1:70000", "--http-port", "0"], ["producer"]),
+        (["worker", "--router", "tcp://127.0.0.1:99999", "--executor", "sim"], ["router"]),
+        (["run", "--router", "tcp://127.0.0.1:65536", "--duration-s", "1"], ["--router"]),
+    ],
+)
+def test_a_port_above_65535_is_refused_not_wrapped(argv: list[str], words: list[str]) -> None:
+    # libzmq would take tcp://host:99999 and use port 34463 (99999 mod 65536), silently.
+    line = assert_one_line_error(run_cli(*argv), "out of range", *words)
+    assert "65535" in line
