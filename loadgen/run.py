@@ -76,6 +76,7 @@ __all__ = [
     "LocalCluster",
     "RunError",
     "RunSettings",
+    "check_output",
     "exit_status",
     "main",
     "preflight",
@@ -632,14 +633,39 @@ async def _get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
             return r.status, None
 
 
+def check_output(directory: Path) -> None:
+    """Make sure the run directory can be written, before any load (it is created now).
+
+    Raises:
+        RunError: it, or a parent of it, is a file, or it cannot be created or written.
+    """
+    if directory.exists() and not directory.is_dir():
+        raise RunError(f"--output {directory}: is a file, not a directory")
+    for parent in directory.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunError(f"--output {directory}: {parent} is a file, not a directory")
+            break
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"--output {directory}: cannot create it ({exc.strerror})") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise RunError(f"--output {directory}: cannot write there (permission denied)")
+
+
 def exit_status(
     reports: list[Report], max_error_rate: float = 0.0, interrupted: bool = False
 ) -> int:
-    """The run's exit status (``EXIT_*``): incomplete before errors before SLO breaches."""
+    """The run's exit status (``EXIT_*``): incomplete before errors before SLO breaches.
+
+    A run in which no credit completed measured nothing: it is incomplete too, whatever its
+    error rate (all its credits may have been stopped, which are not errors).
+    """
     if interrupted or not reports:
         return EXIT_INCOMPLETE
     for r in reports:
-        if r.unfinished or r.problems:
+        if r.unfinished or r.problems or r.collector.completed == 0:
             return EXIT_INCOMPLETE
     if any(r.error_rate() > max_error_rate for r in reports):
         return EXIT_ERRORS
@@ -653,6 +679,8 @@ async def run(settings: RunSettings, out: IO[str] | None = None) -> int:
     out = out if out is not None else sys.stdout
     try:
         workload = _workload(settings)
+        if settings.output is not None:
+            check_output(settings.output)
         if settings.preflight and settings.endpoints:
             await preflight(settings.endpoints, settings.model)
     except (WorkloadError, RunError) as exc:
@@ -691,6 +719,19 @@ async def run(settings: RunSettings, out: IO[str] | None = None) -> int:
 
 def _verdict(code: int, reports: list[Report], settings: RunSettings) -> str:
     """One line saying why the exit status is not 0."""
+    if code == EXIT_INCOMPLETE and not any(r.unfinished or r.problems for r in reports):
+        idle = [r for r in reports if r.collector.completed == 0]
+        if idle:
+            c = idle[0].collector
+            hint = (
+                "is any worker connected to the router?"
+                if settings.router
+                else "see the outcomes and the process logs"
+            )
+            return (
+                f"exit {code}: no credit completed ({c.credits:,} with an outcome: "
+                f"{c.stopped:,} stopped by the run's end, {c.errors:,} errors): {hint}"
+            )
     if code == EXIT_INCOMPLETE:
         unfinished = sum(r.unfinished for r in reports)
         return f"exit {code}: the run is incomplete ({unfinished} credits without an outcome, " + (
