@@ -13,6 +13,7 @@ What a newcomer met, each as the real processes show it:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -20,13 +21,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
+from loadgen import replay
+from loadgen.replay import CreditRecord, Replayer, ReplayOptions
+from loadgen.workload import load_workload
+from router_service.client import RouterClient
 from tests.loadgen.workload.test_format import write
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -52,6 +57,18 @@ class Router:
     http: str
     process: subprocess.Popen[bytes]
     children: list[subprocess.Popen[bytes]]
+    argv: list[str]
+    log: IO[bytes]
+    sim_workers: int = 0
+
+    def restart(self) -> None:
+        """Kill the router and start a new incarnation on the same endpoints."""
+        self.process.kill()
+        self.process.wait(timeout=10)
+        self.children.append(self.process)
+        self.process = subprocess.Popen(
+            self.argv, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
+        )
 
     def status(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.http}/status", timeout=2) as response:
@@ -76,7 +93,8 @@ class Router:
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         self.children.append(worker)
-        count = len(self.children)
+        self.sim_workers += 1
+        count = self.sim_workers
         self.wait_for("the worker's join", lambda t: t["workers"] >= count)
 
 
@@ -85,24 +103,26 @@ def router(tmp_path: Path) -> Iterator[Router]:
     """``credit-router serve`` on free ports, no workers yet; killed at the end."""
     producer_port, worker_port, http_port = _port(), _port(), _port()
     log = (tmp_path / "router.log").open("wb")
-    process = subprocess.Popen(
-        [*CLI, "serve", "--producers", f"tcp://127.0.0.1:{producer_port}",
-         "--workers", f"tcp://127.0.0.1:{worker_port}", "--http-port", str(http_port),
-         "--drain-deadline-s", "30", "--log-level", "warning"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    argv = [
+        *CLI, "serve", "--producers", f"tcp://127.0.0.1:{producer_port}",
+        "--workers", f"tcp://127.0.0.1:{worker_port}", "--http-port", str(http_port),
+        "--drain-deadline-s", "30", "--log-level", "warning",
+    ]  # fmt: skip
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     r = Router(
         producers=f"tcp://127.0.0.1:{producer_port}",
         workers=f"tcp://127.0.0.1:{worker_port}",
         http=f"http://127.0.0.1:{http_port}",
         process=process,
         children=[],
+        argv=argv,
+        log=log,
     )
     try:
         r.wait_for("start", lambda t: True)
         yield r
     finally:
-        for p in [*r.children, process]:
+        for p in [*r.children, r.process]:
             if p.poll() is None:
                 p.kill()
             p.wait(timeout=10)
@@ -260,3 +280,58 @@ def test_concurrency_backs_off_a_draining_router(router: Router, tmp_path: Path)
     # thousands in the seconds left). With it: at most the 4 slots per hold of 0.5, 1, 2 s…
     assert len(rejected) <= 4 * 5, len(rejected)
     assert code == 1, err  # rejections are errors, counted and reported as before
+
+
+async def test_a_new_router_incarnation_ends_the_back_off(
+    router: Router, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hold far longer than the test: only the new router's welcome can end it.
+    monkeypatch.setattr(replay, "BACKOFF_FIRST_S", 600.0)
+    router.add_sim_worker("w-0")
+    holder = _run(_long(tmp_path), "--router", router.producers, "--concurrency", "1",
+                  "--sessions", "1")  # fmt: skip
+    records: list[CreditRecord] = []
+    client = RouterClient(router.producers, name="backoff-test")
+    await client.connect(timeout_s=10)
+    replayer = Replayer(
+        load_workload(_short(tmp_path)),
+        client,
+        ReplayOptions(concurrency=2, duration_s=60, grace_s=0.5, cancel_wait_s=1),
+        on_record=records.append,
+    )
+    task = asyncio.create_task(replayer.run())
+    try:
+        await asyncio.to_thread(
+            router.wait_for, "the long credit's dispatch", lambda t: t["in_flight"] >= 1
+        )
+
+        async def until(what: str, check: Callable[[], bool]) -> None:
+            deadline = time.monotonic() + 30
+            while not check():
+                assert not task.done(), task
+                assert time.monotonic() < deadline, what
+                await asyncio.sleep(0.05)
+
+        await until("completions", lambda: replayer.outcomes.get("completed", 0) >= 5)
+        router.process.send_signal(signal.SIGTERM)
+        await until("a draining rejection", lambda: replayer.outcomes.get("rejected", 0) >= 1)
+        await asyncio.sleep(0.3)  # the slots freed by the rejections stay free: held
+        held = replayer.submitted
+        assert replayer.trees_live == 0
+        router.restart()
+        await asyncio.to_thread(  # the sim worker joins the new incarnation by itself
+            router.wait_for, "the worker's return", lambda t: t["workers"] >= 1
+        )
+        await until("trees after the restart", lambda: replayer.submitted > held)
+        completed = replayer.outcomes.get("completed", 0)
+        await until("completions again", lambda: replayer.outcomes["completed"] > completed)
+    finally:
+        replayer.stop()
+        await asyncio.wait_for(task, 30)
+        await client.close()
+        holder.kill()
+        holder.communicate(timeout=10)
+    rejected = [r for r in records if r.status == "rejected"]
+    assert rejected
+    assert {r.reason for r in rejected} == {"router_draining"}
+    assert len(rejected) <= 2  # one hold: the two slots' roots, nothing after
