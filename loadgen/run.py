@@ -20,8 +20,8 @@ servers; SIGKILL after a few seconds), and their logs are shown if one of them f
 
 Before any load: ``--endpoint`` servers are asked for ``/models`` (a dead server, a URL without
 its ``/v1`` or a model the server does not serve is one line and exit 2), and ``--router`` must
-answer the producer handshake (``ipc://`` paths must exist). ``--output DIR`` leaves a run
-directory (``loadgen.artifacts``). The exit status (``EXIT_*``, docs/RUN.md) says whether the
+answer the producer handshake (``ipc://`` paths must exist). ``--output DIR`` is created and
+checked writable before the load, and leaves a run directory (``loadgen.artifacts``). The exit status (``EXIT_*``, docs/RUN.md) says whether the
 run is to be trusted.
 """
 
@@ -91,7 +91,7 @@ EXIT_BAD_INPUT = 2
 """Bad options, workload, key file, endpoint or router address: nothing (more) was sent."""
 EXIT_INCOMPLETE = 3
 """The run did not finish: credits without an outcome, a cluster process died, the cluster
-did not start, or the run was interrupted."""
+did not start, the run was interrupted, or no credit completed (it measured nothing)."""
 EXIT_SLO = 4
 """Fewer credits met the ``--slo`` objectives than its ``attainment``."""
 
@@ -726,7 +726,7 @@ def _verdict(code: int, reports: list[Report], settings: RunSettings) -> str:
             hint = (
                 "is any worker connected to the router?"
                 if settings.router
-                else "see the outcomes and the process logs"
+                else "see the report's outcomes"
             )
             return (
                 f"exit {code}: no credit completed ({c.credits:,} with an outcome: "
