@@ -21,8 +21,8 @@ servers; SIGKILL after a few seconds), and their logs are shown if one of them f
 Before any load: ``--endpoint`` servers are asked for ``/models`` (a dead server, a URL without
 its ``/v1`` or a model the server does not serve is one line and exit 2), and ``--router`` must
 answer the producer handshake (``ipc://`` paths must exist). ``--output DIR`` is created and
-checked writable before the load, and leaves a run directory (``loadgen.artifacts``). The exit status (``EXIT_*``, docs/RUN.md) says whether the
-run is to be trusted.
+checked writable before the load, and leaves a run directory (``loadgen.artifacts``). The exit
+status (``EXIT_*``, docs/RUN.md) says whether the run is to be trusted.
 """
 
 from __future__ import annotations
