@@ -29,8 +29,15 @@ stops issuing after ``duration_s`` (a credit is issued if its intended time is b
 even when it is sent a little after) or once ``sessions`` trees were started (timestamps: after
 the last root), then waits for the credits in flight up to ``grace_s``, cancels the rest through
 the router, and ends every session it abandoned (``EndSession``), so nothing stays reserved.
+A credit whose outcome still has not come ``cancel_wait_s`` after that cancellation is given
+up: it counts in ``unfinished`` and gets a record of status ``NO_OUTCOME``.
 
-Every credit becomes one ``CreditRecord`` (its identity, its schedule, its outcome and the
+Under ``concurrency``, a ``rejected: router_draining`` outcome (a router draining for shutdown
+rejects every new credit) holds new trees for ``BACKOFF_FIRST_S``, doubling to ``BACKOFF_MAX_S``
+while the rejections go on, instead of starting the next root the moment a rejected one frees
+its slot; a dispatched credit, or a new router incarnation, ends the hold (``Replayer._pace``).
+
+Every credit submitted becomes one ``CreditRecord`` (its identity, its schedule, its outcome and the
 executor's ``RequestResult``) handed to ``on_record``; ``affinity`` says whether a turn with
 history (a later turn, or a FORK child's first) ran on the worker that held that history.
 What the workload declared but the run never sent is counted in ``not_sent`` (``NotSent``): after
@@ -59,6 +66,9 @@ from protocol.inference import TurnRequest, decode_result, encode_request
 from protocol.messages import BranchMode, Credit, Outcome, Status
 
 __all__ = [
+    "BACKOFF_FIRST_S",
+    "BACKOFF_MAX_S",
+    "NO_OUTCOME",
     "CreditRecord",
     "Mode",
     "NotSent",
@@ -71,6 +81,20 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Mode = Literal["concurrency", "rate", "timestamps"]
+
+NO_OUTCOME = "no_outcome"
+"""A record's ``status`` when the credit never got an outcome: the run gave up waiting (the
+grace period and the cancel wait ran out, e.g. while the router restarted)."""
+GAVE_UP_WAITING = "gave_up_waiting"
+"""The ``reason`` of a ``NO_OUTCOME`` record."""
+ROUTER_DRAINING = "router_draining"
+"""The reason of a ``rejected`` outcome from a router draining for shutdown (PROTOCOL.md)."""
+BACKOFF_FIRST_S = 0.5
+"""After a ``router_draining`` rejection, new trees wait this long (``concurrency``)…"""
+BACKOFF_MAX_S = 5.0
+"""…doubling on each further rejection up to this."""
+BACKOFF_STEP_S = 0.1
+"""How often a back-off looks for a stop or a new router incarnation."""
 
 
 class Producer(Protocol):
@@ -364,6 +388,17 @@ class Replayer:
         self._instances = itertools.count(1)
         self._live: set[_Instance] = set()
         self._outstanding: dict[int, _Instance] = {}
+        self._sent: dict[int, tuple[Credit, float, float]] = {}
+        """Outstanding credit id -> (credit, intended, submitted_at): to record one that never
+        gets an outcome."""
+        self._backoff_s = 0.0
+        """The current back-off after a ``router_draining`` rejection (0: none)."""
+        self._backoff_until = 0.0
+        """Run-start second before which no new tree starts (a draining router)."""
+        self._backoff_since = 0.0
+        """When the credit that started the back-off was sent (run-start seconds)."""
+        self._backoff_router: str | None = None
+        """The router incarnation that rejected us as draining."""
         self._first_tokens: dict[int, float] = {}
         self._stop_cancelled: set[int] = set()
         self._tree_done = asyncio.Event()
@@ -510,6 +545,7 @@ class Replayer:
                 while self.trees_live >= opts.concurrency and not self._stopping:
                     self._tree_done.clear()
                     await self._tree_done.wait()
+                await self._held()
                 if self._stopping:
                     return
                 self._start_tree(root, self.now())
@@ -553,6 +589,10 @@ class Replayer:
         self.unfinished = len(self._outstanding)
         if self.unfinished:
             logger.warning("%d credits had no outcome when the replayer stopped", self.unfinished)
+            # Still one record per credit: these say they have none (``NO_OUTCOME``).
+            for credit_id, inst in list(self._outstanding.items()):
+                credit, intended, submitted_at = self._sent[credit_id]
+                self._record_no_outcome(inst, credit, intended, submitted_at)
 
     def _start_tree(self, root: str, at: float) -> None:
         tree = _Tree(root)
@@ -656,14 +696,17 @@ class Replayer:
             submitted_at = self.now()
             self.submitted += 1
             self._outstanding[credit.id] = inst
+            self._sent[credit.id] = (credit, intended, submitted_at)
             try:
                 outcome = await future
             finally:
                 self._outstanding.pop(credit.id, None)
+                self._sent.pop(credit.id, None)
         finally:
             inst.waiting = False
         inst.last_done_at = self.now()
         self._record(inst, credit, outcome, intended, submitted_at)
+        self._pace(outcome, submitted_at)
         self._tree_done.set()  # wakes _drain's wait on outstanding credits too
         if outcome.status is Status.COMPLETED:
             return True
@@ -809,41 +852,21 @@ class Replayer:
             inst.expected_worker = outcome.worker
         if result is not None and completed:
             inst.context_tokens = result.input_tokens + result.output_tokens
-        turn = inst.spec.turns[credit.turn_index]
         done_at = inst.last_done_at
         first_token_at = self._first_tokens.pop(credit.id, None)
         wait = outcome.submit_to_dispatch_s
-        record = CreditRecord(
-            credit_id=credit.id,
-            request_id=f"{credit.x_correlation_id}/{credit.turn_index}",
-            session=credit.x_correlation_id,
-            conversation=credit.conversation_id,
-            root=inst.root_xid,
-            parent=credit.parent_correlation_id,
-            branch_mode=credit.branch_mode.value if credit.branch_mode is not None else None,
-            depth=credit.agent_depth,
-            subagent_type=credit.subagent_type,
-            turn_index=credit.turn_index,
-            num_turns=credit.num_turns,
-            fork_count=credit.fork_count,
-            model=turn.model or self.options.model,
-            max_tokens=turn.output_tokens,
-            intended_at_s=_round(intended),
-            submitted_at_s=round(submitted_at, 6),
-            submitted_unix_s=round(self._unix0 + submitted_at, 6),
-            first_token_at_s=_round(first_token_at),
-            done_at_s=_round(done_at),
-            status=status,
-            reason=outcome.reason,
-            stopped=stopped,
-            worker=outcome.worker,
-            affinity=affinity,
-            lateness_s=_round(submitted_at - intended + wait) if wait is not None else None,
-            submit_to_dispatch_s=wait,
-            dispatch_to_outcome_s=outcome.dispatch_to_outcome_s,
-            e2e_from_intended_s=_round(done_at - intended),
-            recorded=inst.spec.turns[credit.turn_index].recorded,
-        )
+        record = self._identity(inst, credit, intended, submitted_at)
+        record.first_token_at_s = _round(first_token_at)
+        record.done_at_s = _round(done_at)
+        record.status = status
+        record.reason = outcome.reason
+        record.stopped = stopped
+        record.worker = outcome.worker
+        record.affinity = affinity
+        record.lateness_s = _round(submitted_at - intended + wait) if wait is not None else None
+        record.submit_to_dispatch_s = wait
+        record.dispatch_to_outcome_s = outcome.dispatch_to_outcome_s
+        record.e2e_from_intended_s = _round(done_at - intended)
         ttft = outcome.ttft_s if result is None or result.ttft_s is None else result.ttft_s
         if result is not None:
             record.http_status = result.http_status
@@ -870,6 +893,98 @@ class Replayer:
                 record.tool_calls = result.tool_calls
         if self.on_record is not None:
             self.on_record(record)
+
+    def _identity(
+        self, inst: _Instance, credit: Credit, intended: float, submitted_at: float
+    ) -> CreditRecord:
+        """A record of who the credit was and when it was due and sent (no outcome yet)."""
+        turn = inst.spec.turns[credit.turn_index]
+        return CreditRecord(
+            credit_id=credit.id,
+            request_id=f"{credit.x_correlation_id}/{credit.turn_index}",
+            session=credit.x_correlation_id,
+            conversation=credit.conversation_id,
+            root=inst.root_xid,
+            parent=credit.parent_correlation_id,
+            branch_mode=credit.branch_mode.value if credit.branch_mode is not None else None,
+            depth=credit.agent_depth,
+            subagent_type=credit.subagent_type,
+            turn_index=credit.turn_index,
+            num_turns=credit.num_turns,
+            fork_count=credit.fork_count,
+            model=turn.model or self.options.model,
+            max_tokens=turn.output_tokens,
+            intended_at_s=_round(intended),
+            submitted_at_s=round(submitted_at, 6),
+            submitted_unix_s=round(self._unix0 + submitted_at, 6),
+            status=NO_OUTCOME,
+            recorded=turn.recorded,
+        )
+
+    def _record_no_outcome(
+        self, inst: _Instance, credit: Credit, intended: float, submitted_at: float
+    ) -> None:
+        """The run gave up waiting for this credit's outcome: a record that says so."""
+        record = self._identity(inst, credit, intended, submitted_at)
+        record.reason = GAVE_UP_WAITING
+        record.first_token_at_s = _round(self._first_tokens.pop(credit.id, None))
+        if self.on_record is not None:
+            self.on_record(record)
+
+    # ------------------------------------------------------------------ back-off
+
+    def _pace(self, outcome: Outcome, submitted_at: float) -> None:
+        """Back off new trees after a ``router_draining`` rejection; resume once accepted.
+
+        A draining router rejects every new credit at once, so under ``concurrency`` each
+        rejected root frees its slot and the next would start at once: a hot loop. The first
+        rejection holds new trees for ``BACKOFF_FIRST_S``; a rejection of a credit sent after
+        that hold doubles it, up to ``BACKOFF_MAX_S``. A credit sent since the first rejection
+        and dispatched (the router accepts again), or a welcome from a new router incarnation,
+        ends the back-off.
+        """
+        if outcome.status is Status.REJECTED and outcome.reason == ROUTER_DRAINING:
+            if self._backoff_s == 0.0:
+                self._backoff_s = BACKOFF_FIRST_S
+                self._backoff_since = submitted_at
+                self._backoff_router = _incarnation(self.producer)
+                logger.warning(
+                    "the router is draining: new trees wait %.1f s (doubling to %.0f s)",
+                    BACKOFF_FIRST_S,
+                    BACKOFF_MAX_S,
+                )
+            elif submitted_at >= self._backoff_until:
+                self._backoff_s = min(BACKOFF_MAX_S, self._backoff_s * 2)
+            else:
+                return  # sent before the hold: the same burst, not a new attempt
+            self._backoff_until = self.now() + self._backoff_s
+        elif (
+            self._backoff_s
+            and submitted_at >= self._backoff_since
+            and (outcome.submit_to_dispatch_s is not None or outcome.status is Status.COMPLETED)
+        ):
+            self._end_backoff()
+
+    def _end_backoff(self) -> None:
+        if self._backoff_s:
+            logger.info("the router accepts credits again: new trees start")
+        self._backoff_s = 0.0
+        self._backoff_until = 0.0
+        self._backoff_router = None
+
+    async def _held(self) -> None:
+        """Wait out a back-off (``_pace``), in steps so a stop or a new router ends it."""
+        while not self._stopping and self.now() < self._backoff_until:
+            if _incarnation(self.producer) != self._backoff_router:
+                self._end_backoff()  # a new router incarnation welcomed us
+                return
+            await self._until(min(self._backoff_until, self.now() + BACKOFF_STEP_S))
+
+
+def _incarnation(producer: Producer) -> str | None:
+    """The router incarnation that last welcomed ``producer`` (``RouterClient``), if known."""
+    value = getattr(producer, "router_incarnation", None)
+    return value if isinstance(value, str) else None
 
 
 def _round(value: float | None) -> float | None:

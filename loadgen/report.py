@@ -39,7 +39,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from loadgen.replay import CreditRecord, ReplayProgress
+from loadgen.replay import NO_OUTCOME, CreditRecord, ReplayProgress
 
 __all__ = [
     "Collector",
@@ -156,6 +156,9 @@ class Collector:
         self.credits = 0
         self.stopped = 0
         """Credits the run's own stop cancelled (not errors)."""
+        self.no_outcome = 0
+        """Records of credits that never got an outcome (status ``no_outcome``): kept and
+        written, but not among ``credits`` (those with an outcome); ``Report.unfinished``."""
         self.statuses: Counter[str] = Counter()
         self.reasons: Counter[tuple[str, str]] = Counter()
         self.ttft_s: list[float] = []
@@ -200,6 +203,15 @@ class Collector:
     def add(self, record: CreditRecord) -> None:
         """Take one record (the replayer's ``on_record``)."""
         self.records.append(record)
+        if self.records_out is not None:
+            self.records_out.write(_encoder.encode(record) + b"\n")
+        if record.status == NO_OUTCOME:
+            self.no_outcome += 1
+            return
+        self._count(record)
+
+    def _count(self, record: CreditRecord) -> None:
+        """Count a record with an outcome."""
         self.credits += 1
         status = record.status
         self.statuses[status] += 1
@@ -224,8 +236,6 @@ class Collector:
             self.affinity_hits += record.affinity
         if status == _COMPLETED:
             self._completed(record)
-        if self.records_out is not None:
-            self.records_out.write(_encoder.encode(record) + b"\n")
 
     def _completed(self, record: CreditRecord) -> None:
         for value, values in (

@@ -20,9 +20,9 @@ servers; SIGKILL after a few seconds), and their logs are shown if one of them f
 
 Before any load: ``--endpoint`` servers are asked for ``/models`` (a dead server, a URL without
 its ``/v1`` or a model the server does not serve is one line and exit 2), and ``--router`` must
-answer the producer handshake (``ipc://`` paths must exist). ``--output DIR`` leaves a run
-directory (``loadgen.artifacts``). The exit status (``EXIT_*``, docs/RUN.md) says whether the
-run is to be trusted.
+answer the producer handshake (``ipc://`` paths must exist). ``--output DIR`` is created and
+checked writable before the load, and leaves a run directory (``loadgen.artifacts``). The exit
+status (``EXIT_*``, docs/RUN.md) says whether the run is to be trusted.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ __all__ = [
     "LocalCluster",
     "RunError",
     "RunSettings",
+    "check_output",
     "exit_status",
     "main",
     "preflight",
@@ -91,7 +92,7 @@ EXIT_BAD_INPUT = 2
 """Bad options, workload, key file, endpoint or router address: nothing (more) was sent."""
 EXIT_INCOMPLETE = 3
 """The run did not finish: credits without an outcome, a cluster process died, the cluster
-did not start, or the run was interrupted."""
+did not start, the run was interrupted, or no credit completed (it measured nothing)."""
 EXIT_SLO = 4
 """Fewer credits met the ``--slo`` objectives than its ``attainment``."""
 
@@ -634,14 +635,39 @@ async def _get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
             return r.status, None
 
 
+def check_output(directory: Path) -> None:
+    """Make sure the run directory can be written, before any load (it is created now).
+
+    Raises:
+        RunError: it, or a parent of it, is a file, or it cannot be created or written.
+    """
+    if directory.exists() and not directory.is_dir():
+        raise RunError(f"--output {directory}: is a file, not a directory")
+    for parent in directory.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunError(f"--output {directory}: {parent} is a file, not a directory")
+            break
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"--output {directory}: cannot create it ({exc.strerror})") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise RunError(f"--output {directory}: cannot write there (permission denied)")
+
+
 def exit_status(
     reports: list[Report], max_error_rate: float = 0.0, interrupted: bool = False
 ) -> int:
-    """The run's exit status (``EXIT_*``): incomplete before errors before SLO breaches."""
+    """The run's exit status (``EXIT_*``): incomplete before errors before SLO breaches.
+
+    A run in which no credit completed measured nothing: it is incomplete too, whatever its
+    error rate (all its credits may have been stopped, which are not errors).
+    """
     if interrupted or not reports:
         return EXIT_INCOMPLETE
     for r in reports:
-        if r.unfinished or r.problems:
+        if r.unfinished or r.problems or r.collector.completed == 0:
             return EXIT_INCOMPLETE
     if any(r.error_rate() > max_error_rate for r in reports):
         return EXIT_ERRORS
@@ -655,6 +681,8 @@ async def run(settings: RunSettings, out: IO[str] | None = None) -> int:
     out = out if out is not None else sys.stdout
     try:
         workload = _workload(settings)
+        if settings.output is not None:
+            check_output(settings.output)
         if settings.preflight and settings.endpoints:
             await preflight(settings.endpoints, settings.model)
     except (WorkloadError, RunError) as exc:
@@ -693,6 +721,19 @@ async def run(settings: RunSettings, out: IO[str] | None = None) -> int:
 
 def _verdict(code: int, reports: list[Report], settings: RunSettings) -> str:
     """One line saying why the exit status is not 0."""
+    if code == EXIT_INCOMPLETE and not any(r.unfinished or r.problems for r in reports):
+        idle = [r for r in reports if r.collector.completed == 0]
+        if idle:
+            c = idle[0].collector
+            hint = (
+                "is any worker connected to the router?"
+                if settings.router
+                else "see the report's outcomes"
+            )
+            return (
+                f"exit {code}: no credit completed ({c.credits:,} with an outcome: "
+                f"{c.stopped:,} stopped by the run's end, {c.errors:,} errors): {hint}"
+            )
     if code == EXIT_INCOMPLETE:
         unfinished = sum(r.unfinished for r in reports)
         return f"exit {code}: the run is incomplete ({unfinished} credits without an outcome, " + (

@@ -13,7 +13,7 @@ import select
 
 import pytest
 
-from loadgen.replay import CreditRecord, ReplayProgress
+from loadgen.replay import NO_OUTCOME, CreditRecord, ReplayProgress
 from loadgen.report import Collector, Progress, Report, Slo, percentile, render_comparison
 from loadgen.run import (
     EXIT_BAD_INPUT,
@@ -220,6 +220,32 @@ def test_slo_goodput_and_the_exit_status() -> None:
     assert exit_status([], interrupted=True) == EXIT_INCOMPLETE
     assert EXIT_BAD_INPUT == 2
     assert len({EXIT_OK, EXIT_ERRORS, EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_SLO}) == 5
+
+
+def test_a_run_without_a_completed_credit_is_incomplete_and_no_outcome_is_kept_apart() -> None:
+    # Every credit stopped by the run's end: no error, but nothing measured (was exit 0).
+    c = Collector()
+    for i in range(4):
+        c.add(record(i, status="cancelled", reason="cancelled", stopped=True, ttft_s=None))
+    report = Report("sticky", "t", "w", 2.0, c)
+    assert report.error_rate() == 0.0
+    assert exit_status([report]) == EXIT_INCOMPLETE
+    # A credit that never got an outcome has its record, written, not among those with one.
+    out = io.BytesIO()
+    c = Collector(out)
+    c.add(record(1))
+    c.add(record(2, status=NO_OUTCOME, reason="gave_up_waiting", ttft_s=None, worker=""))
+    assert [json.loads(line)["status"] for line in out.getvalue().splitlines()] == [
+        "completed",
+        "no_outcome",
+    ]
+    report = Report("sticky", "t", "w", 2.0, c, unfinished=1)
+    assert (c.credits, c.errors, c.no_outcome, len(c.records)) == (1, 0, 1, 2)
+    assert report.as_dict()["outcomes"] == {"completed": 1}
+    assert "1 with an outcome, 1 without (gave up waiting)" in report.render(200)
+    rebuilt = Report.from_summary(report.as_dict(), c.records)
+    assert (rebuilt.collector.credits, rebuilt.collector.no_outcome) == (1, 1)
+    assert exit_status([report]) == EXIT_INCOMPLETE
 
 
 def test_report_and_progress_fit_a_60_column_terminal() -> None:
