@@ -21,7 +21,7 @@ import zmq
 
 from protocol import PROTOCOL_VERSION
 from protocol.codec import decode_router_to_worker, encode
-from protocol.messages import Credit, Dispatch, DispatchBatch, Hello, Status, Welcome
+from protocol.messages import Credit, Dispatch, DispatchBatch, Hello, Refusal, Status, Welcome
 from router_service.client import RouterClient
 from router_service.core.router import RouterCore
 from router_service.security import Allowlist, generate, load_public, load_secret
@@ -140,13 +140,18 @@ async def test_a_key_cannot_take_another_workers_name(keys: Path, ctx) -> None:
     async with curve_router(keys) as router:
         thief = Peer(ctx, router.worker_endpoint, "gpu-2", keys, keys / "gpu-1.key_secret")
         thief.hello()  # gpu-1's key claiming to be gpu-2
-        assert await thief.received(0.5) == []
+        # Its frame is dropped (never a Welcome); it is told why, so that it stops.
+        (refusal,) = await thief.received(0.5)
+        assert isinstance(refusal, Refusal)
+        assert refusal.code == "unauthorized"
+        assert "may not speak as 'gpu-2'" in refusal.reason
         assert "gpu-2" not in router.core.workers
         assert router.auth_failures >= 1
-        # The real gpu-2 joins; the thief's later frames are still dropped.
-        real = Peer(ctx, router.worker_endpoint, "gpu-2b", keys, keys / "gpu-2.key_secret")
-        real.hello()
-        assert await real.received(0.3) == []  # gpu-2's key is bound to "gpu-2", not "gpu-2b"
+        # gpu-2's key is bound to "gpu-2", not "gpu-2b": refused the same way, never welcomed.
+        other = Peer(ctx, router.worker_endpoint, "gpu-2b", keys, keys / "gpu-2.key_secret")
+        other.hello()
+        assert [(type(m), m.code) for m in await other.received(0.3)] == [(Refusal, "unauthorized")]
+        assert "gpu-2b" not in router.core.workers
 
 
 async def test_traffic_is_unreadable_on_the_wire(keys: Path, ctx) -> None:
