@@ -64,8 +64,9 @@ def is_hangup(event: int) -> bool:
     return event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
-def handshake_failure(event: int, value: int) -> str:
-    """One sentence for a failed-handshake monitor event (``event``, its ``value``)."""
+def handshake_failure(event: int, value: int, *, at_router: bool = False) -> str:
+    """One sentence for a failed-handshake monitor event (``event``, its ``value``), as the
+    connecting peer sees it, or as the router does (``at_router``)."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return _ZAP_STATUS.get(value, f"authentication failed (ZAP status {value})")
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
@@ -75,6 +76,11 @@ def handshake_failure(event: int, value: int) -> str:
         if value & 0x10000000:
             return f"ZMTP protocol error in the handshake (code {value:#x})"
         return f"handshake failed (protocol error {value:#x})"
+    if value in (errno.EPIPE, errno.ECONNRESET) and at_router:
+        return (
+            f"the peer closed the connection during the handshake ({os.strerror(value)}): it "
+            "uses another security mechanism, or does not accept this router's key"
+        )
     if value in (errno.EPIPE, errno.ECONNRESET):
         # The router hung up mid-handshake without saying why: what it does to a peer whose
         # security does not match its own, or whose key it will not check.

@@ -296,7 +296,7 @@ class RouterSocket(_Driven):
                 if self._on_auth_failure is not None:
                     self._on_auth_failure(address or "unknown address", why)
         elif event & HANDSHAKE_FAILED:
-            self._failure = handshake_failure(event, value)
+            self._failure = handshake_failure(event, value, at_router=True)
 
     def _learn_fd(self, identity: bytes, frame: zmq.Frame) -> None:
         fd: int = frame.get(zmq.SRCFD)

@@ -151,6 +151,10 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     name = args.name.encode("utf-8")
     if not 0 < len(name) <= 255 or name[0] == 0:
         parser.error("--name must be 1-255 bytes of UTF-8")
+    if "/" in args.name:
+        parser.error(
+            f"--name {args.name!r} must not contain '/': the routing id is NAME/INCARNATION"
+        )
     if args.executor == "openai" and not str(args.model).strip():
         parser.error("--model is empty: give the model the server serves (its /v1/models id)")
 

@@ -213,8 +213,16 @@ class AgentStats:
         """Failed credits by kind: the reason up to its first ':' (bounded, see ``_kind``)."""
 
     def snapshot(self) -> dict[str, object]:
-        """A copy of every counter."""
-        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self).items()}
+        """A copy of every counter (a histogram as its count and sum, fit for a log line)."""
+        out: dict[str, object] = {}
+        for key, value in vars(self).items():
+            if isinstance(value, dict):
+                out[key] = dict(value)
+            elif isinstance(value, Histogram):
+                out[key] = {"count": value.count, "sum": round(value.sum, 6)}
+            else:
+                out[key] = value
+        return out
 
 
 MAX_ERROR_KINDS: Final = 32
@@ -744,7 +752,10 @@ class WorkerAgent:
                 suppressed,
             )
         if self._session.error_report(report.code, now):
-            logger.warning("the router does not know us (%s): saying hello again", report.code)
+            # One line per burst: every frame in flight when the router forgot us is answered
+            # so, in the same millisecond.
+            if self._throttle.ready("rejoin:" + report.code, now) is not None:
+                logger.warning("the router does not know us (%s): saying hello again", report.code)
             self._wake.set()
 
     def _on_transport_error(self, error: TransportError) -> None:
@@ -1277,6 +1288,11 @@ def _check_identity(name: str, labels: Mapping[str, str]) -> None:
         raise ValueError(
             f"worker name must be 1-{MAX_ID} characters, at most 255 bytes of UTF-8 "
             f"(a ZeroMQ routing id), not starting with NUL: {name!r}"
+        )
+    if "/" in name:
+        raise ValueError(
+            f"worker name {name!r} must not contain '/': the routing id is NAME/INCARNATION "
+            "(the router reads the name up to the first '/')"
         )
     if len(labels) > MAX_LABELS:
         raise ValueError(f"at most {MAX_LABELS} labels, got {len(labels)}")

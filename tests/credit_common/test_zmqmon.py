@@ -36,3 +36,16 @@ async def test_first_connection_then_a_reconnection_after_the_router_came_back()
         dealer.close(linger=0)
         router.close(linger=0)
         ctx.term()
+
+
+def test_a_hang_up_is_worded_for_the_side_that_saw_it() -> None:
+    import errno
+
+    from credit_common.zmqmon import handshake_failure
+
+    event = int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    peer = handshake_failure(event, errno.EPIPE)
+    router = handshake_failure(event, errno.EPIPE, at_router=True)
+    assert peer.startswith("the router closed the connection")
+    assert router.startswith("the peer closed the connection")
+    assert "router's key" in router

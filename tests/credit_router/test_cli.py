@@ -424,3 +424,11 @@ def test_a_port_above_65535_is_refused_not_wrapped(argv: list[str], words: list[
     # libzmq would take tcp://host:99999 and use port 34463 (99999 mod 65536), silently.
     line = assert_one_line_error(run_cli(*argv), "out of range", *words)
     assert "65535" in line
+
+
+def test_a_worker_name_with_a_slash_is_refused_up_front() -> None:
+    # The routing id is NAME/INCARNATION: the router would read "a" and refuse the hello.
+    result = run_cli(
+        "worker", "--router", "tcp://127.0.0.1:5999", "--name", "a/b", "--executor", "sim"
+    )
+    assert_one_line_error(result, "--name", "must not contain '/'")

@@ -547,6 +547,28 @@ async def test_drain_with_the_router_away_waits_for_a_completion_it_owes(
     assert len(running.agent.completions) == 1
 
 
+def test_stats_snapshot_shows_histograms_as_count_and_sum() -> None:
+    # (It is logged when the worker stops: no object reprs in that line.)
+    stats = WorkerAgent(router="tcp://127.0.0.1:1", name="w", executor=SimExecutor()).stats
+    stats.ttft_s.observe(0.5)
+    snap = stats.snapshot()
+    assert snap["ttft_s"] == {"count": 1, "sum": 0.5}
+    assert "object at 0x" not in repr(snap)
+
+
+async def test_a_burst_of_unknown_worker_reports_is_one_log_line(
+    router: FakeRouter, start_agent: StartAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start_agent()
+    await router.welcome()
+    for _ in range(5):  # every frame in flight when the router forgot us is answered so
+        await router.send(ErrorReport(code="unknown_worker", message="send Hello first"))
+    await router.expect(Hello)
+    await until(lambda: running.agent.state is AgentState.REJOINING)
+    lines = [r for r in caplog.records if "does not know us" in r.getMessage()]
+    assert len(lines) == 1
+
+
 async def test_drain_before_any_welcome_exits_at_once(
     router: FakeRouter, start_agent: StartAgent
 ) -> None:
