@@ -357,7 +357,8 @@ class RouterService:
         send = self._producers_sock.send
         for identity, producer in list(self.producers.items()):
             if now - producer.last_seen > self.producer_timeout_s:
-                logger.warning("producer gone producer=%s (silent)", producer.key or identity)
+                # INFO: a producer that finished its run is silent too (it says no goodbye).
+                logger.info("producer gone producer=%s (silent)", producer.key or identity)
                 self._drop_producer(producer, now)
                 continue
             if not producer.outbox and producer.state is LinkState.JOINED:
@@ -995,13 +996,25 @@ class RouterService:
                     self._deliver_adopted(key, report.credit_ids)
                 else:
                     self._deliver(key, encode(report))
+            for gone in fx.departed:
+                # One line an operator can act on: who, why, and what it cost.
+                logger.log(
+                    logging.WARNING
+                    if gone.credits or gone.reason != "worker_left"
+                    else logging.INFO,
+                    "worker left the fleet name=%s reason=%s credits_ended=%d sessions_lost=%d",
+                    gone.name,
+                    gone.reason,
+                    gone.credits,
+                    gone.sessions,
+                )
             for name in fx.disconnect:
                 link = self._names.pop(name, None)
                 if link is not None:
                     # Whatever it still held is accounted for by the core (lost outcomes).
                     link.outbox.clear()
                     link.state = LinkState.NEW
-                logger.info("worker forgotten name=%s", name)
+                logger.debug("worker forgotten name=%s", name)
         # (No recheck for input here: every send schedules one on its socket, ``_sent``.)
 
     def _send_to_workers(self, fx: Effects) -> None:

@@ -61,7 +61,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable
-from typing import Final, TypeAlias
+from typing import Final, NamedTuple, TypeAlias
 
 from credit_common.histogram import WAIT_BUCKETS_S, Histogram
 from protocol.messages import (
@@ -224,7 +224,7 @@ class CoreStats:
 class Effects:
     """What the service must do after a batch of core calls. Plain data; no behaviour."""
 
-    __slots__ = ("disconnect", "first_tokens", "outcomes", "to_producer", "to_worker")
+    __slots__ = ("departed", "disconnect", "first_tokens", "outcomes", "to_producer", "to_worker")
 
     def __init__(self) -> None:
         self.to_worker: list[tuple[str, ToWorker]] = []
@@ -238,6 +238,8 @@ class Effects:
         self.to_producer: list[tuple[str, RouterToProducer]] = []
         self.disconnect: list[str] = []
         """Workers the transport should forget (lost or left)."""
+        self.departed: list[Departure] = []
+        """Workers that left the fleet, with why and what they took with them (for the log)."""
 
     def __bool__(self) -> bool:
         return bool(
@@ -246,7 +248,20 @@ class Effects:
             or self.to_worker
             or self.to_producer
             or self.disconnect
+            or self.departed
         )
+
+
+class Departure(NamedTuple):
+    """A worker that left the fleet: lost (silent, unreachable, closed, replaced) or gone."""
+
+    name: str
+    reason: str
+    """The outcome reason of its credits (``worker_lost``, ``worker_left``, …)."""
+    credits: int
+    """Credits it held, ended with ``reason``."""
+    sessions: int
+    """Sticky sessions that were on it (their next turn is rejected or migrates)."""
 
 
 class RouterCore:
@@ -1328,6 +1343,9 @@ class RouterCore:
         if any(n == name for n, _ in sends):
             self._effects.to_worker = [item for item in sends if item[0] != name]
         worker.chunk = None
+        self._effects.departed.append(
+            Departure(name, reason, len(worker.tickets), len(worker.sessions))
+        )
         for ticket in list(worker.tickets):
             self._end(ticket, Status.LOST, reason)
         for entry in list(worker.sessions):

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -216,6 +217,13 @@ async def test_kill9_worker_mid_run(cluster: Cluster) -> None:
             else:
                 assert outcome.status is Status.COMPLETED, outcome
         assert len(lost) == 4
+        # The router said so in one line an operator can act on: who, why, what it cost.
+        router_log = (cluster.tmp / "router.log").read_text()
+        assert re.search(
+            r"WARNING .*worker left the fleet name=a reason=worker_lost credits_ended=4 "
+            r"sessions_lost=4",
+            router_log,
+        ), router_log[-2000:]
         lost_ids = {o.credit_id for o in lost}
         second = [
             Credit(id=100 + i, x_correlation_id=f"s{i}", turn_index=1, num_turns=2,
