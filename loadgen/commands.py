@@ -401,6 +401,11 @@ def mock_server_command(args: argparse.Namespace) -> int:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(main())
     except OSError as exc:
-        print(f"credit-router mock-server: {exc}", file=sys.stderr)
-        return 1
+        # Bad input, like every other one-line error of the CLI: the port is taken, or the
+        # host is not this machine's.
+        print(
+            f"credit-router mock-server: cannot serve on {args.host}:{args.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
     return 0

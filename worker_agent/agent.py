@@ -126,6 +126,8 @@ _FAILED: Final = Status.FAILED
 _CANCELLED: Final = Status.CANCELLED
 _DEBUG: Final = logging.DEBUG
 _FORK: Final = BranchMode.FORK
+UNANSWERED_WARN_S: Final = 5.0
+"""A worker never welcomed warns this long after it started (then every 5 s at most)."""
 _COMPLETED_KEY: Final = _COMPLETED.value
 
 TransportFactory = Callable[[str, str, FrameHandler, ErrorHandler], Transport]
@@ -370,6 +372,7 @@ class WorkerAgent:
         self._report_interval_s = 5.0
         self._tick_s = 0.1
         self._last_tick = 0.0
+        self._started_at = 0.0
         self._next_report_at = 0.0
         self._held: dict[tuple[str, int], _Held] = {}
         self._waiting: deque[_Held] = deque()
@@ -472,7 +475,7 @@ class WorkerAgent:
     async def startup(self) -> None:
         """Connect and send the first ``Hello``."""
         self._loop = loop = asyncio.get_running_loop()
-        self._last_tick = loop.time()
+        self._last_tick = self._started_at = loop.time()
         factory = self._transport_factory or _dealer_factory
         # The routing id is NAME/INCARNATION: two processes never share one (a copied config
         # or a stale process cannot take over this one's connection); the router arbitrates
@@ -573,6 +576,8 @@ class WorkerAgent:
                 logger.warning("router presumed gone (%s): rejoining", session.why)
             if what == HELLO:
                 self._send_hello(now)
+                if session.state is PeerState.JOINING:
+                    self._warn_unanswered(now)
             elif what == HEARTBEAT:
                 self._send(Heartbeat(sent_at_s=now), now)
             if session.ready:
@@ -582,6 +587,18 @@ class WorkerAgent:
                 self._expire_sessions(now)
         if self._stop is None:
             self._stop = self._stop_reason(now)
+
+    def _warn_unanswered(self, now: float) -> None:
+        """Never welcomed yet: say so now and then, with what to check (a worker pointed at
+        a port nothing listens on would otherwise say nothing at all)."""
+        waited = now - self._started_at
+        if waited >= UNANSWERED_WARN_S and self._throttle.ready("unanswered", now) is not None:
+            logger.warning(
+                "no answer from the router at %s after %.0f s (is it running, and is --router "
+                "its --workers endpoint?)",
+                self.router,
+                waited,
+            )
 
     def _apply_requests(self, now: float) -> None:
         if self._force_request and self._stop is None:

@@ -432,3 +432,12 @@ def test_a_worker_name_with_a_slash_is_refused_up_front() -> None:
         "worker", "--router", "tcp://127.0.0.1:5999", "--name", "a/b", "--executor", "sim"
     )
     assert_one_line_error(result, "--name", "must not contain '/'")
+
+
+def test_mock_server_on_a_taken_port_is_one_line_and_exit_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("mock-server", "--port", str(port))
+    assert_one_line_error(result, "mock-server", f"127.0.0.1:{port}")

@@ -569,6 +569,27 @@ async def test_a_burst_of_unknown_worker_reports_is_one_log_line(
     assert len(lines) == 1
 
 
+async def test_a_worker_never_welcomed_says_so_with_what_to_check(
+    router: FakeRouter,
+    start_agent: StartAgent,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker pointed at the wrong port used to say nothing at all after "worker starting".
+    from worker_agent import agent as agent_module
+
+    monkeypatch.setattr(agent_module, "UNANSWERED_WARN_S", 0.3)
+    running = await start_agent()
+    await until(
+        lambda: any("no answer from the router" in r.getMessage() for r in caplog.records),
+        within_s=5.0,
+    )
+    line = next(r.getMessage() for r in caplog.records if "no answer" in r.getMessage())
+    assert router.endpoint in line
+    assert "--router" in line
+    assert running.agent.state is AgentState.JOINING
+
+
 async def test_drain_before_any_welcome_exits_at_once(
     router: FakeRouter, start_agent: StartAgent
 ) -> None:
