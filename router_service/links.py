@@ -126,14 +126,12 @@ class ProducerLink(_Link):
     credits, its ledger and its sessions.
     """
 
-    __slots__ = ("incarnation", "key", "name", "understands")
+    __slots__ = ("incarnation", "key", "name")
 
     def __init__(self, identity: bytes, now: float) -> None:
         super().__init__(identity, now)
         self.name = ""
         self.incarnation = ""
-        self.understands: frozenset[str] = frozenset()
-        """Tags of post-version-1 messages it reads (``ProducerHello.understands``)."""
         self.key = ""
 
     def __repr__(self) -> str:
