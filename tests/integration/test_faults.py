@@ -20,12 +20,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from protocol import Credit, Outcome, Status
 from router_service.client import RouterClient
@@ -40,6 +42,24 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def worker_samples(ports: Iterable[int], name: str, skip_unreachable: bool = False) -> list[Sample]:
+    """The samples named ``name`` in the ``/metrics`` of the workers on these HTTP ports (read
+    with prometheus_client's own parser); ``skip_unreachable``: a worker not answering counts
+    as having none (else its error is raised)."""
+    out: list[Sample] = []
+    for port in ports:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            if not skip_unreachable:
+                raise
+            continue
+        for family in text_string_to_metric_families(text):
+            out += [sample for sample in family.samples if sample.name == name]
+    return out
 
 
 def payload(output_tokens: int) -> bytes:
@@ -105,18 +125,10 @@ class Cluster:
         return doc
 
     def held(self) -> int:
-        """Credits the workers hold, by their own ``/metrics`` (``credit_worker_in_flight``)."""
-        total = 0
-        for port in self.worker_http.values():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-                    text = r.read().decode()
-            except OSError:
-                continue  # not up yet, or killed: it holds nothing we can count
-            for line in text.splitlines():
-                if line.startswith("credit_worker_in_flight "):
-                    total += int(float(line.split()[1]))
-        return total
+        """Credits the workers hold, by their own ``/metrics`` (``credit_worker_in_flight``);
+        a worker not up yet, or killed, holds nothing we can count."""
+        samples = worker_samples(self.worker_http.values(), "credit_worker_in_flight", True)
+        return int(sum(sample.value for sample in samples))
 
     async def until_held(self, count: int, within_s: float = 10.0) -> None:
         """Wait until the workers hold ``count`` credits: the router's ``in_flight`` counts a

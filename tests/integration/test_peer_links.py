@@ -439,6 +439,20 @@ def keys(tmp_path: Path) -> Path:
     return root
 
 
+def start_curve_router(procs: Procs, keys: Path, *extra: str) -> None:
+    """The router under CURVE, listing the keys in ``keys/allowed``."""
+    procs.start_router(
+        "--curve-secret-key-file", str(keys / "router" / "router.key_secret"),
+        "--curve-allowed-keys", str(keys / "allowed"), *extra,
+    )  # fmt: skip
+
+
+def start_curve_worker(procs: Procs, keys: Path, name: str, key: Path) -> subprocess.Popen[bytes]:
+    """A worker named ``name`` speaking CURVE with the key pair file ``key``."""
+    server = str(keys / "router" / "router.key")
+    return procs.start_worker(name, "--curve-server-key", server, "--curve-key", str(key))
+
+
 async def test_unaccepted_key_and_plaintext_worker_exit_with_a_clear_reason(
     procs: Procs, keys: Path
 ) -> None:
@@ -447,22 +461,11 @@ async def test_unaccepted_key_and_plaintext_worker_exit_with_a_clear_reason(
     the router's log names each peer's address and the reason in words (no ``b''``, no bare
     libzmq code). A listed worker still joins and runs credits."""
     producers = f"ipc://{procs.tmp}/producers.ipc"
-    procs.start_router(
-        "--curve-secret-key-file", str(keys / "router" / "router.key_secret"),
-        "--curve-allowed-keys", str(keys / "allowed"),
-        "--producers", producers,
-    )  # fmt: skip
-    server = str(keys / "router" / "router.key")
-    procs.start_worker(
-        "gpu-1", "--curve-server-key", server, "--curve-key",
-        str(keys / "allowed" / "gpu-1.key_secret"),
-    )  # fmt: skip
+    start_curve_router(procs, keys, "--producers", producers)
+    start_curve_worker(procs, keys, "gpu-1", keys / "allowed" / "gpu-1.key_secret")
     await procs.workers_active("gpu-1")
     started = time.monotonic()
-    stranger = procs.start_worker(
-        "mallory", "--curve-server-key", server, "--curve-key",
-        str(keys / "strangers" / "mallory.key_secret"),
-    )  # fmt: skip
+    stranger = start_curve_worker(procs, keys, "mallory", keys / "strangers" / "mallory.key_secret")
     plain = procs.start_worker("plain")
     codes = await asyncio.gather(exited(stranger, 30), exited(plain, 30))
     print(f"scenario 8: both refused workers exited within {time.monotonic() - started:.1f} s")
@@ -493,20 +496,10 @@ async def test_a_listed_key_under_another_name_or_a_revoked_key_exits_with_the_r
     router drops their frames; each worker is told why (``Refusal(code="unauthorized")``) and
     exits 2 with the reason in one line, instead of saying hello into silence forever."""
     generate(keys / "allowed", ["gpu-2"])
-    procs.start_router(
-        "--curve-secret-key-file", str(keys / "router" / "router.key_secret"),
-        "--curve-allowed-keys", str(keys / "allowed"),
-    )  # fmt: skip
-    server = str(keys / "router" / "router.key")
-    procs.start_worker(
-        "gpu-2", "--curve-server-key", server, "--curve-key",
-        str(keys / "allowed" / "gpu-2.key_secret"),
-    )  # fmt: skip
+    start_curve_router(procs, keys)
+    start_curve_worker(procs, keys, "gpu-2", keys / "allowed" / "gpu-2.key_secret")
     await procs.workers_active("gpu-2")
-    impostor = procs.start_worker(
-        "gpu-3", "--curve-server-key", server, "--curve-key",
-        str(keys / "allowed" / "gpu-1.key_secret"),
-    )  # fmt: skip
+    impostor = start_curve_worker(procs, keys, "gpu-3", keys / "allowed" / "gpu-1.key_secret")
     assert await exited(impostor, 20) == 2
     assert_one_line_reason(procs.log("gpu-3"), "not authorized", "may not speak as")
     # Revoke gpu-2's key: the router cuts it off, and it learns why.

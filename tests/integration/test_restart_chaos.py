@@ -58,12 +58,12 @@ from typing import IO, Any, Final
 
 import msgspec
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from protocol import Credit, Outcome, Status
 from protocol.inference import decode_result
 from protocol.messages import BranchMode
 from router_service.client import RouterClient
+from tests.integration.test_faults import worker_samples
 
 CREDITS: Final = int(os.environ.get("CHAOS_CREDITS", "10000"))
 RESTARTS: Final = int(os.environ.get("CHAOS_RESTARTS", "5"))
@@ -238,15 +238,8 @@ class Cluster:
 
     def worker_completed(self) -> int:
         """Credits the workers completed, from their Prometheus endpoints."""
-        total = 0.0
-        for port in self.worker_http.values():
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-                text = r.read().decode()
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    if sample.name == "credit_worker_requests_total":
-                        total += sample.value if sample.labels["status"] == "completed" else 0
-        return int(total)
+        samples = worker_samples(self.worker_http.values(), "credit_worker_requests_total")
+        return int(sum(s.value for s in samples if s.labels["status"] == "completed"))
 
     async def rejoined(self, within_s: float) -> float | None:
         """Seconds from the router's first answer on HTTP until every worker is active and
