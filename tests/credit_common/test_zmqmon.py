@@ -13,6 +13,21 @@ from credit_common.zmqmon import ConnectionWatch
 pytestmark = pytest.mark.timeout(30)
 
 
+async def bind_when_free(sock: zmq.Socket[bytes], endpoint: str) -> None:
+    """Bind ``endpoint`` once the closed socket's listener has let it go: libzmq closes a
+    socket's listener in its I/O thread after ``close()`` returns, so an immediate rebind of
+    the same port can fail with EADDRINUSE (it did in CI)."""
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                sock.bind(endpoint)
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE:
+                    raise
+                await asyncio.sleep(0.01)
+
+
 async def test_first_connection_then_a_reconnection_after_the_router_came_back() -> None:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
@@ -28,7 +43,7 @@ async def test_first_connection_then_a_reconnection_after_the_router_came_back()
         assert await asyncio.wait_for(events.get(), 10) is False  # the first connection
         router.close(linger=0)  # the router goes away and a new one binds the same port
         router = ctx.socket(zmq.ROUTER)
-        router.bind(endpoint)
+        await bind_when_free(router, endpoint)
         assert await asyncio.wait_for(events.get(), 10) is True
         assert events.empty()
     finally:
