@@ -232,7 +232,8 @@ class Effects:
         self.first_tokens: dict[str, list[ProducerFirstToken]] = {}
         self.to_producer: list[tuple[str, RouterToProducer]] = []
         self.disconnect: list[str] = []
-        """Workers the transport should forget (lost or left)."""
+        """Workers the transport should forget (lost or left), and not admitted again later in
+        the same batch (a hello after a goodbye in one wake-up keeps its name mapped)."""
         self.departed: list[Departure] = []
         """Workers that left the fleet, with why and what they took with them (for the log)."""
 
@@ -569,6 +570,11 @@ class RouterCore:
             heartbeat_interval_s=self.heartbeat_interval_s,
             inflight_report_interval_s=self.inflight_report_interval_s,
         )
+        disconnect = self._effects.disconnect
+        if name in disconnect:
+            # It left (or was lost) earlier in this same batch and is admitted again: the
+            # transport must not forget the name the service is about to map to this peer.
+            self._effects.disconnect = [n for n in disconnect if n != name]
         if known is not None and known.incarnation == incarnation:
             # The same process reconnecting within the grace period keeps everything (§6).
             known.last_seen = now

@@ -16,6 +16,9 @@ from protocol.messages import (
     Credit,
     EndSession,
     FirstToken,
+    Goodbye,
+    Hello,
+    InFlightReport,
     Recovered,
     Status,
     Submit,
@@ -163,5 +166,35 @@ async def test_producer_garbage_does_not_count_against_a_worker(zmq_ctx: Ctx) ->
         rig.service._on_producer_frames([(b"w0", b"\xc1")] * half)
         rig.service._on_worker_frames([(b"w0", b"\xc1")] * (INVALID_LIMIT - half + 1))
         assert "w0" in rig.core.workers, "w0 was cut off after fewer than the limit"
+    finally:
+        await rig.close()
+
+
+async def test_a_worker_heard_after_goodbye_and_hello_in_one_wake_up(zmq_ctx: Ctx) -> None:
+    """Was goodbye-hello-one-wake-up (make fuzz, hostile peers): a worker's Goodbye and a new
+    Hello read in one wake-up. The core lost it and admitted it again, but the transport
+    forgot its name at the end of the wake-up (the Goodbye's effect), so everything it said
+    afterwards was answered ``unknown_worker``: its in-flight reports never reached the core
+    and the credit dispatched to it after the Hello waited for a completion nobody heard."""
+    rig = await Rig.start(zmq_ctx, {"a": 1}, [P])
+    try:
+        _submit(rig, Credit(id=1, x_correlation_id="r"))
+        _submit(rig, Credit(id=2, x_correlation_id="s"))  # queued: "a" is full
+        hello = Hello(name="a", incarnation="a-i0", protocol_version=1, capacity=1)
+        rig.service._on_worker_frames([(b"a", encode(Goodbye())), (b"a", encode(hello))])
+        assert _holder(rig, 2) == "a"  # dispatched to "a" after its hello
+        # The first report only starts the judging (credit 2 may have been in transit); the
+        # next two miss it: orphaned (docs/ROUTING.md §6).
+        for _ in range(3):
+            _from_worker(rig, "a", InFlightReport(credits={}))
+        outcomes, _ = rig.read_producers()
+        ended = {cid: (o.status, o.reason) for (_, cid), o in outcomes}
+        assert ended == {1: (Status.LOST, "worker_left"), 2: (Status.LOST, "orphaned")}
+        _submit(rig, Credit(id=3, x_correlation_id="t"))
+        _from_worker(rig, "a", _done(3))
+        outcomes, _ = rig.read_producers()
+        assert [(cid, o.status) for (_, cid), o in outcomes] == [(3, Status.COMPLETED)]
+        assert rig.service.invalid_messages.get("internal_error", 0) == 0
+        check_invariants(rig.core)
     finally:
         await rig.close()

@@ -233,6 +233,31 @@ def test_goodbye_ends_sessions_with_worker_left() -> None:
     assert h.core.stats.evictions["worker_left"] == 1
 
 
+def test_a_hello_in_the_goodbyes_batch_keeps_the_name_mapped() -> None:
+    """The transport forgets a departed worker's name when it applies the batch's effects; a
+    hello later in the same batch admitted the name again, so it must not be forgotten."""
+    for same_incarnation in (True, False):
+        h = Harness()
+        h.join("w")
+        h.core.worker_left("w", h.now)
+        h.core.worker_left("x", h.now)  # (not a worker: nothing to forget)
+        assert h.core.worker_hello(
+            "w",
+            incarnation="i1" if same_incarnation else "i2",
+            protocol_version=1,
+            capacity=8,
+            labels={},
+            in_flight={},
+            now=h.now,
+        )
+        fx = h.core.take_effects()
+        assert fx.disconnect == []
+        assert [d.name for d in fx.departed] == ["w"]
+        assert any(n == "w" and isinstance(m, Welcome) for n, m in fx.to_worker)
+        h.core.worker_left("w", h.now)
+        assert h.core.take_effects().disconnect == ["w"]
+
+
 def test_queued_credits_of_a_lost_worker_migrate_or_fail() -> None:
     h = Harness()
     h.join("a", capacity=1)
