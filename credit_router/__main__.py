@@ -320,8 +320,8 @@ def _render_status(doc: dict[str, Any]) -> str:
         "",
     ]
     header = (
-        "WORKER", "STATE", "EXECUTOR", "ENDPOINT", "LOAD", "CAP", "SESSIONS", "QUEUED", "SENT",
-        "SILENT",
+        "WORKER", "STATE", "EXECUTOR", "ENDPOINT", "LOAD", "CAP", "SESSIONS", "QUEUED",
+        "DISPATCHED", "SILENT",
     )  # fmt: skip
     rows = [header] + [
         (
@@ -334,7 +334,9 @@ def _render_status(doc: dict[str, Any]) -> str:
             str(w["capacity"]),
             str(w["sessions"]),
             str(w["queued"]),
-            str(w["sent"]),
+            # Credits dispatched to it since it joined (not ``sent``: that is the routing
+            # tie-break, which starts a late joiner at the fleet mean).
+            str(w["dispatched"]),
             f"{w['silent_s']:.1f}s",
         )
         for w in doc["workers"]

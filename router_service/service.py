@@ -74,6 +74,7 @@ from protocol.messages import (
 )
 from router_service import sdnotify
 from router_service.core.router import Effects, RouterCore
+from router_service.core.workers import WorkerState
 from router_service.links import LinkState, ProducerLink, SeqWindows, WorkerLink
 from router_service.security import Allowlist, KeyError_, ZapHandler
 from router_service.transport import Curve, Frames, RouterSocket
@@ -193,6 +194,8 @@ class RouterService:
         """Producer links by the key the core knows them by (``name/incarnation``)."""
         self._producer_rx_at = -math.inf
         """When the last producer frame arrived (the shutdown waits for a quiet moment)."""
+        self._suspects: set[str] = set()
+        """Workers logged as suspect (silent), until they answer again or leave."""
         self._told_unauthorized: dict[bytes, float] = {}
         """When each peer whose key may not speak as its routing id was last told so."""
         self._held: dict[str, deque[bytes]] = {}
@@ -313,7 +316,11 @@ class RouterService:
 
     def on_tick(self, now: float) -> None:
         """Periodic duties; public so tests can drive them with their own clock."""
-        self.core.tick(now)
+        core = self.core
+        suspicions = core.stats.suspicions
+        core.tick(now)
+        if core.stats.suspicions != suspicions or self._suspects:
+            self._log_suspects(now)
         self._flush_outboxes(self._names.values())
         if now - self._last_beat >= self.heartbeat_interval_s:
             self._last_beat = now
@@ -326,6 +333,38 @@ class RouterService:
                 if now - max(errors.window_start, errors.last_log) > INVALID_WINDOW_S + LOG_EVERY_S:
                     del self._errors[peer]
         self._flush(now)
+
+    def _log_suspects(self, now: float) -> None:
+        """One WARNING when a worker falls silent long enough to get nothing new (§6), so an
+        operator sees the freeze before the loss it may become."""
+        core = self.core
+        workers = core.workers
+        # (A closed connection makes its worker suspect too; that is logged where it closes.)
+        suspects = {
+            n
+            for n, w in workers.items()
+            if w.state is WorkerState.SUSPECT and w.closed_until is None
+        }
+        for name in sorted(suspects - self._suspects):
+            worker = workers[name]
+            logger.warning(
+                "worker suspect name=%s: silent %.1f s, it gets no new credits; lost at %.1f s "
+                "of silence (in flight %d)",
+                name,
+                now - worker.last_seen,
+                core.lost_after_s,
+                len(worker.tickets),
+            )
+        self._suspects = suspects
+
+    def _heard(self, link: WorkerLink, now: float) -> None:
+        """The first frame of a joined worker in this wake-up: it is alive (§6)."""
+        silence = self.core.worker_seen(link.name, now)
+        if silence and link.name in self._suspects:
+            self._suspects.discard(link.name)
+            logger.info("worker answered again name=%s after %.1f s of silence", link.name, silence)
+        if link.outbox:
+            self._flush_worker(link)
 
     def _beat_workers(self) -> None:
         assert self._workers_sock is not None
@@ -562,7 +601,6 @@ class RouterService:
     def _on_worker_frames(self, frames: Frames) -> None:
         assert self._loop is not None
         now = self.now()
-        core = self.core
         acks: dict[WorkerLink, int] = {}
         seen: set[WorkerLink] = set()
         links = self.workers
@@ -591,9 +629,7 @@ class RouterService:
                 continue
             if link not in seen:
                 seen.add(link)
-                core.worker_seen(link.name, now)
-                if link.outbox:
-                    self._flush_worker(link)
+                self._heard(link, now)
             try:
                 self._worker_message(link, msg, now, acks)
             except Exception:

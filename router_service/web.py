@@ -37,6 +37,8 @@ def status(service: RouterService) -> dict[str, Any]:
             "capacity": w.capacity,
             "sessions": len(w.sessions),
             "queued": len(w.queue),
+            # The least-loaded tie-break's count (a late joiner starts at the fleet mean);
+            # ``dispatched`` is the true count since it joined.
             "sent": w.sent,
             "silent_s": round(now - w.last_seen, 3),
             "incarnation": w.incarnation,

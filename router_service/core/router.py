@@ -635,17 +635,23 @@ class RouterCore:
         self._effects.to_worker.append((name, refusal))
         return False
 
-    def worker_seen(self, name: str, now: float) -> None:
-        """Any message from ``name`` arrived: it is alive (§6: any message counts)."""
+    def worker_seen(self, name: str, now: float) -> float:
+        """Any message from ``name`` arrived: it is alive (§6: any message counts).
+
+        Returns the silence it ends, in seconds, if that silence had made the worker suspect
+        (so the service can say it answered again); 0.0 otherwise.
+        """
         worker = self.workers.get(name)
         if worker is None:
-            return
+            return 0.0
+        silence = max(now - worker.last_seen, 0.0) if worker.state is WorkerState.SUSPECT else 0.0
         worker.last_seen = now
         worker.closed_until = None
         if worker.state is WorkerState.SUSPECT:
             worker.state = _awake_state(worker)
             self._reindex(worker)
             self._refill(worker, now)
+        return silence
 
     def worker_closed(self, name: str, now: float) -> None:
         """The transport saw ``name``'s connection close (§6).

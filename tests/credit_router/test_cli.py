@@ -260,6 +260,28 @@ def test_status_shows_each_workers_executor_and_endpoint(router_and_worker: str)
     assert worker["labels"]["model"] == "llama"
 
 
+def test_status_counts_what_each_worker_was_really_dispatched() -> None:
+    """A late joiner's tie-break count starts at the fleet mean; the table shows the credits
+    it was really dispatched (a newcomer read 500 "sent" on a worker that had run none)."""
+    from credit_router.__main__ import _render_status
+
+    worker = {
+        "name": "late", "state": "active", "executor": "sim", "endpoint": "", "in_flight": 0,
+        "capacity": 8, "sessions": 0, "queued": 0, "sent": 500, "dispatched": 3,
+        "silent_s": 0.1, "labels": {},
+    }  # fmt: skip
+    doc = {
+        "router": {"incarnation": "r", "version": "1", "uptime_s": 1, "ready": True,
+                   "draining": False},
+        "totals": {"workers": 1, "producers": 0, "in_flight": 0, "queued": 0, "sessions": 0,
+                   "fork_aliases": 0, "outcomes": {}},
+        "workers": [worker],
+    }  # fmt: skip
+    header, row = _render_status(doc).splitlines()[-2:]
+    column = header.split().index("DISPATCHED")
+    assert row.split()[column] == "3"
+
+
 def test_status_of_a_dead_router_is_one_line() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     assert_one_line_error(run_cli("status", "--url", url), url, "credit-router serve")

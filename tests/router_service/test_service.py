@@ -27,6 +27,7 @@ from protocol.messages import (
     DispatchBatch,
     ErrorReport,
     Goodbye,
+    Heartbeat,
     Hello,
     ProducerHello,
     Recovered,
@@ -410,3 +411,54 @@ async def test_http_endpoints_and_metrics(ctx) -> None:
         assert r.status == 503
     await asyncio.wait_for(task, 5)
     worker.close()
+
+
+async def test_a_silent_worker_is_logged_suspect_once_then_answering_again(
+    ctx: zmq.Context, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A newcomer saw a frozen worker only when it was lost: the router now warns when the
+    silence makes it suspect (once, not every tick), and says when it answers again."""
+    core = RouterCore(
+        protocol_version=PROTOCOL_VERSION,
+        router_incarnation="r1",
+        heartbeat_interval_s=0.05,  # suspect after 3 beats of silence...
+        lost_after_s=60.0,  # ... and not lost while the test runs
+    )
+    service = RouterService(
+        core,
+        worker_endpoint="tcp://127.0.0.1:0",
+        producer_endpoint="tcp://127.0.0.1:0",
+        heartbeat_interval_s=0.05,
+    )
+    task = asyncio.create_task(service.serve())
+    caplog.set_level("INFO", logger="router_service.service")
+    worker = None
+    try:
+        await asyncio.wait_for(service.ready.wait(), 5)
+        worker = ScriptedWorker(ctx, service.worker_endpoint, "frozen")
+        assert isinstance(await worker.hello(), Welcome)
+
+        def lines(text: str) -> list[str]:
+            return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+        async def logged(text: str) -> None:
+            async with asyncio.timeout(10):
+                while True:
+                    if lines(text):
+                        return
+                    await asyncio.sleep(0.02)
+
+        await logged("worker suspect name=frozen")
+        await asyncio.sleep(0.3)  # many ticks later: still one line
+        (suspect,) = lines("worker suspect name=frozen")
+        assert "gets no new credits" in suspect
+        assert "lost at 60.0 s" in suspect
+        assert [r.levelname for r in caplog.records if "suspect" in r.getMessage()] == ["WARNING"]
+        worker.send(Heartbeat())
+        await logged("worker answered again name=frozen")
+        assert core.workers["frozen"].state.value == "active"
+    finally:
+        if worker is not None:
+            worker.sock.close(0)
+        service.request_exit(force=True)
+        await asyncio.wait_for(task, 5)
