@@ -583,8 +583,10 @@ def _stat_table(
     for q in columns:
         table.add_column("samples" if q == "count" else q, justify="right", no_wrap=True)
     for key, row in stats.items():
-        if key == "ttft_content_s" and row["count"] == stats.get("ttft_s", {}).get("count"):
-            continue  # no reasoning or tool-call-only turns: the same as TTFT
+        if key == "ttft_content_s" and row["count"] in (0, stats.get("ttft_s", {}).get("count")):
+            # No reasoning or tool-call-only turns (the same as TTFT), or an executor that
+            # does not tell content from other tokens (the simulator): nothing to add.
+            continue
         # The sample count: a metric some credits lack (no TTFT without streaming) says so
         # instead of passing for all of them.
         cells = (f"{row[q] or 0:,.0f}" if q == "count" else _ms(row[q]) for q in columns)

@@ -74,7 +74,9 @@ class RouterCollector(Collector):
         yield _counter("credits_dispatched", "Credits sent to a worker.", stats.dispatched)
         outcomes = CounterMetricFamily(
             f"{PREFIX}_credit_outcomes",
-            "Credits ended, by status and bounded reason (none for completed).",
+            "Credits submitted here that ended, by status and bounded reason (none for "
+            "completed); an earlier router incarnation's credits completed here are "
+            "recovered_completions.",
             labels=["status", "reason"],
         )
         for status, count in sorted(stats.outcomes.items()):

@@ -76,6 +76,7 @@ def test_collector_and_report() -> None:
     text = report.render()
     assert "failed 1 (http_503 1)" in text
     assert "80.0% of 10 turns" in text
+    assert "TTFT content" not in text  # no credit told content from other tokens: no empty row
     table = render_comparison([report, Report("least_loaded", "test", "w", 2.0, c)])
     assert next(line.split() for line in table.splitlines() if line.strip()) == [
         "sticky",
