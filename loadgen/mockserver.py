@@ -428,6 +428,7 @@ class MockServer:
                     "at_s": time.time(),
                     "parent": request.headers.get("X-Parent-Correlation-ID"),
                     "root": request.headers.get("X-Root-Correlation-ID"),
+                    "request_id": request.headers.get("X-Request-ID"),
                     "messages": body.messages,
                     "prompt_tokens": len(plan.prompt),
                     "cached_tokens": plan.cached_tokens,

@@ -174,6 +174,9 @@ class CreditRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     credit_id: int
     request_id: str = ""
     """``<session>/<turn>``: the session's ``X-Correlation-ID`` (the worker's header) and turn."""
+    x_request_id: str = ""
+    """The ``X-Request-ID`` header the worker sent (HTTP executors; empty otherwise): the key
+    to this request in the server's logs."""
     session: str
     conversation: str
     root: str
@@ -872,6 +875,7 @@ class Replayer:
             record.http_status = result.http_status
             record.endpoint = result.endpoint or None
             record.error = result.error
+            record.x_request_id = result.request_id
         if completed:
             record.ttft_s = ttft
             if first_token_at is not None:

@@ -136,6 +136,9 @@ class RequestResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     ``None`` for a turn that produced no content (only tool calls) or without streaming."""
     tool_calls: _Count = 0
     """Tool calls the answer made."""
+    request_id: str = ""
+    """The ``X-Request-ID`` header the executor sent with the request (HTTP executors), so
+    the credit's record can be joined with the server's own logs; empty when none was sent."""
 
 
 _request_msgpack: Final = msgspec.msgpack.Decoder(TurnRequest)

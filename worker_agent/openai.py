@@ -42,8 +42,9 @@ and a FORK child inherits its parent's; a new session takes the endpoint with th
 requests in flight (ties in turn). Connections come from one bounded ``aiohttp`` pool.
 
 Headers: ``X-Correlation-ID`` (the session), ``X-Parent-Correlation-ID`` and
-``X-Root-Correlation-ID`` for agent-tree children, a fresh ``X-Request-ID``, so that a
-server-side router sees the same sessions the credit router does.
+``X-Root-Correlation-ID`` for agent-tree children, so that a server-side router sees the same
+sessions the credit router does, and a fresh ``X-Request-ID`` (returned in
+``RequestResult.request_id``, so a run's records join the server's logs).
 
 Failures end the credit ``failed`` with a short, stable reason, and the server's message (at
 most 1,000 characters) in ``RequestResult.error``: ``http_<code>`` for an error status (the
@@ -284,13 +285,17 @@ class OpenAIExecutor:
         body = self._body(request, messages)
         self.requests += 1
         endpoint.busy += 1
+        headers = self._headers(credit)
+        request_id = headers["X-Request-ID"]
         try:
-            answer = await self._send(endpoint, body, self._headers(credit), on_first_token)
+            answer = await self._send(endpoint, body, headers, on_first_token)
         except _Failure as failure:
-            return self._failed(credit, endpoint, failure)
+            return self._failed(credit, endpoint, failure, request_id)
         finally:
             endpoint.busy -= 1
-        return self._completed(credit, session, endpoint, answer, added, rebuilt, messages)
+        return self._completed(
+            credit, session, endpoint, answer, added, rebuilt, messages, request_id
+        )
 
     # ------------------------------------------------------------------ building the request
 
@@ -460,6 +465,7 @@ class OpenAIExecutor:
         added: list[dict[str, Any]],
         rebuilt: bool,
         messages: list[dict[str, Any]],
+        request_id: str,
     ) -> ExecResult:
         gen = answer.gen
         calls = gen.tool_calls()
@@ -498,6 +504,7 @@ class OpenAIExecutor:
             reasoning_tokens=min(reasoning, output) if reasoning is not None else None,
             ttft_content_s=answer.ttft_content_s,
             tool_calls=len(calls),
+            request_id=request_id,
         )
         self.tokens.add(prompt, gen.cached_tokens, output, result.reasoning_tokens or 0)
         turn = None
@@ -513,7 +520,9 @@ class OpenAIExecutor:
             Status.COMPLETED, ttft_s=answer.ttft_s, result=encode_result(result), turn=turn
         )
 
-    def _failed(self, credit: Credit, endpoint: _Endpoint | None, failure: _Failure) -> ExecResult:
+    def _failed(
+        self, credit: Credit, endpoint: _Endpoint | None, failure: _Failure, request_id: str = ""
+    ) -> ExecResult:
         reason = failure.reason
         label = endpoint.label if endpoint is not None else ""
         self.failures[reason] = self.failures.get(reason, 0) + 1
@@ -527,7 +536,12 @@ class OpenAIExecutor:
                 failure.detail[:200],
                 suppressed,
             )
-        result = RequestResult(http_status=failure.status, endpoint=label, error=failure.detail)
+        result = RequestResult(
+            http_status=failure.status,
+            endpoint=label,
+            error=failure.detail,
+            request_id=request_id,
+        )
         return ExecResult(Status.FAILED, reason=reason, result=encode_result(result))
 
 

@@ -137,6 +137,10 @@ def test_an_agentic_run_times_every_credit_and_replays_tool_calls_without_reason
     assert "output_tokens" not in failed
     completed = [r for r in lines if r["status"] == "completed"]
     assert all(r["reasoning_tokens"] == 6 for r in completed)
+    # Every request's X-Request-ID, failed ones too, to find it in the server's logs.
+    sent = [r["x_request_id"] for r in lines]
+    assert len(set(sent)) == 10
+    assert all(len(i) == 32 for i in sent)
     calls = [r for r in completed if r.get("turn_index", 0) == 0]
     assert all(r["tool_calls"] == 1 and "ttft_content_s" not in r for r in calls)
 

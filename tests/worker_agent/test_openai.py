@@ -106,6 +106,9 @@ async def test_a_conversation_carries_its_history_and_hits_the_cache(executor, m
         assert m.itl_s > 0
     assert len(d.ttfts) == 2  # on_first_token once per credit
     assert "s" not in d.table  # the final turn ended the session
+    # Each request's X-Request-ID comes back in its result (records join the server's logs).
+    assert [first.request_id, second.request_id] == [r["request_id"] for r in sent]
+    assert first.request_id != second.request_id
 
 
 async def test_fork_children_inherit_the_history_and_spawn_children_do_not(executor, mock) -> None:
@@ -208,6 +211,7 @@ async def test_failures_end_the_credit_failed_with_a_reason(
     assert detail.http_status == status
     if fault.startswith("http_"):
         assert "injected fault" in detail.error
+    assert len(detail.request_id) == 32  # a failed request's X-Request-ID too
     assert "s" not in d.table  # a failed turn drops the session
 
 
