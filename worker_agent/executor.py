@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Annotated, Final, Protocol
@@ -411,12 +412,12 @@ class SimExecutor:
         plan = self._plan(credit, session)
         if isinstance(plan, ExecResult):
             return plan
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds.
+        started = time.perf_counter()
         if not self.zero_latency:
             await asyncio.sleep(plan.ttft_s)
         self.cache.insert(plan.prompt_blocks)  # prefill done: the prompt's KV is cached
-        ttft = loop.time() - started
+        ttft = time.perf_counter() - started
         on_first_token(ttft)
         if not self.zero_latency:
             await asyncio.sleep(plan.decode_s)

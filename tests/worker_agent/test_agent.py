@@ -611,3 +611,27 @@ async def test_sim_executor_with_latency_end_to_end(
     assert first.ttft_s >= 0.015
     assert done.duration_s is not None
     assert done.duration_s >= first.ttft_s + 0.015
+
+
+def test_the_simulators_ttft_is_not_rounded_to_uvloops_millisecond_clock() -> None:
+    """The worker runs on uvloop, whose loop.time() ticks in whole milliseconds: a TTFT
+    measured with it is a multiple of 1 ms, so sub-millisecond differences vanish from the
+    worker's histograms. The simulator times with perf_counter, as the openai executor does."""
+    import uvloop
+
+    from worker_agent.core import SessionTable
+
+    sim = SimExecutor(base_ttft_s=0.0025, prefill_s_per_token=0.0, decode_s_per_token=0.0)
+    ttfts: list[float] = []
+
+    async def three() -> None:
+        table = SessionTable()
+        for i in range(3):
+            c = credit(i, payload=payload(8, 1))
+            await sim.execute(c, table.begin(c), ttfts.append)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(three())
+    assert len(ttfts) == 3
+    assert all(t >= 0.002 for t in ttfts)
+    assert any(abs(t * 1000 - round(t * 1000)) > 1e-6 for t in ttfts), ttfts
