@@ -135,6 +135,8 @@ class Rig:
         """(worker socket?, identity) -> invalid frames since that peer's last cut-off."""
 
         self.producer_identities: dict[bytes, str] = {}
+        self.producer_keys: dict[bytes, str] = {}
+        """Routing id -> the producer key its last accepted ``ProducerHello`` gave it."""
 
         self.steps = 0
         self.trace: list[tuple[str, list[tuple[bytes, bytes]]]] = []
@@ -265,7 +267,11 @@ class Rig:
                 if isinstance(msg, SubmitBatch)
                 else []
             )
-            key = identity.decode("utf-8", "replace")
+            if isinstance(msg, ProducerHello) and msg.protocol_version == PROTOCOL_VERSION:
+                # The key the core knows it by from now on (the service's rule: its name and
+                # incarnation; a producer that gives none is one incarnation per routing id).
+                self.producer_keys[identity] = f"{msg.producer}/{msg.incarnation or identity.hex()}"
+            key = self.producer_keys.get(identity, identity.decode("utf-8", "replace"))
             seen.submitted += [(key, c.id) for c in credits]
 
         self._run_judged(
