@@ -111,6 +111,11 @@ class RouterCollector(Collector):
             "Completions of credits dispatched by an earlier router incarnation.",
             stats.recovered,
         )
+        yield _counter(
+            "adopted_credits",
+            "Credits of an earlier router incarnation taken over from a worker's hello.",
+            stats.adopted,
+        )
 
     def _sessions(self) -> Iterator[Metric]:
         core = self._service.core

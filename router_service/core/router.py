@@ -74,6 +74,7 @@ from protocol.messages import (
     EndSession,
     ErrorReport,
     Outcome,
+    ProducerAdopted,
     ProducerFirstToken,
     Refusal,
     RouterToProducer,
@@ -117,6 +118,8 @@ NAME_IN_USE: Final = "name_in_use"
 SUPERSEDED: Final = "superseded"
 _REFUSAL_CODES: Final = (VERSION_MISMATCH, INVALID_CAPACITY, NAME_IN_USE, SUPERSEDED)
 _SUPERSEDED_KEPT: Final = 8
+_ADOPTED_ENDED_KEPT: Final = 1_000_000
+"""Adopted credits ended here that are remembered (the set is emptied when it fills)."""
 """Superseded incarnations remembered per worker name (the fence's memory is bounded)."""
 
 ROUTER_REASONS: Final = frozenset(
@@ -184,6 +187,8 @@ class CoreStats:
         """FORK children that started without a reservation from a declaring turn."""
         self.recovered = 0
         """Outcomes forwarded for credits an earlier router incarnation dispatched."""
+        self.adopted = 0
+        """Credits of an earlier router incarnation taken over from a worker's ``Hello``."""
         self.undelivered = 0
         """Dispatch frames the transport could not hand over yet; the service's peer link
         holds them (the core never takes a dispatch back) and counts them here."""
@@ -343,6 +348,9 @@ class RouterCore:
         self.last_refusal: Refusal | None = None
         """The ``Refusal`` of the last refused hello (``None`` after an admitted one)."""
         self._holders: dict[str, str] = {}
+        self._adopted_ended: set[tuple[str, int]] = set()
+        """Adopted credits this router ended itself (lost with their worker, shut down):
+        a later ``Recovered`` completion of one is a duplicate."""
         """Worker name -> the incarnation that last held it (kept after it is lost)."""
         self._superseded: dict[str, deque[str]] = {}
         """Worker name -> incarnations that a newer one replaced (fenced; bounded)."""
@@ -611,6 +619,7 @@ class RouterCore:
             self._lose(known, WORKER_LOST, now, disconnect=False)
         self._holders[name] = incarnation
         worker = Worker(name, incarnation, capacity, labels, self._joins, now)
+        first_hello = previous != incarnation
         self._joins += 1
         active = [w.sent for w in self.workers.values()]
         # A late joiner starts at the fleet mean so it is not flooded by the tie-break.
@@ -618,8 +627,42 @@ class RouterCore:
         self.workers[name] = worker
         self.index.add(worker)
         self._control(name, welcome)  # before any dispatch to it
+        if in_flight and first_hello:
+            self._adopt(worker, in_flight, now)
         self._refill(worker, now)
         return True
+
+    def _adopt(self, worker: Worker, in_flight: dict[str, list[int]], now: float) -> None:
+        """Take over the credits a worker's first hello to this router lists: a predecessor
+        router dispatched them (this one has no record of them), and they still run. Each
+        gets a ticket on that worker, so it counts against its capacity and gets exactly one
+        outcome here (its completion, recovered; or ``lost`` with the worker), and its
+        producer is told (``ProducerAdopted``) not to give it up as the old router's.
+
+        Only a first hello of the worker incarnation qualifies: an incarnation this router
+        already knew (declared lost, and back) lists credits this router ended already."""
+        adopted_ended = self._adopted_ended
+        for producer, ids in in_flight.items():
+            ledger = self.ledgers.get(producer)
+            if ledger is None:
+                ledger = self.ledgers[producer] = {}
+            taken: list[int] = []
+            for cid in ids:
+                if cid in ledger or (producer, cid) in adopted_ended:
+                    continue
+                ticket = Ticket(producer, Credit(id=cid, x_correlation_id=""), now)
+                ticket.dispatched_at = now
+                ticket.worker = worker
+                ticket.adopted = True
+                ledger[cid] = ticket
+                worker.tickets[ticket] = None
+                taken.append(cid)
+            if taken:
+                self.stats.adopted += len(taken)
+                for lo in range(0, len(taken), MAX_IDS):
+                    self._effects.to_producer.append(
+                        (producer, ProducerAdopted(credit_ids=taken[lo : lo + MAX_IDS]))
+                    )
 
     def _refuse(self, name: str, code: str, reason: str, peer_version: int) -> bool:
         refusal = Refusal(
@@ -777,8 +820,13 @@ class RouterCore:
             if ticket is not None:
                 if ticket.worker is worker and worker is not None:
                     ordinary.append(done)
+                    if ticket.adopted:  # (ended below; any repeat of it is a duplicate)
+                        self._remember_adopted(ticket)
                 else:
                     stats.misdirected_completions += 1
+                continue
+            if (done.producer, done.credit_id) in self._adopted_ended:
+                stats.duplicate_completions += 1  # adopted here, and already ended here
                 continue
             stats.recovered += 1
             outcomes.setdefault(done.producer, []).append(
@@ -841,7 +889,7 @@ class RouterCore:
         worker.last_report_at = now
         orphans = []
         for ticket in worker.tickets:
-            if ticket.dispatched_at >= judged_before:
+            if ticket.dispatched_at >= judged_before or ticket.adopted:
                 continue
             ids = held.get(ticket.producer)
             if ids is not None and ticket.credit.id in ids:
@@ -1320,9 +1368,18 @@ class RouterCore:
             ticket.worker = None
             self._route(ticket, now)
 
+    def _remember_adopted(self, ticket: Ticket) -> None:
+        ended = self._adopted_ended
+        if len(ended) >= _ADOPTED_ENDED_KEPT:
+            ended.clear()
+        ended.add((ticket.producer, ticket.credit.id))
+
     def _end(self, ticket: Ticket, status: Status, reason: str) -> None:
         """Emit the one outcome of ``ticket`` and forget it."""
         credit = ticket.credit
+        if ticket.adopted:
+            # Its worker may still complete it and send that as ``Recovered``: one outcome.
+            self._remember_adopted(ticket)
         producer = ticket.producer
         del self.ledgers[producer][credit.id]
         worker = ticket.worker

@@ -164,5 +164,8 @@ class Harness:
     def outcome(self, credit: Credit) -> Outcome:
         return self.outcomes[credit.id]
 
+    def outcome_of(self, producer: str, credit_id: int) -> Outcome:
+        return self.by_producer[producer, credit_id]
+
     def where(self, credit: Credit) -> str:
         return self.sent_to[credit.id]
