@@ -118,9 +118,9 @@ NAME_IN_USE: Final = "name_in_use"
 SUPERSEDED: Final = "superseded"
 _REFUSAL_CODES: Final = (VERSION_MISMATCH, INVALID_CAPACITY, NAME_IN_USE, SUPERSEDED)
 _SUPERSEDED_KEPT: Final = 8
+"""Superseded incarnations remembered per worker name (the fence's memory is bounded)."""
 _ADOPTED_ENDED_KEPT: Final = 1_000_000
 """Adopted credits ended here that are remembered (the set is emptied when it fills)."""
-"""Superseded incarnations remembered per worker name (the fence's memory is bounded)."""
 
 ROUTER_REASONS: Final = frozenset(
     {
@@ -348,10 +348,10 @@ class RouterCore:
         self.last_refusal: Refusal | None = None
         """The ``Refusal`` of the last refused hello (``None`` after an admitted one)."""
         self._holders: dict[str, str] = {}
-        self._adopted_ended: set[tuple[str, int]] = set()
-        """Adopted credits this router ended itself (lost with their worker, shut down):
-        a later ``Recovered`` completion of one is a duplicate."""
         """Worker name -> the incarnation that last held it (kept after it is lost)."""
+        self._adopted_ended: set[tuple[str, int]] = set()
+        """Adopted credits this router ended (completed, lost with their worker, shut
+        down): a later ``Recovered`` completion of one is a duplicate."""
         self._superseded: dict[str, deque[str]] = {}
         """Worker name -> incarnations that a newer one replaced (fenced; bounded)."""
         self._effects = Effects()
@@ -753,7 +753,8 @@ class RouterCore:
                 stats.count_reason(status, done.reason)
             wait = ticket.dispatched_at - ticket.submitted_at
             run = now - ticket.dispatched_at
-            if observe:
+            adopted = ticket.adopted  # (its submission and dispatch times are unknown here)
+            if observe and not adopted:
                 waited_counts[bisect_left(waited_bounds, wait)] += 1
                 waited_sum += wait
                 held_counts[bisect_left(held_bounds, run)] += 1
@@ -773,8 +774,8 @@ class RouterCore:
                 status=status,
                 reason=done.reason,
                 worker=name,
-                submit_to_dispatch_s=wait,
-                dispatch_to_outcome_s=run,
+                submit_to_dispatch_s=None if adopted else wait,
+                dispatch_to_outcome_s=None if adopted else run,
                 ttft_s=done.ttft_s,
                 subagent_type=ticket.credit.subagent_type,
                 result=done.result,

@@ -32,6 +32,10 @@ def test_a_restarted_router_adopts_what_a_worker_still_runs_and_ends_it_once() -
     h.core.recovered("w", [_done(7)], h.now)
     h._collect()
     assert (h.outcome_of("p", 7).status, h.outcome_of("p", 7).worker) == (Status.COMPLETED, "w")
+    # Its submission and dispatch happened at the old router: no latency is made up for it.
+    assert h.outcome_of("p", 7).submit_to_dispatch_s is None
+    assert h.outcome_of("p", 7).dispatch_to_outcome_s is None
+    assert h.core.stats.dispatch_to_outcome_s.count == 0
     h.core.recovered("w", [_done(7, seq=2)], h.now)  # a repeat (another seq) is no second outcome
     h._collect()
     assert h.core.stats.duplicate_completions == 1
