@@ -119,8 +119,10 @@ SUPERSEDED: Final = "superseded"
 _REFUSAL_CODES: Final = (VERSION_MISMATCH, INVALID_CAPACITY, NAME_IN_USE, SUPERSEDED)
 _SUPERSEDED_KEPT: Final = 8
 """Superseded incarnations remembered per worker name (the fence's memory is bounded)."""
-_ADOPTED_ENDED_KEPT: Final = 1_000_000
-"""Adopted credits ended here that are remembered (the set is emptied when it fills)."""
+_ADOPTED_ENDED_KEPT: Final = 65_536
+"""Adopted credits ended here that are remembered, so that a repeat of one's completion is a
+duplicate (the oldest is forgotten first: the memory is bounded; a repeat older than that is
+forwarded like any ``Recovered`` completion, and the producer drops it as unmatched)."""
 
 ROUTER_REASONS: Final = frozenset(
     {
@@ -189,6 +191,13 @@ class CoreStats:
         """Outcomes forwarded for credits an earlier router incarnation dispatched."""
         self.adopted = 0
         """Credits of an earlier router incarnation taken over from a worker's ``Hello``."""
+        self.adoptions_refused = 0
+        """Credits a worker's first ``Hello`` listed that were not adopted: beyond the
+        capacity it declared (it cannot be running them all), or already known here."""
+        self.adoptions_displaced = 0
+        """Adopted credits that ended without an outcome because their producer submitted a
+        credit with the same id: its own submission wins (the claim was a confused or hostile
+        worker's, or a credit the producer had given up already)."""
         self.undelivered = 0
         """Dispatch frames the transport could not hand over yet; the service's peer link
         holds them (the core never takes a dispatch back) and counts them here."""
@@ -349,7 +358,7 @@ class RouterCore:
         """The ``Refusal`` of the last refused hello (``None`` after an admitted one)."""
         self._holders: dict[str, str] = {}
         """Worker name -> the incarnation that last held it (kept after it is lost)."""
-        self._adopted_ended: set[tuple[str, int]] = set()
+        self._adopted_ended: dict[tuple[str, int], None] = {}
         """Adopted credits this router ended (completed, lost with their worker, shut
         down): a later ``Recovered`` completion of one is a duplicate."""
         self._superseded: dict[str, deque[str]] = {}
@@ -396,7 +405,10 @@ class RouterCore:
         stats = self.stats
         for credit in credits:
             cid = credit.id
-            if cid in ledger:
+            held = ledger.get(cid)
+            if held is not None and held.adopted:
+                self._displace(held, now)
+            elif held is not None:
                 stats.duplicate_credits += 1
                 self._effects.to_producer.append(
                     (
@@ -625,10 +637,10 @@ class RouterCore:
         # A late joiner starts at the fleet mean so it is not flooded by the tie-break.
         worker.sent = sum(active) // len(active) if active else 0
         self.workers[name] = worker
+        if in_flight and first_hello:
+            self._adopt(worker, in_flight, now)  # (before the index sees its load)
         self.index.add(worker)
         self._control(name, welcome)  # before any dispatch to it
-        if in_flight and first_hello:
-            self._adopt(worker, in_flight, now)
         self._refill(worker, now)
         return True
 
@@ -640,16 +652,31 @@ class RouterCore:
         producer is told (``ProducerAdopted``) not to give it up as the old router's.
 
         Only a first hello of the worker incarnation qualifies: an incarnation this router
-        already knew (declared lost, and back) lists credits this router ended already."""
+        already knew (declared lost, and back) lists credits this router ended already.
+
+        What a hello may claim is bounded, as it comes from a peer that may be confused or
+        hostile: no credit this router already tracks (another worker's, or a queued one), no
+        adopted credit it already ended, and at most the worker's declared ``capacity`` (a
+        worker runs no more than that; the rest are counted in ``adoptions_refused`` and
+        their producers give them up after the recovery grace, as without adoption). And a
+        claim never outranks the producer: if it submits a credit with an adopted id, its
+        submission wins (``_displace``)."""
         adopted_ended = self._adopted_ended
+        room = worker.capacity - len(worker.tickets)
+        refused = 0
         for producer, ids in in_flight.items():
             ledger = self.ledgers.get(producer)
-            if ledger is None:
-                ledger = self.ledgers[producer] = {}
             taken: list[int] = []
             for cid in ids:
-                if cid in ledger or (producer, cid) in adopted_ended:
+                if (ledger is not None and cid in ledger) or (producer, cid) in adopted_ended:
+                    refused += 1
                     continue
+                if room <= 0:
+                    refused += 1
+                    continue
+                if ledger is None:
+                    ledger = self.ledgers[producer] = {}
+                room -= 1
                 ticket = Ticket(producer, Credit(id=cid, x_correlation_id=""), now)
                 ticket.dispatched_at = now
                 ticket.worker = worker
@@ -663,6 +690,25 @@ class RouterCore:
                     self._effects.to_producer.append(
                         (producer, ProducerAdopted(credit_ids=taken[lo : lo + MAX_IDS]))
                     )
+        self.stats.adoptions_refused += refused
+
+    def _displace(self, ticket: Ticket, now: float) -> None:
+        """``ticket`` was adopted, and its producer now submits a credit with its id: the
+        producer's submission wins. Each credit id of a producer names one credit at a time,
+        and the producer never submits an id it still awaits, so the adopted claim was a
+        confused or hostile worker's, or names a credit its producer has given up already
+        (its recovery grace passed): either way no outcome of it may reach the producer,
+        which would take it for the new credit's. It ends silently (counted in
+        ``adoptions_displaced``); a later completion of it from its worker is a duplicate."""
+        self.stats.adoptions_displaced += 1
+        self._remember_adopted(ticket)
+        del self.ledgers[ticket.producer][ticket.credit.id]
+        worker = ticket.worker
+        assert worker is not None
+        del worker.tickets[ticket]
+        ticket.worker = None
+        self._reindex(worker)
+        self._refill(worker, now)
 
     def _refuse(self, name: str, code: str, reason: str, peer_version: int) -> bool:
         refusal = Refusal(
@@ -754,6 +800,8 @@ class RouterCore:
             wait = ticket.dispatched_at - ticket.submitted_at
             run = now - ticket.dispatched_at
             adopted = ticket.adopted  # (its submission and dispatch times are unknown here)
+            if adopted:
+                self._remember_adopted(ticket)  # (any repeat of its completion: a duplicate)
             if observe and not adopted:
                 waited_counts[bisect_left(waited_bounds, wait)] += 1
                 waited_sum += wait
@@ -821,8 +869,6 @@ class RouterCore:
             if ticket is not None:
                 if ticket.worker is worker and worker is not None:
                     ordinary.append(done)
-                    if ticket.adopted:  # (ended below; any repeat of it is a duplicate)
-                        self._remember_adopted(ticket)
                 else:
                     stats.misdirected_completions += 1
                 continue
@@ -1370,10 +1416,12 @@ class RouterCore:
             self._route(ticket, now)
 
     def _remember_adopted(self, ticket: Ticket) -> None:
+        """``ticket``, adopted, ended here: its worker may still send its completion (as
+        ``Recovered``), which must then be a duplicate, not a second outcome."""
         ended = self._adopted_ended
         if len(ended) >= _ADOPTED_ENDED_KEPT:
-            ended.clear()
-        ended.add((ticket.producer, ticket.credit.id))
+            del ended[next(iter(ended))]  # the oldest
+        ended[ticket.producer, ticket.credit.id] = None
 
     def _end(self, ticket: Ticket, status: Status, reason: str) -> None:
         """Emit the one outcome of ``ticket`` and forget it."""
