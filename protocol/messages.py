@@ -319,8 +319,9 @@ lists it (§9 rule 4), so a version-1 peer never has to read one."""
 class ProducerAdopted(Msg, frozen=True, kw_only=True, tag=ADOPTED_TAG):
     """A restarted router learned from a worker's ``Hello`` that these credits of yours,
     dispatched by its predecessor, are still running there: it tracks them now, and each will
-    get exactly one outcome from it (its completion, or ``lost: worker_lost`` if the worker
-    dies). Stop waiting for them as credits of the old router (docs/PROTOCOL.md §6.1).
+    get exactly one outcome from it (its completion, or ``lost`` if the worker goes first).
+    Stop waiting for them as credits of the old router (docs/PROTOCOL.md §6.1); ignore ids you
+    do not await (a worker's claim is not checked against what you sent).
 
     Added after version 1: sent only to a producer whose ``ProducerHello.understands`` lists
     ``padopted``."""

@@ -753,6 +753,8 @@ class RouterService:
             # Held while the peer was away: they follow the Welcome this hello will get.
             link.after_welcome.extend(link.outbox)
             link.outbox.clear()
+        stats = self.core.stats
+        adopted, refused = stats.adopted, stats.adoptions_refused
         admitted = self.core.worker_hello(
             msg.name,
             incarnation=msg.incarnation,
@@ -810,6 +812,17 @@ class RouterService:
             link.address,
             msg.labels,
         )
+        adopted, refused = stats.adopted - adopted, stats.adoptions_refused - refused
+        if adopted or refused:
+            # A restarted router takes over what its predecessor dispatched there; what it
+            # cannot take (beyond the capacity, already known) is given up by its producers.
+            logger.log(
+                logging.WARNING if refused else logging.INFO,
+                "worker %s still runs credits of an earlier router: adopted=%d not_adopted=%d",
+                msg.name,
+                adopted,
+                refused,
+            )
 
     def _refuse(self, link: WorkerLink, code: str, reason: str, *, msg_version: int) -> None:
         self._event(f"refused_{code}")

@@ -225,3 +225,13 @@ def test_shutdown_ends_adopted_credits_once_and_revokes_them() -> None:
     h.core.recovered("w", [_done(7)], h.now)
     h._collect()
     assert h.core.stats.duplicate_completions == 1
+
+
+def test_a_worker_that_adopts_is_ranked_by_its_load_with_the_adopted_credits() -> None:
+    # The least-loaded index must see the adopted credits (invariant 6, checked by the
+    # harness after each call): a new credit goes to the worker with the lower load.
+    h = Harness()
+    h.join("a", capacity=4)
+    h.send("s1")
+    h.join("b", capacity=4, in_flight={"p": [100, 101, 102]})
+    assert h.where(h.send("s2")) == "a"
