@@ -64,7 +64,8 @@ def check_invariants(
     )
     for t in tickets:
         if t.adopted:
-            assert t.dispatched_at >= 0 and t.entry is None, f"I2: adopted {t!r} is not running"
+            assert t.dispatched_at >= 0, f"I2: adopted {t!r} is not in flight"
+            assert t.entry is None, f"I2: adopted {t!r} is booked on a session"
     if submitted is not None:
         assert submitted == core.stats.submitted, f"I2: core counted {core.stats.submitted}"
     if outcomes is not None:

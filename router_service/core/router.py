@@ -631,20 +631,20 @@ class RouterCore:
             self._lose(known, WORKER_LOST, now, disconnect=False)
         self._holders[name] = incarnation
         worker = Worker(name, incarnation, capacity, labels, self._joins, now)
-        first_hello = previous != incarnation
         self._joins += 1
         active = [w.sent for w in self.workers.values()]
         # A late joiner starts at the fleet mean so it is not flooded by the tie-break.
         worker.sent = sum(active) // len(active) if active else 0
         self.workers[name] = worker
-        if in_flight and first_hello:
-            self._adopt(worker, in_flight, now)  # (before the index sees its load)
+        self._adopt(worker, previous, in_flight, now)  # (before the index sees its load)
         self.index.add(worker)
         self._control(name, welcome)  # before any dispatch to it
         self._refill(worker, now)
         return True
 
-    def _adopt(self, worker: Worker, in_flight: dict[str, list[int]], now: float) -> None:
+    def _adopt(
+        self, worker: Worker, previous: str | None, in_flight: dict[str, list[int]], now: float
+    ) -> None:
         """Take over the credits a worker's first hello to this router lists: a predecessor
         router dispatched them (this one has no record of them), and they still run. Each
         gets a ticket on that worker, so it counts against its capacity and gets exactly one
@@ -661,6 +661,8 @@ class RouterCore:
         their producers give them up after the recovery grace, as without adoption). And a
         claim never outranks the producer: if it submits a credit with an adopted id, its
         submission wins (``_displace``)."""
+        if previous == worker.incarnation or not in_flight:
+            return  # (``previous``: the incarnation that held the name here before)
         adopted_ended = self._adopted_ended
         room = worker.capacity - len(worker.tickets)
         refused = 0
@@ -800,8 +802,6 @@ class RouterCore:
             wait = ticket.dispatched_at - ticket.submitted_at
             run = now - ticket.dispatched_at
             adopted = ticket.adopted  # (its submission and dispatch times are unknown here)
-            if adopted:
-                self._remember_adopted(ticket)  # (any repeat of its completion: a duplicate)
             if observe and not adopted:
                 waited_counts[bisect_left(waited_bounds, wait)] += 1
                 waited_sum += wait
@@ -815,8 +815,8 @@ class RouterCore:
                 entry.last_used = now
                 if status is _COMPLETED:
                     entry.has_history = True
-            if credit.fork_count or done.session_ended:
-                self._ended_on(name, producer, credit, done, now)
+            if credit.fork_count or done.session_ended or adopted:
+                self._ended_on(name, ticket, done, now)
             outcome = Outcome(
                 credit_id=done.credit_id,
                 status=status,
@@ -839,12 +839,14 @@ class RouterCore:
         if worker.queue.live or self.queue.live:
             self._refill(worker, now)
 
-    def _ended_on(
-        self, name: str, producer: str, credit: Credit, done: Completion, now: float
-    ) -> None:
-        """The rarer consequences of a completion: a declaring turn that did not complete
-        gives its reservations back; a FORK child whose session the worker dropped is
-        released."""
+    def _ended_on(self, name: str, ticket: Ticket, done: Completion, now: float) -> None:
+        """The rarer consequences of a completion: an adopted credit is remembered (a repeat
+        of its completion is a duplicate); a declaring turn that did not complete gives its
+        reservations back; a FORK child whose session the worker dropped is released."""
+        if ticket.adopted:
+            self._remember_adopted(ticket)
+            return  # (it holds no session: its credit is only an id)
+        producer, credit = ticket.producer, ticket.credit
         if done.status is not _COMPLETED and credit.fork_count:
             self._drop_declared(producer, credit)
         if done.session_ended and credit.branch_mode is _FORK:
