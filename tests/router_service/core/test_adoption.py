@@ -21,6 +21,12 @@ def _done(cid: int, producer: str = "p", seq: int = 1) -> Completion:
     return Completion(seq=seq, producer=producer, credit_id=cid, status=Status.COMPLETED)
 
 
+def _recovered(h: Harness, *done: Completion, worker: str = "w") -> None:
+    """``worker`` sends ``done`` as completions of an earlier router's credits."""
+    h.core.recovered(worker, list(done), h.now)
+    h._collect()
+
+
 def test_a_restarted_router_adopts_what_a_worker_still_runs_and_ends_it_once() -> None:
     h = Harness()
     h.join("w", capacity=3, in_flight={"p": [7, 8], "q": [9]})
@@ -32,15 +38,13 @@ def test_a_restarted_router_adopts_what_a_worker_still_runs_and_ends_it_once() -
     assert len(h.core.workers["w"].tickets) == 3  # counted against its capacity (3): full
     c = h.send("new")
     assert c.id not in h.sent_to  # it waits: the worker's slots are taken by what it runs
-    h.core.recovered("w", [_done(7)], h.now)
-    h._collect()
+    _recovered(h, _done(7))
     assert (h.outcome_of("p", 7).status, h.outcome_of("p", 7).worker) == (Status.COMPLETED, "w")
     # Its submission and dispatch happened at the old router: no latency is made up for it.
     assert h.outcome_of("p", 7).submit_to_dispatch_s is None
     assert h.outcome_of("p", 7).dispatch_to_outcome_s is None
     assert h.core.stats.dispatch_to_outcome_s.count == 0
-    h.core.recovered("w", [_done(7, seq=2)], h.now)  # a repeat (another seq) is no second outcome
-    h._collect()
+    _recovered(h, _done(7, seq=2))  # a repeat (another seq) is no second outcome
     assert h.core.stats.duplicate_completions == 1
 
 
@@ -56,8 +60,7 @@ def test_adopted_credits_end_lost_with_their_worker_and_a_late_completion_is_dro
     # The same process comes back and its completion arrives: the credit already ended here.
     h.join("w", in_flight={"p": [7]})
     assert h.core.stats.adopted == 1  # not adopted again: this router knew this incarnation
-    h.core.recovered("w", [_done(7)], h.now)
-    h._collect()
+    _recovered(h, _done(7))
     assert h.core.stats.recovered == 0
 
 
@@ -70,8 +73,7 @@ def test_adopted_credits_are_not_judged_by_in_flight_reports() -> None:
         h.core.worker_report("w", {}, h.now)
         h._collect()
     assert ("p", 7) not in h.by_producer
-    h.core.recovered("w", [_done(7)], h.now)
-    h._collect()
+    _recovered(h, _done(7))
     assert h.outcome_of("p", 7).status is Status.COMPLETED
 
 
@@ -112,8 +114,7 @@ def test_a_claimed_id_never_makes_its_producers_own_submission_fail_or_take_its_
     assert h.where(genuine) == "w"  # (the least loaded: the liar still holds its claim 2)
     # The liar "completes" the claimed id: not the genuine credit's outcome.
     claimed = Completion(seq=9, producer="p", credit_id=1, status=Status.FAILED, reason="lie")
-    h.core.recovered("liar", [claimed], h.now)
-    h._collect()
+    _recovered(h, claimed, worker="liar")
     assert ("p", 1) not in h.by_producer
     assert h.core.stats.misdirected_completions == 1
     h.core.worker_unreachable("liar", h.now)  # its other claim (2) ends here, once
@@ -180,8 +181,7 @@ def test_an_adopted_credit_ends_once_when_its_worker_says_goodbye_and_hello_agai
     )
     assert h.core.stats.adopted == 1
     assert not h.core.workers["w"].tickets
-    h.core.recovered("w", [_done(7)], h.now)
-    h._collect()
+    _recovered(h, _done(7))
     assert h.core.stats.duplicate_completions == 1
 
 
@@ -206,8 +206,7 @@ def test_a_completion_of_an_adopted_credit_is_its_one_outcome_whatever_frame_car
     h.core.complete("w", [_done(7)], h.now)
     h._collect()
     assert h.outcome_of("p", 7).status is Status.COMPLETED
-    h.core.recovered("w", [_done(7, seq=2)], h.now)
-    h._collect()
+    _recovered(h, _done(7, seq=2))
     assert (h.core.stats.recovered, h.core.stats.duplicate_completions) == (0, 1)
 
 
@@ -222,8 +221,7 @@ def test_shutdown_ends_adopted_credits_once_and_revokes_them() -> None:
     )
     revoked = [m for _, m in h.to_worker if isinstance(m, Cancel) and m.revoked]
     assert [(m.producer, m.credit_ids) for m in revoked] == [("p", [7])]
-    h.core.recovered("w", [_done(7)], h.now)
-    h._collect()
+    _recovered(h, _done(7))
     assert h.core.stats.duplicate_completions == 1
 
 
