@@ -63,6 +63,7 @@ from protocol.messages import (
     ADOPTED_TAG,
     Completion,
     CompletionBatch,
+    ErrorReport,
     FirstToken,
     Goodbye,
     Hello,
@@ -136,6 +137,8 @@ class Rig:
         self.dealers: dict[str, zmq.Socket[bytes]] = {}
         self.received: dict[Key, int] = defaultdict(int)
         """Outcomes received per credit key."""
+        self.refused_as_duplicate: list[Key] = []
+        """Submissions answered ``duplicate_credit`` since the last step was judged."""
         self.told_allowed: set[Key] = set()
         """Credits ever adopted (a ``ProducerAdopted`` held for an absent producer comes later)."""
         self.received_claims = 0
@@ -697,6 +700,10 @@ class Rig:
             event("adopted")
         if displaced:
             event("adopted credit displaced by a submission")
+        refused, self.refused_as_duplicate = self.refused_as_duplicate, []
+        for key in refused:
+            # A worker's claim never makes its producer's own submission of the id fail.
+            assert key not in before.adopted, f"{what}: {key} refused as adopted elsewhere"
         for key in told:
             assert key in self.told_allowed or key in model or key in adoptable, (
                 f"{what}: ProducerAdopted names {key}, which was never adopted"
@@ -734,6 +741,9 @@ class Rig:
                     tokens.append(((key, msg.credit_id), msg))
                 elif isinstance(msg, ProducerAdopted):
                     told += [(key, cid) for cid in msg.credit_ids]
+                elif isinstance(msg, ErrorReport) and msg.code == "duplicate_credit":
+                    cid = int(msg.message.split()[1])  # "credit N is already in progress; …"
+                    self.refused_as_duplicate.append((key, cid))
         return outcomes, tokens, told
 
     # ---------------------------------------------------------------------- views

@@ -198,3 +198,27 @@ async def test_a_worker_heard_after_goodbye_and_hello_in_one_wake_up(zmq_ctx: Ct
         check_invariants(rig.core)
     finally:
         await rig.close()
+
+
+async def test_a_worker_that_adopts_is_indexed_with_its_adopted_load(zmq_ctx: Ctx) -> None:
+    """Was adopt-before-index (make fuzz, hostile peers, with adoption drawn): the core put a
+    new worker in its least-loaded index before adopting what its first hello listed, so the
+    index ranked it empty while it was full (invariant 6), and new sessions went to it first,
+    to wait there, while another worker had room."""
+    rig = await Rig.start(zmq_ctx, {"a": 3}, [P])
+    try:
+        _submit(rig, Credit(id=1, x_correlation_id="r"))
+        hello = Hello(
+            name="ghost",
+            incarnation="ghost-1",
+            protocol_version=1,
+            capacity=1,
+            in_flight={"p/1": [100]},
+        )
+        _from_worker(rig, "ghost", hello)
+        assert rig.core.stats.adopted == 1
+        check_invariants(rig.core)
+        _submit(rig, Credit(id=2, x_correlation_id="s"))
+        assert _holder(rig, 2) == "a"
+    finally:
+        await rig.close()
