@@ -152,6 +152,11 @@ class Rig:
         """Open credits the router adopted (the rig's model; the core's must equal it)."""
         self.adopted_total = 0
         self.adopted_ended: set[Key] = set()
+        self.maybe_adopted_ended: set[Key] = set()
+        """Claims that ended in the step that made them, whether adopted or forwarded (when
+        the counts cannot tell): the core may adopt them again or not."""
+        self.ambiguous: set[Key] = set()
+        """This step's outcomes for claims that were adopted or forwarded (``_judge_outcomes``)."""
         """Adopted credits that ended: the core never adopts them again."""
         self.displaced = 0
         """Adopted credits whose producer's own submission of the id ended them silently."""
@@ -461,6 +466,7 @@ class Rig:
         ended: dict[Key, Outcome] = {}
         counted: dict[Key, int] = defaultdict(int)
         ambiguous = forwarded = 0
+        self.ambiguous = set()
         for key, outcome in outcomes:
             forwardable = key in self.recoverable and key not in self.ever_submitted
             if (
@@ -481,6 +487,7 @@ class Rig:
                 event("outcome of a claim adopted or forwarded")
                 ambiguous += 1
                 ended[key] = outcome
+                self.ambiguous.add(key)
             elif forwardable:
                 event("outcome forwarded from Recovered")
                 forwarded += 1
@@ -679,6 +686,7 @@ class Rig:
                     k
                     for k in keys & seen.adoptable.get(name, set())
                     if k not in self.adopted_ended
+                    and (k not in self.maybe_adopted_ended or k in actual)
                     and (k not in before.open or (k in ended and k not in before.adopted))
                 }
         assert actual == model, (
@@ -710,13 +718,28 @@ class Rig:
             )
         self.told_allowed |= model
         # Adopted and ended (displaced too): never adopted again (a repeat is a duplicate).
-        self.adopted_ended |= (before.adopted | newly) - model
-        self.adopted_ended |= {
-            k for k in adoptable & set(ended) if k not in before.open and k not in model
-        }
+        self.adopted_ended |= before.adopted - model
+        self._claims_ended(adoptable & set(ended) - model, before, ended_in_step)
+        self.maybe_adopted_ended -= model
         self.adopted_total += adopted_now
         self.displaced += displaced_now
         self.adopted = model
+
+    def _claims_ended(self, claims: set[Key], before: _Snapshot, count: int) -> None:
+        """``claims`` (listed by a hello in this step) got an outcome in it and are not in
+        flight; ``count`` of them were adopted and ended (the core's count). Those whose
+        outcome only an adopted credit can explain were; of the others (forwarded ``Recovered``
+        outcomes look the same, and so does a credit open before that ended and was claimed
+        again), the counts decide when they can."""
+        sure = {k for k in claims if k not in before.open and k not in self.ambiguous}
+        unsure = claims - sure
+        self.adopted_ended |= sure
+        if count == len(sure):
+            return  # none of the others was adopted
+        if count == len(sure) + len(unsure):
+            self.adopted_ended |= unsure
+        else:
+            self.maybe_adopted_ended |= unsure
 
     def read_producers(
         self,
