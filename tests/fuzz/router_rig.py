@@ -710,8 +710,11 @@ class Rig:
             event("adopted credit displaced by a submission")
         refused, self.refused_as_duplicate = self.refused_as_duplicate, []
         for key in refused:
-            # A worker's claim never makes its producer's own submission of the id fail.
-            assert key not in before.adopted, f"{what}: {key} refused as adopted elsewhere"
+            # A worker's claim never makes its producer's own submission of the id fail (a
+            # second submission of it in the same step is a duplicate of the first).
+            assert key not in before.adopted or seen.submitted.count(key) > 1, (
+                f"{what}: {key} refused as adopted elsewhere"
+            )
         for key in told:
             assert key in self.told_allowed or key in model or key in adoptable, (
                 f"{what}: ProducerAdopted names {key}, which was never adopted"
