@@ -24,6 +24,8 @@ from typing import Annotated, Final
 import msgspec
 
 __all__ = [
+    "ADOPTED_TAG",
+    "AFTER_V1",
     "MAX_BATCH",
     "MAX_IDS",
     "Ack",
@@ -48,6 +50,7 @@ __all__ = [
     "Msg",
     "Outcome",
     "OutcomeBatch",
+    "ProducerAdopted",
     "ProducerFirstToken",
     "ProducerHello",
     "ProducerToRouter",
@@ -158,6 +161,10 @@ class ProducerHello(Msg, frozen=True, kw_only=True, tag="phello"):
     """The sender's ``PROTOCOL_VERSION``; the router refuses any other."""
     incarnation: Id = ""
     """Random per process start, so a restarted producer is told apart from a reconnect."""
+    understands: Annotated[list[Id], msgspec.Meta(max_length=32)] = []
+    """Tags of the messages added after protocol version 1 that this producer reads (§9 rule
+    4: the router sends such a message only to a producer that lists its tag). Currently
+    ``padopted`` (``ProducerAdopted``)."""
 
 
 class Submit(Msg, frozen=True, kw_only=True, tag="submit"):
@@ -300,6 +307,27 @@ class ProducerFirstToken(Msg, frozen=True, kw_only=True, tag="pft"):
     """The ``Credit.id``."""
     ttft_s: float
     """Worker-measured time from request start to the first token."""
+
+
+ADOPTED_TAG: Final = "padopted"
+"""``ProducerAdopted``'s tag, as a producer lists it in ``ProducerHello.understands``."""
+AFTER_V1: Final = frozenset({ADOPTED_TAG})
+"""Tags of the messages added after protocol version 1: each is sent only to a peer that
+lists it (§9 rule 4), so a version-1 peer never has to read one."""
+
+
+class ProducerAdopted(Msg, frozen=True, kw_only=True, tag=ADOPTED_TAG):
+    """A restarted router learned from a worker's ``Hello`` that these credits of yours,
+    dispatched by its predecessor, are still running there: it tracks them now, and each will
+    get exactly one outcome from it (its completion, or ``lost`` if the worker goes first).
+    Stop waiting for them as credits of the old router (docs/PROTOCOL.md §6.1); ignore ids you
+    do not await (a worker's claim is not checked against what you sent).
+
+    Added after version 1: sent only to a producer whose ``ProducerHello.understands`` lists
+    ``padopted``."""
+
+    credit_ids: IdList
+    """``Credit.id`` values."""
 
 
 # ------------------------------------------------------------------------------ worker → router
@@ -494,6 +522,7 @@ RouterToProducer = (
     | Outcome
     | OutcomeBatch
     | ProducerFirstToken
+    | ProducerAdopted
     | ErrorReport
     | Heartbeat
 )

@@ -40,6 +40,7 @@ from protocol import PROTOCOL_VERSION
 from protocol.codec import decode_router_to_producer, encode
 from protocol.errors import DecodeError
 from protocol.messages import (
+    ADOPTED_TAG,
     CancelCredits,
     Credit,
     EndSession,
@@ -47,6 +48,7 @@ from protocol.messages import (
     Heartbeat,
     Outcome,
     OutcomeBatch,
+    ProducerAdopted,
     ProducerFirstToken,
     ProducerHello,
     ProducerWelcome,
@@ -127,6 +129,8 @@ class RouterClient:
         self._sent_under: dict[int, str] = {}
         """Credit id -> the router incarnation it was sent to."""
         self._resends: dict[int, int] = {}
+        self.adopted = 0
+        """Credits a restarted router took over from its predecessor (``ProducerAdopted``)."""
         self._draining: str | None = None
         """The router incarnation that answered ``rejected: router_draining``, while it lasts."""
         self._after_drain: set[int] = set()
@@ -143,7 +147,10 @@ class RouterClient:
         self._closed = False
         self._hello = encode(
             ProducerHello(
-                producer=name, protocol_version=protocol_version, incarnation=self.incarnation
+                producer=name,
+                protocol_version=protocol_version,
+                incarnation=self.incarnation,
+                understands=[ADOPTED_TAG],
             )
         )
         self._beat_frame = encode(Heartbeat())
@@ -415,6 +422,8 @@ class RouterClient:
                 case ProducerFirstToken(credit_id=cid, ttft_s=ttft):
                     if self.on_first_token is not None:
                         self.on_first_token(cid, ttft)
+                case ProducerAdopted(credit_ids=ids):
+                    self._adopted(ids)
                 case _:
                     self._on_control(msg, now)
         if self._sock is not None:
@@ -443,6 +452,18 @@ class RouterClient:
                     self._wake.set()
                 else:
                     logger.warning("router reports %s: %s", code, text)
+
+    def _adopted(self, credit_ids: list[int]) -> None:
+        """The router that welcomed us tracks these credits of its predecessor (a worker still
+        runs them): they are its credits now, so the old router's recovery grace must not give
+        them up (``_give_up`` skips a credit sent under another incarnation)."""
+        incarnation = self.session.router_incarnation
+        if incarnation is None:
+            return
+        for cid in credit_ids:
+            if cid in self._futures and cid in self._sent_under:
+                self._sent_under[cid] = incarnation
+                self.adopted += 1
 
     def _drained_router_gone(self, incarnation: str) -> None:
         """The router ``incarnation`` is gone (silent, or replaced). If it had told us it was

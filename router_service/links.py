@@ -126,12 +126,14 @@ class ProducerLink(_Link):
     credits, its ledger and its sessions.
     """
 
-    __slots__ = ("incarnation", "key", "name")
+    __slots__ = ("incarnation", "key", "name", "understands")
 
     def __init__(self, identity: bytes, now: float) -> None:
         super().__init__(identity, now)
         self.name = ""
         self.incarnation = ""
+        self.understands: frozenset[str] = frozenset()
+        """Tags of post-version-1 messages it reads (``ProducerHello.understands``)."""
         self.key = ""
 
     def __repr__(self) -> str:

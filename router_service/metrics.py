@@ -111,6 +111,23 @@ class RouterCollector(Collector):
             "Completions of credits dispatched by an earlier router incarnation.",
             stats.recovered,
         )
+        yield _counter(
+            "adopted_credits",
+            "Credits of an earlier router incarnation taken over from a worker's hello.",
+            stats.adopted,
+        )
+        yield _counter(
+            "adoptions_refused",
+            "Credits a worker's first hello listed that were not adopted (beyond its capacity, "
+            "or already known here).",
+            stats.adoptions_refused,
+        )
+        yield _counter(
+            "adoptions_displaced",
+            "Adopted credits ended without an outcome because their producer submitted a "
+            "credit with the same id.",
+            stats.adoptions_displaced,
+        )
 
     def _sessions(self) -> Iterator[Metric]:
         core = self._service.core

@@ -42,6 +42,8 @@ from protocol import MAX_BATCH, PROTOCOL_VERSION
 from protocol.codec import decode_producer_to_router, decode_worker_to_router, encode
 from protocol.errors import DecodeError
 from protocol.messages import (
+    ADOPTED_TAG,
+    MAX_IDS,
     Ack,
     Cancel,
     CancelCredits,
@@ -61,6 +63,7 @@ from protocol.messages import (
     InFlightReport,
     Outcome,
     OutcomeBatch,
+    ProducerAdopted,
     ProducerHello,
     ProducerWelcome,
     Recovered,
@@ -198,6 +201,8 @@ class RouterService:
         """Workers logged as suspect (silent), until they answer again or leave."""
         self._told_unauthorized: dict[bytes, float] = {}
         """When each peer whose key may not speak as its routing id was last told so."""
+        self._held_adopted: dict[str, list[int]] = {}
+        """``ProducerAdopted`` credit ids for producers not connected yet (see ``_held``)."""
         self._held: dict[str, deque[bytes]] = {}
         """Frames for producer keys with no link (yet)."""
         self._held_since: dict[str, float] = {}
@@ -400,6 +405,7 @@ class RouterService:
         for key, since in list(self._held_since.items()):
             if now - since > self.producer_timeout_s:
                 # Nobody came for them: their producer is gone for good.
+                self._held_adopted.pop(key, None)
                 dropped = len(self._held.pop(key, deque()))
                 del self._held_since[key]
                 self._event("held_outcomes_dropped", dropped)
@@ -747,6 +753,8 @@ class RouterService:
             # Held while the peer was away: they follow the Welcome this hello will get.
             link.after_welcome.extend(link.outbox)
             link.outbox.clear()
+        stats = self.core.stats
+        adopted, refused = stats.adopted, stats.adoptions_refused
         admitted = self.core.worker_hello(
             msg.name,
             incarnation=msg.incarnation,
@@ -804,6 +812,17 @@ class RouterService:
             link.address,
             msg.labels,
         )
+        adopted, refused = stats.adopted - adopted, stats.adoptions_refused - refused
+        if adopted or refused:
+            # A restarted router takes over what its predecessor dispatched there; what it
+            # cannot take (beyond the capacity, already known) is given up by its producers.
+            logger.log(
+                logging.WARNING if refused else logging.INFO,
+                "worker %s still runs credits of an earlier router: adopted=%d not_adopted=%d",
+                msg.name,
+                adopted,
+                refused,
+            )
 
     def _refuse(self, link: WorkerLink, code: str, reason: str, *, msg_version: int) -> None:
         self._event(f"refused_{code}")
@@ -956,6 +975,7 @@ class RouterService:
         link.state = LinkState.JOINED
         link.name = msg.producer
         link.incarnation = msg.incarnation
+        link.understands = frozenset(msg.understands)
         link.key = key
         link.last_seen = now
         self._producer_keys[key] = link
@@ -971,6 +991,9 @@ class RouterService:
             ),
             self._producers_sock.send,
         )
+        adopted = self._held_adopted.pop(key, None)
+        if adopted:
+            self._deliver_adopted(key, adopted)
         held = self._held.pop(key, None)
         self._held_since.pop(key, None)
         if held:
@@ -1018,7 +1041,10 @@ class RouterService:
                 for token in tokens:
                     self._deliver(key, encode(token))
             for key, report in fx.to_producer:
-                self._deliver(key, encode(report))
+                if type(report) is ProducerAdopted:
+                    self._deliver_adopted(key, report.credit_ids)
+                else:
+                    self._deliver(key, encode(report))
             for gone in fx.departed:
                 # One line an operator can act on: who, why, and what it cost.
                 logger.log(
@@ -1086,6 +1112,21 @@ class RouterService:
         for lo in range(0, len(outcomes), MAX_BATCH):
             chunk = outcomes[lo : lo + MAX_BATCH]
             self._deliver(key, encode(OutcomeBatch(outcomes=chunk) if len(chunk) > 1 else chunk[0]))
+
+    def _deliver_adopted(self, key: str, credit_ids: list[int]) -> None:
+        """Tell a producer which of its credits this router took over (``ProducerAdopted``),
+        if it reads that message (§9 rule 4); one that does not gives them up after its
+        recovery grace, as before. Held until its hello when it is not connected yet."""
+        link = self._producer_keys.get(key)
+        if link is None:
+            self._held_adopted.setdefault(key, []).extend(credit_ids)
+            self._held_since.setdefault(key, self.now())
+            return
+        if ADOPTED_TAG not in link.understands:
+            self._event("adopted_not_told")
+            return
+        for lo in range(0, len(credit_ids), MAX_IDS):
+            self._deliver(key, encode(ProducerAdopted(credit_ids=credit_ids[lo : lo + MAX_IDS])))
 
     def _deliver(self, key: str, frame: bytes) -> None:
         link = self._producer_keys.get(key)

@@ -146,6 +146,7 @@ EXAMPLES: list[tuple[m.Msg, tuple[str, ...]]] = [
         ("router->producer",),
     ),
     (m.ProducerFirstToken(credit_id=1042, ttft_s=0.25), ("router->producer",)),
+    (m.ProducerAdopted(credit_ids=[1042, 1043]), ("router->producer",)),
     # worker -> router
     (
         m.Hello(

@@ -74,6 +74,7 @@ from protocol.messages import (
     EndSession,
     ErrorReport,
     Outcome,
+    ProducerAdopted,
     ProducerFirstToken,
     Refusal,
     RouterToProducer,
@@ -118,6 +119,10 @@ SUPERSEDED: Final = "superseded"
 _REFUSAL_CODES: Final = (VERSION_MISMATCH, INVALID_CAPACITY, NAME_IN_USE, SUPERSEDED)
 _SUPERSEDED_KEPT: Final = 8
 """Superseded incarnations remembered per worker name (the fence's memory is bounded)."""
+_ADOPTED_ENDED_KEPT: Final = 65_536
+"""Adopted credits ended here that are remembered, so that a repeat of one's completion is a
+duplicate (the oldest is forgotten first: the memory is bounded; a repeat older than that is
+forwarded like any ``Recovered`` completion, and the producer drops it as unmatched)."""
 
 ROUTER_REASONS: Final = frozenset(
     {
@@ -184,6 +189,15 @@ class CoreStats:
         """FORK children that started without a reservation from a declaring turn."""
         self.recovered = 0
         """Outcomes forwarded for credits an earlier router incarnation dispatched."""
+        self.adopted = 0
+        """Credits of an earlier router incarnation taken over from a worker's ``Hello``."""
+        self.adoptions_refused = 0
+        """Credits a worker's first ``Hello`` listed that were not adopted: beyond the
+        capacity it declared (it cannot be running them all), or already known here."""
+        self.adoptions_displaced = 0
+        """Adopted credits that ended without an outcome because their producer submitted a
+        credit with the same id: its own submission wins (the claim was a confused or hostile
+        worker's, or a credit the producer had given up already)."""
         self.undelivered = 0
         """Dispatch frames the transport could not hand over yet; the service's peer link
         holds them (the core never takes a dispatch back) and counts them here."""
@@ -344,6 +358,9 @@ class RouterCore:
         """The ``Refusal`` of the last refused hello (``None`` after an admitted one)."""
         self._holders: dict[str, str] = {}
         """Worker name -> the incarnation that last held it (kept after it is lost)."""
+        self._adopted_ended: dict[tuple[str, int], None] = {}
+        """Adopted credits this router ended (completed, lost with their worker, shut
+        down): a later ``Recovered`` completion of one is a duplicate."""
         self._superseded: dict[str, deque[str]] = {}
         """Worker name -> incarnations that a newer one replaced (fenced; bounded)."""
         self._effects = Effects()
@@ -388,7 +405,10 @@ class RouterCore:
         stats = self.stats
         for credit in credits:
             cid = credit.id
-            if cid in ledger:
+            held = ledger.get(cid)
+            if held is not None and held.adopted:
+                self._displace(held, now)
+            elif held is not None:
                 stats.duplicate_credits += 1
                 self._effects.to_producer.append(
                     (
@@ -616,10 +636,81 @@ class RouterCore:
         # A late joiner starts at the fleet mean so it is not flooded by the tie-break.
         worker.sent = sum(active) // len(active) if active else 0
         self.workers[name] = worker
+        self._adopt(worker, previous, in_flight, now)  # (before the index sees its load)
         self.index.add(worker)
         self._control(name, welcome)  # before any dispatch to it
         self._refill(worker, now)
         return True
+
+    def _adopt(
+        self, worker: Worker, previous: str | None, in_flight: dict[str, list[int]], now: float
+    ) -> None:
+        """Take over the credits a worker's first hello to this router lists: a predecessor
+        router dispatched them (this one has no record of them), and they still run. Each
+        gets a ticket on that worker, so it counts against its capacity and gets exactly one
+        outcome here (its completion, recovered; or ``lost`` with the worker), and its
+        producer is told (``ProducerAdopted``) not to give it up as the old router's.
+
+        Only a first hello of the worker incarnation qualifies: an incarnation this router
+        already knew (declared lost, and back) lists credits this router ended already.
+
+        What a hello may claim is bounded, as it comes from a peer that may be confused or
+        hostile: no credit this router already tracks (another worker's, or a queued one), no
+        adopted credit it already ended, and at most the worker's declared ``capacity`` (a
+        worker runs no more than that; the rest are counted in ``adoptions_refused`` and
+        their producers give them up after the recovery grace, as without adoption). And a
+        claim never outranks the producer: if it submits a credit with an adopted id, its
+        submission wins (``_displace``)."""
+        if previous == worker.incarnation or not in_flight:
+            return  # (``previous``: the incarnation that held the name here before)
+        adopted_ended = self._adopted_ended
+        room = worker.capacity - len(worker.tickets)
+        refused = 0
+        for producer, ids in in_flight.items():
+            ledger = self.ledgers.get(producer)
+            taken: list[int] = []
+            for cid in ids:
+                if (ledger is not None and cid in ledger) or (producer, cid) in adopted_ended:
+                    refused += 1
+                    continue
+                if room <= 0:
+                    refused += 1
+                    continue
+                if ledger is None:
+                    ledger = self.ledgers[producer] = {}
+                room -= 1
+                ticket = Ticket(producer, Credit(id=cid, x_correlation_id=""), now)
+                ticket.dispatched_at = now
+                ticket.worker = worker
+                ticket.adopted = True
+                ledger[cid] = ticket
+                worker.tickets[ticket] = None
+                taken.append(cid)
+            if taken:
+                self.stats.adopted += len(taken)
+                for lo in range(0, len(taken), MAX_IDS):
+                    self._effects.to_producer.append(
+                        (producer, ProducerAdopted(credit_ids=taken[lo : lo + MAX_IDS]))
+                    )
+        self.stats.adoptions_refused += refused
+
+    def _displace(self, ticket: Ticket, now: float) -> None:
+        """``ticket`` was adopted, and its producer now submits a credit with its id: the
+        producer's submission wins. Each credit id of a producer names one credit at a time,
+        and the producer never submits an id it still awaits, so the adopted claim was a
+        confused or hostile worker's, or names a credit its producer has given up already
+        (its recovery grace passed): either way no outcome of it may reach the producer,
+        which would take it for the new credit's. It ends silently (counted in
+        ``adoptions_displaced``); a later completion of it from its worker is a duplicate."""
+        self.stats.adoptions_displaced += 1
+        self._remember_adopted(ticket)
+        del self.ledgers[ticket.producer][ticket.credit.id]
+        worker = ticket.worker
+        assert worker is not None
+        del worker.tickets[ticket]
+        ticket.worker = None
+        self._reindex(worker)
+        self._refill(worker, now)
 
     def _refuse(self, name: str, code: str, reason: str, peer_version: int) -> bool:
         refusal = Refusal(
@@ -710,7 +801,8 @@ class RouterCore:
                 stats.count_reason(status, done.reason)
             wait = ticket.dispatched_at - ticket.submitted_at
             run = now - ticket.dispatched_at
-            if observe:
+            adopted = ticket.adopted  # (its submission and dispatch times are unknown here)
+            if observe and not adopted:
                 waited_counts[bisect_left(waited_bounds, wait)] += 1
                 waited_sum += wait
                 held_counts[bisect_left(held_bounds, run)] += 1
@@ -723,15 +815,15 @@ class RouterCore:
                 entry.last_used = now
                 if status is _COMPLETED:
                     entry.has_history = True
-            if credit.fork_count or done.session_ended:
-                self._ended_on(name, producer, credit, done, now)
+            if credit.fork_count or done.session_ended or adopted:
+                self._ended_on(name, ticket, done, now)
             outcome = Outcome(
                 credit_id=done.credit_id,
                 status=status,
                 reason=done.reason,
                 worker=name,
-                submit_to_dispatch_s=wait,
-                dispatch_to_outcome_s=run,
+                submit_to_dispatch_s=None if adopted else wait,
+                dispatch_to_outcome_s=None if adopted else run,
                 ttft_s=done.ttft_s,
                 subagent_type=ticket.credit.subagent_type,
                 result=done.result,
@@ -747,12 +839,14 @@ class RouterCore:
         if worker.queue.live or self.queue.live:
             self._refill(worker, now)
 
-    def _ended_on(
-        self, name: str, producer: str, credit: Credit, done: Completion, now: float
-    ) -> None:
-        """The rarer consequences of a completion: a declaring turn that did not complete
-        gives its reservations back; a FORK child whose session the worker dropped is
-        released."""
+    def _ended_on(self, name: str, ticket: Ticket, done: Completion, now: float) -> None:
+        """The rarer consequences of a completion: an adopted credit is remembered (a repeat
+        of its completion is a duplicate); a declaring turn that did not complete gives its
+        reservations back; a FORK child whose session the worker dropped is released."""
+        if ticket.adopted:
+            self._remember_adopted(ticket)
+            return  # (it holds no session: its credit is only an id)
+        producer, credit = ticket.producer, ticket.credit
         if done.status is not _COMPLETED and credit.fork_count:
             self._drop_declared(producer, credit)
         if done.session_ended and credit.branch_mode is _FORK:
@@ -779,6 +873,9 @@ class RouterCore:
                     ordinary.append(done)
                 else:
                     stats.misdirected_completions += 1
+                continue
+            if (done.producer, done.credit_id) in self._adopted_ended:
+                stats.duplicate_completions += 1  # adopted here, and already ended here
                 continue
             stats.recovered += 1
             outcomes.setdefault(done.producer, []).append(
@@ -841,7 +938,7 @@ class RouterCore:
         worker.last_report_at = now
         orphans = []
         for ticket in worker.tickets:
-            if ticket.dispatched_at >= judged_before:
+            if ticket.dispatched_at >= judged_before or ticket.adopted:
                 continue
             ids = held.get(ticket.producer)
             if ids is not None and ticket.credit.id in ids:
@@ -1320,9 +1417,20 @@ class RouterCore:
             ticket.worker = None
             self._route(ticket, now)
 
+    def _remember_adopted(self, ticket: Ticket) -> None:
+        """``ticket``, adopted, ended here: its worker may still send its completion (as
+        ``Recovered``), which must then be a duplicate, not a second outcome."""
+        ended = self._adopted_ended
+        if len(ended) >= _ADOPTED_ENDED_KEPT:
+            del ended[next(iter(ended))]  # the oldest
+        ended[ticket.producer, ticket.credit.id] = None
+
     def _end(self, ticket: Ticket, status: Status, reason: str) -> None:
         """Emit the one outcome of ``ticket`` and forget it."""
         credit = ticket.credit
+        if ticket.adopted:
+            # Its worker may still complete it and send that as ``Recovered``: one outcome.
+            self._remember_adopted(ticket)
         producer = ticket.producer
         del self.ledgers[producer][credit.id]
         worker = ticket.worker

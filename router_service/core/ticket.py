@@ -42,6 +42,9 @@ class Ticket(msgspec.Struct, eq=False):
     idle TTL never evicts a session with a turn running), else ``None``."""
     queue: TicketQueue | None = None
     """Queued: the queue it waits in (``None`` once it left it)."""
+    adopted: bool = False
+    """Dispatched by a predecessor router and taken over from a worker's ``Hello`` (its
+    ``credit`` holds only the id); the worker does not list it in in-flight reports."""
 
     def __repr__(self) -> str:
         where = self.worker.name if self.worker else "-"

@@ -20,7 +20,12 @@ after every step (they must decode: the router must never write an invalid frame
   completion of it, its in-flight report leaving it out, or that worker leaving (``Goodbye``, a
   new incarnation, or being cut off for invalid frames) — and each such credit got its one
   outcome, with the status the completion said or ``lost``;
-* a worker gained credits only by dispatch of credits that were waiting, within its capacity;
+* a worker gained credits only by dispatch of credits that were waiting, or by adopting credits
+  its first hello to this router (a new incarnation) listed that were not open, within its
+  capacity; the rig keeps its own set of adopted credits and it must equal the core's;
+* an adopted credit is never judged by in-flight reports, ends like any other credit of its
+  worker, or silently when its producer submits a credit with its id (its submission wins:
+  the claim is displaced); a ``ProducerAdopted`` names only adopted credits;
 * a worker appears only by its hello and disappears only by one of the reasons above;
 * every outcome a producer receives ends a credit that was open (or submitted in this step),
   except those ``Recovered`` forwarded for credits the router never had (their producer
@@ -56,14 +61,17 @@ from protocol.codec import (
 )
 from protocol.errors import DecodeError
 from protocol.messages import (
+    ADOPTED_TAG,
     Completion,
     CompletionBatch,
+    ErrorReport,
     FirstToken,
     Goodbye,
     Hello,
     InFlightReport,
     Outcome,
     OutcomeBatch,
+    ProducerAdopted,
     ProducerFirstToken,
     ProducerHello,
     Recovered,
@@ -111,6 +119,9 @@ class Frames:
     """Workers that said goodbye, came back as a new incarnation, or were cut off."""
 
     hellos: set[str] = dataclasses.field(default_factory=set)
+    adoptable: dict[str, set[Key]] = dataclasses.field(default_factory=lambda: defaultdict(set))
+    """Worker name -> credits a hello of an incarnation new to this router listed (it may
+    adopt those that are not open, up to its capacity)."""
     capacities: dict[str, int] = dataclasses.field(default_factory=dict)
     """The largest capacity each worker announced in the wake-up (it may lower it again)."""
     first_tokens: dict[str, set[Key]] = dataclasses.field(default_factory=lambda: defaultdict(set))
@@ -127,11 +138,29 @@ class Rig:
         self.dealers: dict[str, zmq.Socket[bytes]] = {}
         self.received: dict[Key, int] = defaultdict(int)
         """Outcomes received per credit key."""
+        self.refused_as_duplicate: list[Key] = []
+        """Submissions answered ``duplicate_credit`` since the last step was judged."""
+        self.told_allowed: set[Key] = set()
+        """Credits ever adopted (a ``ProducerAdopted`` held for an absent producer comes later)."""
+        self.received_claims = 0
+        """Outcomes of credits adopted and ended in the step that adopted them."""
         self.forwarded: int = 0
         """Outcomes received that ``Recovered`` forwarded for credits the router never had."""
         self.recoverable: set[Key] = set()
         """Credits never submitted for which a ``Recovered`` was sent (forwarding is legal)."""
         self.ever_submitted: set[Key] = set()
+        self.adopted: set[Key] = set()
+        """Open credits the router adopted (the rig's model; the core's must equal it)."""
+        self.adopted_total = 0
+        self.adopted_ended: set[Key] = set()
+        self.maybe_adopted_ended: set[Key] = set()
+        """Claims that ended in the step that made them, whether adopted or forwarded (when
+        the counts cannot tell): the core may adopt them again or not."""
+        self.ambiguous: set[Key] = set()
+        """This step's outcomes for claims that were adopted or forwarded (``_judge_outcomes``)."""
+        """Adopted credits that ended: the core never adopts them again."""
+        self.displaced = 0
+        """Adopted credits whose producer's own submission of the id ended them silently."""
         self.invalid: dict[tuple[bool, bytes], int] = defaultdict(int)
         """(worker socket?, identity) -> invalid frames since that peer's last cut-off."""
 
@@ -196,7 +225,12 @@ class Rig:
                 # The core knows a producer as NAME/INCARNATION from its hello: the rig's
                 # identities are written that way, so its keys are its identities.
                 name, _, incarnation = identity.decode().partition("/")
-                hello = ProducerHello(producer=name, protocol_version=1, incarnation=incarnation)
+                hello = ProducerHello(
+                    producer=name,
+                    protocol_version=1,
+                    incarnation=incarnation,
+                    understands=[ADOPTED_TAG],
+                )
                 rig.producer_frames([(identity, encode(hello))])
                 rig.producer_identities[identity] = identity.decode()
         except BaseException:
@@ -240,10 +274,12 @@ class Rig:
         assert not any(core.ledgers.values()), "credits without an outcome after shutdown"
         assert all(not w.tickets and not w.queue for w in core.workers.values())
         assert not core.queue
-        received = sum(self.received.values())
-        assert received == sum(core.stats.outcomes.values()) == core.stats.submitted, (
+        received = sum(self.received.values()) + self.received_claims
+        accepted = core.stats.submitted + self.adopted_total - self.displaced
+        assert received == sum(core.stats.outcomes.values()) == accepted, (
             f"producers received {received} outcomes, core counted {core.stats.outcomes}, "
-            f"submitted {core.stats.submitted}"
+            f"submitted {core.stats.submitted}, adopted {self.adopted_total}, displaced "
+            f"{self.displaced}"
         )
 
     # ---------------------------------------------------------------------- steps
@@ -328,6 +364,7 @@ class Rig:
         incarnations = {n: w.incarnation for n, w in self.core.workers.items()}
         live = {n for n, w in self.core.workers.items() if w.state is not WorkerState.SUSPECT}
         superseded = {n: set(inc) for n, inc in self.core._superseded.items()}
+        holders = dict(self.core._holders)  # (an incarnation new to the router may adopt)
         for identity, payload in frames:
             name = identity.decode("utf-8", "replace")
             try:
@@ -338,7 +375,7 @@ class Rig:
                     incarnations.pop(name, None)
                 continue
             if isinstance(msg, Hello):
-                _note_hello(seen, incarnations, live, superseded, name, msg)
+                _note_hello(seen, incarnations, live, superseded, holders, name, msg)
                 continue
             if name in incarnations:
                 live.add(name)  # any message of a known worker: it is alive
@@ -414,30 +451,12 @@ class Rig:
 
     def _judge(self, what: str, seen: Frames, before: _Snapshot, *, shutdown: bool = False) -> None:
         self.steps += 1
-        core = self.core
         self._judge_health(what, before, shutdown=shutdown)
-        outcomes, first_tokens = self.read_producers()
+        outcomes, first_tokens, told = self.read_producers()
         self.ever_submitted.update(seen.submitted)
-        ended: dict[Key, Outcome] = {}
-        counted: dict[Key, int] = defaultdict(int)
-        for key, outcome in outcomes:
-            if key in before.open or key in seen.submitted:
-                event(f"outcome {outcome.status.value} {_short(outcome.reason)}")
-                counted[key] += 1
-                allowed = (key in before.open) + seen.submitted.count(key)
-                assert counted[key] <= allowed, f"{what}: {counted[key]} outcomes for {key}"
-                ended[key] = outcome
-                self.received[key] += 1
-            elif key in self.recoverable and key not in self.ever_submitted:
-                event("outcome forwarded from Recovered")
-                self.forwarded += 1
-            else:
-                raise AssertionError(f"{what}: outcome {outcome!r} for {key}, which was not open")
-        emitted = sum(core.stats.outcomes.values()) - before.emitted
-        assert emitted == sum(counted.values()), (
-            f"{what}: producers got {sum(counted.values())} outcomes, the core emitted {emitted}"
-        )
+        ended = self._judge_outcomes(what, seen, before, outcomes)
         self._judge_workers(what, seen, before, ended, shutdown=shutdown)
+        self._judge_adoption(what, seen, before, told, ended)
         for key, outcome in ended.items():
             if outcome.worker:
                 continue  # judged with its worker
@@ -445,6 +464,59 @@ class Rig:
                 f"{what}: {key} never dispatched but ended {outcome.status}"
             )
         self._judge_first_tokens(what, seen, before, first_tokens)
+
+    def _judge_outcomes(
+        self, what: str, seen: Frames, before: _Snapshot, outcomes: list[tuple[Key, Outcome]]
+    ) -> dict[Key, Outcome]:
+        """Every outcome ends an open credit (at most once), one adopted in this step, or is a
+        ``Recovered`` completion forwarded for a credit the router never had. Returns the
+        outcomes that ended credits, by key."""
+        core = self.core
+        adoptable = set().union(*seen.adoptable.values())
+        ended: dict[Key, Outcome] = {}
+        counted: dict[Key, int] = defaultdict(int)
+        ambiguous = forwarded = 0
+        self.ambiguous = set()
+        for key, outcome in outcomes:
+            forwardable = key in self.recoverable and key not in self.ever_submitted
+            if (
+                key in before.open
+                or key in seen.submitted
+                or (key in adoptable and not forwardable)
+            ):
+                event(f"outcome {outcome.status.value} {_short(outcome.reason)}")
+                counted[key] += 1
+                allowed = (key in before.open) + seen.submitted.count(key) + (key in adoptable)
+                assert counted[key] <= allowed, f"{what}: {counted[key]} outcomes for {key}"
+                ended[key] = outcome
+                self.received[key] += 1
+            elif key in adoptable:
+                # Claimed by a hello in this step and named by a ``Recovered``: the outcome of
+                # the adopted credit, or a forwarded completion if it was not adopted (the
+                # totals below tell how many of each).
+                event("outcome of a claim adopted or forwarded")
+                ambiguous += 1
+                ended[key] = outcome
+                self.ambiguous.add(key)
+            elif forwardable:
+                event("outcome forwarded from Recovered")
+                forwarded += 1
+            else:
+                raise AssertionError(f"{what}: outcome {outcome!r} for {key}, which was not open")
+        emitted = sum(core.stats.outcomes.values()) - before.emitted
+        sure = sum(counted.values())
+        assert sure <= emitted <= sure + ambiguous, (
+            f"{what}: producers got {sure} (+{ambiguous} claimed) outcomes, the core emitted "
+            f"{emitted}"
+        )
+        recovered = core.stats.recovered - before.recovered
+        assert sure + ambiguous + forwarded == emitted + recovered, (
+            f"{what}: producers got {sure + ambiguous + forwarded} outcomes, the core emitted "
+            f"{emitted} and forwarded {recovered}"
+        )
+        self.received_claims += emitted - sure
+        self.forwarded += forwarded + ambiguous - (emitted - sure)
+        return ended
 
     def _judge_first_tokens(
         self, what: str, seen: Frames, before: _Snapshot, first_tokens: list[tuple[Key, object]]
@@ -468,13 +540,17 @@ class Rig:
     ) -> None:
         core = self.core
         step = len(self.trace)
+        displaced = _displaced(seen, before, self._core_adopted())
         for name, worker in before.workers.items():
             gone = core.workers.get(name) is not worker
             if gone and not shutdown:
                 assert name in seen.leaves, f"{what}: worker {name} vanished without a reason"
             after = set() if gone else _keys(worker)
-            orphans = self._orphans(name, before.held[name], seen.reports.get(name, []), step)
+            judged = before.held[name] - before.adopted  # (adopted: never judged by reports)
+            orphans = self._orphans(name, judged, seen.reports.get(name, []), step)
             for key in before.held[name] - after:
+                if key in displaced:
+                    continue  # displaced by its producer's own submission (judged below)
                 orphaned = key in orphans
                 self._judge_removal(what, seen, name, key, ended.get(key), gone, shutdown, orphaned)
             if not gone:
@@ -482,7 +558,22 @@ class Rig:
                     assert key in seen.claims.get(name, {}), (
                         f"{what}: {key} missing from two reports of {name}, still in flight"
                     )
-        self._update_orphan_model(seen, step)
+        self._update_orphan_model(seen, displaced, step)
+        self._judge_gained(what, seen, before, ended)
+        for key, outcome in ended.items():
+            if outcome.worker and not any(key in held for held in before.held.values()):
+                # Dispatched and ended within this one step.
+                w = outcome.worker
+                claimed = key in seen.claims.get(w, {})
+                assert claimed or w in seen.leaves or shutdown, (
+                    f"{what}: {key} dispatched and ended {outcome!r} in one step without cause"
+                )
+
+    def _judge_gained(
+        self, what: str, seen: Frames, before: _Snapshot, ended: dict[Key, Outcome]
+    ) -> None:
+        """A worker gains credits only by dispatch of waiting ones, or by adoption."""
+        core = self.core
         held_before = set().union(*before.held.values()) if before.held else set()
         for name, worker in core.workers.items():
             if name not in before.workers:
@@ -494,18 +585,18 @@ class Rig:
                 )
                 assert len(worker.tickets) <= capacity, f"{what}: {worker!r} over capacity"
             for key in gained:
-                assert key not in held_before, f"{what}: {key} moved to {name} while in flight"
-                assert key in before.queued or key in seen.submitted, (
-                    f"{what}: {key} dispatched to {name} but was not waiting"
+                displaced = key in before.adopted and key in seen.submitted
+                assert key not in held_before or displaced, (
+                    f"{what}: {key} moved to {name} while in flight"
                 )
-        for key, outcome in ended.items():
-            if outcome.worker and not any(key in held for held in before.held.values()):
-                # Dispatched and ended within this one step.
-                w = outcome.worker
-                claimed = key in seen.claims.get(w, {})
-                assert claimed or w in seen.leaves or shutdown, (
-                    f"{what}: {key} dispatched and ended {outcome!r} in one step without cause"
-                )
+                assert (
+                    key in before.queued
+                    or key in seen.submitted
+                    or (
+                        key in seen.adoptable.get(name, ())
+                        and (key not in before.open or key in ended)
+                    )
+                ), f"{what}: {key} dispatched to (or adopted by) {name} but was not waiting"
 
     @staticmethod
     def _judge_removal(
@@ -559,7 +650,19 @@ class Rig:
             self.last_report[name] = step
         return orphans
 
-    def _update_orphan_model(self, seen: Frames, step: int) -> None:
+    def _core_adopted(self) -> set[Key]:
+        return {
+            (t.producer, t.credit.id)
+            for ledger in self.core.ledgers.values()
+            for t in ledger.values()
+            if t.adopted
+        }
+
+    def _update_orphan_model(self, seen: Frames, displaced: set[Key], step: int) -> None:
+        for key in displaced & set(self.dispatched_at):
+            # An adopted credit displaced by a submission of its id: a new credit now.
+            del self.dispatched_at[key]
+            self.missed.discard(key)
         in_flight: set[Key] = set()
         for name, worker in self.core.workers.items():
             keys = _keys(worker)
@@ -572,10 +675,93 @@ class Rig:
             del self.dispatched_at[key]
         self.missed &= in_flight
 
-    def read_producers(self) -> tuple[list[tuple[Key, Outcome]], list[tuple[Key, object]]]:
-        """Take every frame waiting for a producer: (outcomes, first tokens), by credit key."""
+    def _judge_adoption(
+        self, what: str, seen: Frames, before: _Snapshot, told: list[Key], ended: dict[Key, Outcome]
+    ) -> None:
+        """The rig's set of adopted credits, stepped by what the frames allow, equals the
+        core's; each adoption is counted once; producers are told only of adopted credits."""
+        core = self.core
+        held_now = {name: _keys(w) for name, w in core.workers.items()}
+        in_flight = set().union(*held_now.values()) if held_now else set()
+        adoptable = set().union(*seen.adoptable.values())
+        actual = self._core_adopted()
+        displaced = _displaced(seen, before, actual)
+        model = (self.adopted - displaced) & in_flight
+        for name, keys in held_now.items():
+            if core.workers[name] is not before.workers.get(name) or name in seen.hellos:
+                # Adopted now: in flight, listed by its hello, and not open when the hello was
+                # read (not open before the wake-up, or ended earlier in it). Hellos and
+                # submissions never share a wake-up, so nothing else puts such a key there.
+                model |= {
+                    k
+                    for k in keys & seen.adoptable.get(name, set())
+                    if k not in self.adopted_ended
+                    and (k not in self.maybe_adopted_ended or k in actual)
+                    and (k not in before.open or (k in ended and k not in before.adopted))
+                }
+        assert actual == model, (
+            f"{what}: the core holds adopted {sorted(actual)}, the model {sorted(model)}"
+        )
+        adopted_now = core.stats.adopted - before.adopted_count
+        newly = model - self.adopted
+        assert adopted_now >= len(newly), (
+            f"{what}: {len(newly)} adopted, core counted {adopted_now}"
+        )
+        ended_in_step = adopted_now - len(newly)
+        if ended_in_step:
+            event("adopted and ended in one wake-up")
+        displaced_now = core.stats.adoptions_displaced - before.displaced
+        assert displaced_now == len(displaced), (
+            f"{what}: {len(displaced)} adopted credits displaced, core counted {displaced_now}"
+        )
+        if newly:
+            event("adopted")
+        if displaced:
+            event("adopted credit displaced by a submission")
+        refused, self.refused_as_duplicate = self.refused_as_duplicate, []
+        for key in refused:
+            # A worker's claim never makes its producer's own submission of the id fail (a
+            # second submission of it in the same step is a duplicate of the first).
+            assert key not in before.adopted or seen.submitted.count(key) > 1, (
+                f"{what}: {key} refused as adopted elsewhere"
+            )
+        for key in told:
+            assert key in self.told_allowed or key in model or key in adoptable, (
+                f"{what}: ProducerAdopted names {key}, which was never adopted"
+            )
+        self.told_allowed |= model
+        # Adopted and ended (displaced too): never adopted again (a repeat is a duplicate).
+        self.adopted_ended |= before.adopted - model
+        self._claims_ended(adoptable & set(ended) - model, before, ended_in_step)
+        self.maybe_adopted_ended -= model
+        self.adopted_total += adopted_now
+        self.displaced += displaced_now
+        self.adopted = model
+
+    def _claims_ended(self, claims: set[Key], before: _Snapshot, count: int) -> None:
+        """``claims`` (listed by a hello in this step) got an outcome in it and are not in
+        flight; ``count`` of them were adopted and ended (the core's count). Those whose
+        outcome only an adopted credit can explain were; of the others (forwarded ``Recovered``
+        outcomes look the same, and so does a credit open before that ended and was claimed
+        again), the counts decide when they can."""
+        sure = {k for k in claims if k not in before.open and k not in self.ambiguous}
+        unsure = claims - sure
+        self.adopted_ended |= sure
+        if count == len(sure):
+            return  # none of the others was adopted
+        if count == len(sure) + len(unsure):
+            self.adopted_ended |= unsure
+        else:
+            self.maybe_adopted_ended |= unsure
+
+    def read_producers(
+        self,
+    ) -> tuple[list[tuple[Key, Outcome]], list[tuple[Key, object]], list[Key]]:
+        """Take every frame waiting for a producer: (outcomes, first tokens, adopted credits),
+        by credit key."""
         outcomes: list[tuple[Key, Outcome]] = []
         tokens: list[tuple[Key, object]] = []
+        told: list[Key] = []
         # Frames wait in each producer link's outbox (the rig's producers have no sockets), or,
         # for a producer that was cut off, among the frames held for its key.
         queues = [(p.key, p.outbox) for p in self.service.producers.values()]
@@ -589,7 +775,12 @@ class Rig:
                     outcomes += [((key, o.credit_id), o) for o in msg.outcomes]
                 elif isinstance(msg, ProducerFirstToken):
                     tokens.append(((key, msg.credit_id), msg))
-        return outcomes, tokens
+                elif isinstance(msg, ProducerAdopted):
+                    told += [(key, cid) for cid in msg.credit_ids]
+                elif isinstance(msg, ErrorReport) and msg.code == "duplicate_credit":
+                    cid = int(msg.message.split()[1])  # "credit N is already in progress; …"
+                    self.refused_as_duplicate.append((key, cid))
+        return outcomes, tokens, told
 
     # ---------------------------------------------------------------------- views
 
@@ -612,7 +803,11 @@ class _Snapshot:
     held: dict[str, set[Key]]
     open: set[Key]
     queued: set[Key]
+    adopted: set[Key]
+    adopted_count: int
+    displaced: int
     emitted: int
+    recovered: int
     forwarded: int
     internal_errors: int
 
@@ -626,7 +821,11 @@ class _Snapshot:
             held={n: _keys(w) for n, w in core.workers.items()},
             open={(t.producer, t.credit.id) for t in tickets},
             queued={(t.producer, t.credit.id) for t in tickets if t.dispatched_at < 0},
+            adopted=set(rig.adopted),  # (the rig's model, checked against the core each step)
+            adopted_count=core.stats.adopted,
+            displaced=core.stats.adoptions_displaced,
             emitted=sum(core.stats.outcomes.values()),
+            recovered=core.stats.recovered,
             forwarded=rig.forwarded,
             internal_errors=rig.service.invalid_messages.get("internal_error", 0),
         )
@@ -636,6 +835,13 @@ def event(label: str) -> None:
     """Count ``label`` in ``--hypothesis-show-statistics`` (outside a Hypothesis test: no-op)."""
     if currently_in_test_context():
         _event(label)
+
+
+def _displaced(seen: Frames, before: _Snapshot, adopted_now: set[Key]) -> set[Key]:
+    """Adopted credits a submission of their id displaced in this step: submitted, and no
+    longer adopted (a submission the service refused before the core, e.g. one addressed
+    to another router incarnation, displaces nothing)."""
+    return {k for k in before.adopted if k in seen.submitted and k not in adopted_now}
 
 
 def _short(reason: str) -> str:
@@ -655,6 +861,7 @@ def _note_hello(
     incarnations: dict[str, str],
     live: set[str],
     superseded: dict[str, set[str]],
+    holders: dict[str, str],
     name: str,
     msg: Hello,
 ) -> None:
@@ -674,6 +881,10 @@ def _note_hello(
             superseded.setdefault(name, set()).add(known)
         elif known is not None:
             seen.reports[name].append(_held(msg.in_flight))
+        if holders.get(name) != msg.incarnation:
+            # Its first hello to this router: what it lists ran for a predecessor (adoptable).
+            seen.adoptable[name] |= _held(msg.in_flight)
+        holders[name] = msg.incarnation
         incarnations[name] = msg.incarnation
         live.add(name)
 

@@ -67,7 +67,7 @@ async def test_queued_fork_child_whose_parent_moved_is_not_stranded(zmq_ctx: Ctx
         _submit(rig, Credit(id=3, x_correlation_id="r", num_turns=2))  # a new "r", elsewhere
         assert _holder(rig, 3) != holder
         _from_worker(rig, holder, _done(1))  # a slot opens on the holder: refill
-        outcomes, _ = rig.read_producers()
+        outcomes, _, _ = rig.read_producers()
         assert rig.service.invalid_messages.get("internal_error", 0) == 0
         check_invariants(rig.core)
         # Invariant 2 says an open credit is queued or in flight: it is not stranded.
@@ -108,11 +108,11 @@ async def test_recovered_naming_this_incarnation_is_not_a_second_outcome(zmq_ctx
     try:
         _submit(rig, Credit(id=1, x_correlation_id="s"))
         _from_worker(rig, "w", _done(1, seq=1))
-        outcomes, _ = rig.read_producers()
+        outcomes, _, _ = rig.read_producers()
         assert [cid for (_, cid), _ in outcomes] == [1]
         again = Recovered(router_incarnation=ROUTER_INCARNATION, completions=[_done(1, seq=2)])
         _from_worker(rig, "w", again)
-        outcomes, _ = rig.read_producers()
+        outcomes, _, _ = rig.read_producers()
         assert outcomes == [], f"a second outcome for credit 1: {outcomes}"
     finally:
         await rig.close()
@@ -128,7 +128,7 @@ async def test_first_token_for_a_credit_not_yet_dispatched_is_dropped(zmq_ctx: C
         _submit(rig, Credit(id=2, x_correlation_id="s", turn_index=1, num_turns=2))
         assert [t.credit.id for t in rig.core.workers["w"].queue] == [2]  # waits: w is full
         _from_worker(rig, "w", FirstToken(producer="p/1", credit_id=2, ttft_s=0.1))
-        _, tokens = rig.read_producers()
+        _, tokens, _ = rig.read_producers()
         assert tokens == [], f"first token for a credit the worker was never sent: {tokens}"
     finally:
         await rig.close()
@@ -187,14 +187,38 @@ async def test_a_worker_heard_after_goodbye_and_hello_in_one_wake_up(zmq_ctx: Ct
         # next two miss it: orphaned (docs/ROUTING.md §6).
         for _ in range(3):
             _from_worker(rig, "a", InFlightReport(credits={}))
-        outcomes, _ = rig.read_producers()
+        outcomes, _, _ = rig.read_producers()
         ended = {cid: (o.status, o.reason) for (_, cid), o in outcomes}
         assert ended == {1: (Status.LOST, "worker_left"), 2: (Status.LOST, "orphaned")}
         _submit(rig, Credit(id=3, x_correlation_id="t"))
         _from_worker(rig, "a", _done(3))
-        outcomes, _ = rig.read_producers()
+        outcomes, _, _ = rig.read_producers()
         assert [(cid, o.status) for (_, cid), o in outcomes] == [(3, Status.COMPLETED)]
         assert rig.service.invalid_messages.get("internal_error", 0) == 0
         check_invariants(rig.core)
+    finally:
+        await rig.close()
+
+
+async def test_a_worker_that_adopts_is_indexed_with_its_adopted_load(zmq_ctx: Ctx) -> None:
+    """Was adopt-before-index (make fuzz, hostile peers, with adoption drawn): the core put a
+    new worker in its least-loaded index before adopting what its first hello listed, so the
+    index ranked it empty while it was full (invariant 6), and new sessions went to it first,
+    to wait there, while another worker had room."""
+    rig = await Rig.start(zmq_ctx, {"a": 3}, [P])
+    try:
+        _submit(rig, Credit(id=1, x_correlation_id="r"))
+        hello = Hello(
+            name="ghost",
+            incarnation="ghost-1",
+            protocol_version=1,
+            capacity=1,
+            in_flight={"p/1": [100]},
+        )
+        _from_worker(rig, "ghost", hello)
+        assert rig.core.stats.adopted == 1
+        check_invariants(rig.core)
+        _submit(rig, Credit(id=2, x_correlation_id="s"))
+        assert _holder(rig, 2) == "a"
     finally:
         await rig.close()

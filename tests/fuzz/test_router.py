@@ -91,8 +91,11 @@ class Fuzzer:
         self.rig = rig
         self.data = data
         self.ids = {p.decode(): itertools.count(1) for p in PRODUCERS}
+        self.issued: dict[str, int] = {}
+        """Producer -> the last fresh id it was given (claims of the next ones are drawn)."""
         self.never = itertools.count(NEVER)
         self.seq = dict.fromkeys(WORKERS, 0)
+        self.incarnations = itertools.count(1)
 
     # ------------------------------------------------------------------- drawing
 
@@ -143,6 +146,7 @@ class Fuzzer:
                 "flood",
                 "reports",
                 "misdirected",
+                "adoption",
                 "tick",
             ],
             "step",
@@ -172,6 +176,8 @@ class Fuzzer:
             self.flood()
         elif kind == "misdirected":
             rig.worker_frames(self.misdirected())
+        elif kind == "adoption":
+            rig.worker_frames(self.adoption())
         elif kind == "reports":
             # Two in-flight reports that leave the same credits out: they end lost: orphaned.
             name = self.pick(WORKERS)
@@ -211,6 +217,7 @@ class Fuzzer:
         if style in ("open", "ended") and old is not None:
             return old
         n = next(counter)
+        self.issued[producer] = n
         if style == "huge":
             return huge - n if huge > 0 else huge + n
         return n
@@ -493,7 +500,8 @@ class Fuzzer:
         worker = self.rig.core.workers.get(name)
         incarnation = worker.incarnation if worker is not None else f"{name}-i0"
         variant = self.pick(
-            ["same", "same", "capacity", "incarnation", "version", "name", "report"], "hello"
+            ["same", "same", "capacity", "incarnation", "version", "name", "report", "claims"],
+            "hello",
         )
         fields: dict[str, Any] = {
             "name": name,
@@ -504,8 +512,12 @@ class Fuzzer:
         }
         if variant == "capacity":
             fields["capacity"] = self.pick([1, 2, 4, 0, -1, 2**63 - 1, 2**64 - 1])
-        elif variant == "incarnation":
-            fields["incarnation"] = self.pick(["new", "", "z" * 256])
+        elif variant in ("incarnation", "claims"):
+            # A new incarnation (or a first hello of a name): what it lists is adopted if the
+            # router has no record of it, whatever it is.
+            fields["incarnation"] = self.pick(["new", "", "z" * 256, "newer"])
+            if variant == "claims":
+                fields["in_flight"] = self.claims()
         elif variant == "version":
             fields["protocol_version"] = self.pick([0, 2, 2**64 - 1, -(2**63)])
         elif variant == "name":
@@ -516,6 +528,69 @@ class Fuzzer:
                 report.setdefault(producer, []).append(cid)
             fields["in_flight"] = report
         return encode(Hello(**fields))
+
+    def adoption(self) -> list[tuple[bytes, bytes]]:
+        """A worker comes back as if the router had restarted: maybe a goodbye first, then a
+        first hello of a new incarnation listing claims (adopted if the router has no record
+        of them), maybe followed in the same wake-up by a completion of a claim (as
+        ``Recovered`` or plain), a repeat of it, or a goodbye."""
+        name = self.pick([*WORKERS, "ghost"], "adopter")
+        identity = name.encode()
+        frames: list[tuple[bytes, bytes]] = []
+        if self.chance(60):
+            frames.append((identity, encode(Goodbye(reason="drained"))))
+        worker = self.rig.core.workers.get(name)
+        capacity = self.pick([1, 2, 3])  # (drawn whatever the state: see ``choose``)
+        claims = self.claims()
+        hello = Hello(
+            name=name,
+            incarnation=f"{name}-a{next(self.incarnations)}",
+            protocol_version=PROTOCOL_VERSION,
+            capacity=worker.capacity if worker is not None else capacity,
+            in_flight=claims,
+        )
+        frames.append((identity, encode(hello)))
+        # A completion of a claim that is not adopted (the hello refused, the worker full) is
+        # forwarded as an earlier router's (see ``recovered``): never one of a credit that
+        # already ended here, which only its producer could tell from a second outcome — nor
+        # one this worker holds, which its goodbye or new incarnation ends before that.
+        open_now = set(self.rig.open_credits())
+        ever = self.rig.ever_submitted
+        mine = set(self.rig.held(name))
+        keys = [(p, c) for p, ids in claims.items() for c in ids]
+        keys = [k for k in keys if (k in open_now and k not in mine) or k not in ever]
+        after = self.pick(["none", "recovered", "completion", "twice", "goodbye"], "then")
+        if after != "none" and after != "goodbye":
+            key = self.choose(keys, None)
+            if key is not None and key not in open_now and after != "completion":
+                self.rig.recoverable.add(key)
+            done = self.completions(name, [key])
+            if after == "completion":
+                frames += [(identity, encode(c)) for c in done]
+            else:
+                frame = encode(Recovered(router_incarnation="r-old", completions=done))
+                frames += [(identity, frame)] * (2 if after == "twice" else 1)
+        elif after == "goodbye":
+            frames.append((identity, encode(Goodbye(reason=""))))
+        return frames
+
+    def claims(self) -> dict[str, list[int]]:
+        """A first hello's in-flight map: credits a predecessor router may have dispatched, as
+        a confused or hostile worker lists them — ids its producers will submit next, credits
+        in flight elsewhere or queued, ended ones, never-submitted ones, odd ones, repeats."""
+        keys: list[Key] = []
+        for _ in range(self.draw(st.integers(1, 4))):
+            producer = self.pick(PRODUCERS).decode()
+            if self.chance(40):
+                keys.append((producer, self.issued.get(producer, 0) + self.draw(st.integers(1, 3))))
+            else:
+                keys.append(self.hostile_key())
+        if keys and self.chance(20):
+            keys.append(keys[0])
+        report: dict[str, list[int]] = {}
+        for producer, cid in keys:
+            report.setdefault(producer, []).append(cid)
+        return report
 
     def garbage(self, *, worker: bool) -> bytes:
         kind = self.pick(["bytes", "flip", "wrong_direction", "truncated"], "garbage")

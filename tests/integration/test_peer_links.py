@@ -598,6 +598,44 @@ def _rejected_ids(msg: object) -> set[int]:
     }
 
 
+async def test_a_credit_still_running_when_the_router_restarts_is_adopted_not_given_up(
+    procs: Procs,
+) -> None:
+    """A credit runs longer than the producer's recovery grace, and the router restarts
+    (kill -9) meanwhile. The worker's hello tells the new router it still runs the credit:
+    the router adopts it and tells the producer (``ProducerAdopted``), which stops counting
+    the grace. The credit completes, once — before, it ended ``lost: router_restarted`` after
+    the grace and its real completion was dropped as late. A second credit adopted the same
+    way ends ``lost: worker_lost`` when its worker is killed: adopted credits are tracked."""
+    procs.start_router()
+    procs.start_worker("w", capacity=4)
+    procs.start_worker("doomed", capacity=4)
+    await procs.workers_active("w", "doomed")
+    async with counting(
+        procs.producer_endpoint, recovery_grace_s=1.0, heartbeat_interval_s=0.2
+    ) as client:
+        futures = await client.submit_many(credits(range(2), 1000))  # 4 s each
+        await procs.until_held(2)
+        assert procs.router is not None
+        procs.router.kill()
+        procs.router.wait()
+        procs.start_router()
+        await procs.workers_active("w", "doomed")
+        await procs.until(lambda d: d["totals"]["in_flight"] == 2, what="2 adopted")
+        by_worker = {w["name"]: w["in_flight"] for w in procs.status()["workers"]}
+        assert by_worker == {"w": 1, "doomed": 1}
+        await asyncio.sleep(1.5)  # past the recovery grace: nothing is given up
+        assert not any(f.done() for f in futures)
+        procs.workers["doomed"].kill()
+        outcomes = await asyncio.wait_for(asyncio.gather(*futures), 20)
+        assert sorted((o.status, o.reason, o.worker) for o in outcomes) == [
+            (Status.COMPLETED, "", "w"),
+            (Status.LOST, "worker_lost", "doomed"),
+        ]
+        assert client.adopted == 2
+        assert max(client.received.values()) == 1
+
+
 # ---------------------------------------------------------------------------- scenario 11
 
 

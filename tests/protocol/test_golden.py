@@ -39,6 +39,7 @@ from protocol import (
     Msg,
     Outcome,
     OutcomeBatch,
+    ProducerAdopted,
     ProducerFirstToken,
     ProducerHello,
     ProducerWelcome,
@@ -83,7 +84,7 @@ _CREDIT_SPAWN = Credit(
 GOLDEN: list[tuple[Msg, str]] = [
     (
         ProducerHello(producer="bench", protocol_version=1, incarnation="i-1"),
-        "94a67068656c6c6fa562656e636801a3692d31",
+        "95a67068656c6c6fa562656e636801a3692d3190",
     ),
     (
         Submit(credit=_CREDIT_FULL),
@@ -156,6 +157,7 @@ GOLDEN: list[tuple[Msg, str]] = [
         ),
     ),
     (ProducerFirstToken(credit_id=300, ttft_s=0.5), "93a3706674cd012ccb3fe0000000000000"),
+    (ProducerAdopted(credit_ids=[300, 301]), "92a87061646f7074656492cd012ccd012d"),
     (
         Hello(
             name="w1",

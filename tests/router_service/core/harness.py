@@ -104,6 +104,7 @@ class Harness:
 
     def submit(self, *credits: Credit, producer: str = "p") -> list[Credit]:
         # A duplicate of a credit still in progress is not a new credit (it is ignored).
+        # (An adopted credit with the same id gives way to the submission: it is fresh.)
         fresh = {c.id for c in credits} - self._open_ids(producer)
         self.submitted += len(fresh)
         self.core.submit(producer, list(credits), self.now)
@@ -111,7 +112,7 @@ class Harness:
         return list(credits)
 
     def _open_ids(self, producer: str = "p") -> set[int]:
-        return {t.credit.id for t in self.core.ledgers.get(producer, {}).values()}
+        return {t.credit.id for t in self.core.ledgers.get(producer, {}).values() if not t.adopted}
 
     def send(self, session: str, producer: str = "p", **fields: Any) -> Credit:
         """Submit one credit and return it."""
@@ -163,6 +164,9 @@ class Harness:
 
     def outcome(self, credit: Credit) -> Outcome:
         return self.outcomes[credit.id]
+
+    def outcome_of(self, producer: str, credit_id: int) -> Outcome:
+        return self.by_producer[producer, credit_id]
 
     def where(self, credit: Credit) -> str:
         return self.sent_to[credit.id]
