@@ -614,7 +614,9 @@ async def test_a_credit_still_running_when_the_router_restarts_is_adopted_not_gi
     async with counting(
         procs.producer_endpoint, recovery_grace_s=1.0, heartbeat_interval_s=0.2
     ) as client:
-        futures = await client.submit_many(credits(range(2), 1000))  # 4 s each
+        # 10 s each: still running after a kill, a restart and the grace on a slow machine
+        # (at 4 s, a loaded CI could finish one before the checks below).
+        futures = await client.submit_many(credits(range(2), 2500))
         await procs.until_held(2)
         assert procs.router is not None
         procs.router.kill()
