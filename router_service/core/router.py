@@ -358,6 +358,9 @@ class RouterCore:
         """The ``Refusal`` of the last refused hello (``None`` after an admitted one)."""
         self._holders: dict[str, str] = {}
         """Worker name -> the incarnation that last held it (kept after it is lost)."""
+        self._adopted_ended_kept = _ADOPTED_ENDED_KEPT
+        """The bound of ``_adopted_ended`` (an attribute, not the constant, so that a test can
+        lower it on a compiled build too: mypyc inlines module constants)."""
         self._adopted_ended: dict[tuple[str, int], None] = {}
         """Adopted credits this router ended (completed, lost with their worker, shut
         down): a later ``Recovered`` completion of one is a duplicate."""
@@ -1421,7 +1424,7 @@ class RouterCore:
         """``ticket``, adopted, ended here: its worker may still send its completion (as
         ``Recovered``), which must then be a duplicate, not a second outcome."""
         ended = self._adopted_ended
-        if len(ended) >= _ADOPTED_ENDED_KEPT:
+        if len(ended) >= self._adopted_ended_kept:
             del ended[next(iter(ended))]  # the oldest
         ended[ticket.producer, ticket.credit.id] = None
 

@@ -10,10 +10,7 @@ it ran, and its real completion was dropped as late.
 
 from __future__ import annotations
 
-import pytest
-
 from protocol import Cancel, Completion, Credit, ErrorReport, ProducerAdopted, Status
-from router_service.core import router as router_module
 from tests.router_service.core.harness import Harness
 
 
@@ -144,9 +141,9 @@ def test_a_hello_adopts_no_more_than_the_capacity_it_declares() -> None:
     assert len(h.core.workers["w"].tickets) == 2
 
 
-def test_the_record_of_ended_adopted_credits_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(router_module, "_ADOPTED_ENDED_KEPT", 3)
+def test_the_record_of_ended_adopted_credits_is_bounded() -> None:
     h = Harness()
+    h.core._adopted_ended_kept = 3
     for i in range(5):
         h.join("w", capacity=2, incarnation=f"i{i}", in_flight={"p": [10 * i, 10 * i + 1]})
         h.core.worker_left("w", h.now)
