@@ -23,16 +23,10 @@ from pathlib import Path
 import pytest
 
 from credit_router.__main__ import build_parser, main
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "credit_router"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def run_cli(*argv: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:

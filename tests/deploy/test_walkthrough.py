@@ -39,17 +39,11 @@ from tests.deploy.test_systemd import (
     env_file,
     parse_unit,
 )
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 
 CLI = [sys.executable, "-m", "credit_router"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_until(what: str, probe: object, deadline_s: float = 20.0) -> object:

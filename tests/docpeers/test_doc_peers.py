@@ -18,7 +18,8 @@ import pytest
 from tests.docpeers import wire
 from tests.docpeers.doc_producer import GAVE_UP, DocProducer
 from tests.docpeers.doc_worker import DocWorker
-from tests.docpeers.router_process import RouterProcess, free_tcp_port
+from tests.docpeers.router_process import RouterProcess
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +49,7 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0, what: str =
 
 class Cluster:
     def __init__(self, tmp_path: Path) -> None:
-        self.workers_endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+        self.workers_endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.producers_endpoint = f"ipc://{tmp_path / 'producers.ipc'}"
         self.routers: list[RouterProcess] = []
         self.peers: list[DocWorker | DocProducer] = []

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,17 +30,12 @@ from prometheus_client.samples import Sample
 
 from protocol import Credit, Outcome, Status
 from router_service.client import RouterClient
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 BEAT_S = 0.2
 LOST_AFTER_S = 2.0
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def worker_samples(ports: Iterable[int], name: str, skip_unreachable: bool = False) -> list[Sample]:
@@ -72,9 +66,9 @@ class Cluster:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.worker_port = _port()
-        self.producer_port = _port()
-        self.http_port = _port()
+        self.worker_port = free_port()
+        self.producer_port = free_port()
+        self.http_port = free_port()
         self.router: subprocess.Popen[bytes] | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.worker_http: dict[str, int] = {}
@@ -107,7 +101,7 @@ class Cluster:
 
     def start_worker(self, name: str, *extra: str, capacity: int = 4) -> subprocess.Popen[bytes]:
         if "--http-port" not in extra:
-            self.worker_http[name] = port = _port()
+            self.worker_http[name] = port = free_port()
             extra = (*extra, "--http-port", str(port))
         cmd = [
             sys.executable, "-m", "worker_agent", "--router", self.worker_endpoint,
@@ -319,7 +313,7 @@ class Proxy:
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.port = _port()
+        self.port = free_port()
         self.writers: set[asyncio.StreamWriter] = set()
         self.server: asyncio.Server | None = None
 
@@ -531,7 +525,7 @@ async def test_sigterm_router_drains_and_every_credit_ends(cluster: Cluster) -> 
 
 async def test_worker_metrics_and_readiness(cluster: Cluster) -> None:
     cluster.start_router()
-    port = _port()
+    port = free_port()
     cluster.start_worker("metered", "--http-port", str(port))
     await cluster.workers_active("metered")
 

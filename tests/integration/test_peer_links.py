@@ -43,7 +43,8 @@ from protocol.messages import (
 )
 from router_service.client import RouterClient
 from router_service.security import generate
-from tests.integration.test_faults import Cluster, _port, payload
+from tests.integration.test_faults import Cluster, payload
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -65,7 +66,7 @@ class Procs(Cluster):
         self, name: str, *extra: str, capacity: int = 4, log: str | None = None
     ) -> subprocess.Popen[bytes]:
         if "--http-port" not in extra:
-            self.worker_http[log or name] = port = _port()
+            self.worker_http[log or name] = port = free_port()
             extra = (*extra, "--http-port", str(port))
         cmd = [
             sys.executable, "-m", "worker_agent", "--router", self.worker_endpoint,
@@ -662,7 +663,7 @@ async def test_second_serve_on_a_live_ipc_endpoint_exits_2_and_a_stale_file_is_c
     procs.start_worker("w")
     await procs.workers_active("w")
     second = await asyncio.to_thread(
-        subprocess.run, serve_cmd(producers, _port(), _port()),
+        subprocess.run, serve_cmd(producers, free_port(), free_port()),
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert second.returncode == 2, second

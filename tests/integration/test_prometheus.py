@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -34,6 +33,7 @@ import pytest
 import yaml
 
 from tests.integration.harness import TrafficHarness
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -65,13 +65,6 @@ def tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def http_get(url: str, timeout_s: float = 5.0) -> bytes:

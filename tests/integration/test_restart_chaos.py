@@ -47,7 +47,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -64,6 +63,7 @@ from protocol.inference import decode_result
 from protocol.messages import BranchMode
 from router_service.client import RouterClient
 from tests.integration.test_faults import worker_samples
+from tests.ports import free_port
 
 CREDITS: Final = int(os.environ.get("CHAOS_CREDITS", "10000"))
 RESTARTS: Final = int(os.environ.get("CHAOS_RESTARTS", "5"))
@@ -86,12 +86,6 @@ WORKLOAD_BOUND_S: Final = 40.0 + CREDITS / 100
 """No hang: the workload must end within this (normally it takes a fraction of it)."""
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(int(WORKLOAD_BOUND_S) + 120)]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ------------------------------------------------------------------------------ workload
@@ -189,9 +183,9 @@ class Cluster:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.worker_port = _port()
-        self.producer_port = _port()
-        self.http_port = _port()
+        self.worker_port = free_port()
+        self.producer_port = free_port()
+        self.http_port = free_port()
         self.router: subprocess.Popen[bytes] | None = None
         self.routers: list[subprocess.Popen[bytes]] = []
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
@@ -226,7 +220,7 @@ class Cluster:
             "--router", f"tcp://127.0.0.1:{self.worker_port}",
             "--name", name, "--capacity", str(CAPACITY), "--executor", "sim",
             "--drain-deadline-s", "10", "--log-level", "INFO",
-            "--http-port", str(self.worker_http.setdefault(name, _port())),
+            "--http-port", str(self.worker_http.setdefault(name, free_port())),
         ]  # fmt: skip
         self.workers[name] = subprocess.Popen(cmd, stdout=self._log(name), stderr=subprocess.STDOUT)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from loadgen.workload import load_workload
 from router_service.client import RouterClient
 from tests.integration.test_faults import Cluster
 from tests.loadgen.workload.test_format import write
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -309,7 +309,7 @@ def test_a_wrong_router_or_endpoint_is_one_line_and_exit_2_before_any_load(
     assert done.returncode == 2
     assert "no socket at /nonexistent" in done.stderr
     _no_traceback(done)
-    port = _free_port()
+    port = free_port()
     done = _run(
         "run", "--router", f"tcp://127.0.0.1:{port}", "--connect-timeout-s", "1",
         "--no-progress", timeout=30,
@@ -322,7 +322,7 @@ def test_a_wrong_router_or_endpoint_is_one_line_and_exit_2_before_any_load(
     assert "cannot reach the server" in done.stderr
     assert "is it running?" in done.stderr
     _no_traceback(done)
-    mock_port = _free_port()
+    mock_port = free_port()
     mock = subprocess.Popen(
         [sys.executable, "-m", "credit_router", "mock-server", "--port", str(mock_port),
          "--model", "served", "--log-level", "warning"],
@@ -388,12 +388,6 @@ def test_run_submits_to_a_curve_router_with_its_key(tmp_path: Path) -> None:
         _no_traceback(missing)
     finally:
         cluster.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_http(url: str, within_s: float = 15.0) -> None:

@@ -26,7 +26,8 @@ from router_service.client import RouterClient
 from router_service.core.router import RouterCore
 from router_service.security import Allowlist, generate, load_public, load_secret
 from router_service.service import RouterService
-from tests.integration.test_faults import Cluster, Proxy, _port
+from tests.integration.test_faults import Cluster, Proxy
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -155,7 +156,7 @@ async def test_a_key_cannot_take_another_workers_name(keys: Path, ctx) -> None:
 
 
 async def test_traffic_is_unreadable_on_the_wire(keys: Path, ctx) -> None:
-    router_port = _port()
+    router_port = free_port()
     proxy = Proxy(router_port)  # every byte between worker and router passes through here
     captured = bytearray()
     original = proxy._accept

@@ -7,7 +7,6 @@ server received carry the tool calls and no reasoning."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.loadgen.workload.test_format import write
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -30,15 +30,9 @@ TOOLS = [
 ]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def thinking_server() -> Iterator[str]:
-    port = _port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,

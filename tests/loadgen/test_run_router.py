@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from loadgen.replay import CreditRecord, Replayer, ReplayOptions
 from loadgen.workload import load_workload
 from router_service.client import RouterClient
 from tests.loadgen.workload.test_format import write
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -40,12 +40,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "credit_router"]
 LONG_TOKENS = 5000
 """A sim credit of this many output tokens decodes for 20 s (4 ms a token)."""
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -101,7 +95,7 @@ class Router:
 @pytest.fixture
 def router(tmp_path: Path) -> Iterator[Router]:
     """``credit-router serve`` on free ports, no workers yet; killed at the end."""
-    producer_port, worker_port, http_port = _port(), _port(), _port()
+    producer_port, worker_port, http_port = free_port(), free_port(), free_port()
     log = (tmp_path / "router.log").open("wb")
     argv = [
         *CLI, "serve", "--producers", f"tcp://127.0.0.1:{producer_port}",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,18 +25,13 @@ import pytest
 
 from protocol.inference import TurnRequest
 from protocol.messages import Status
+from tests.ports import free_port
 from tests.worker_agent.test_agentic import TOOLS, Driver, ask, measured
 from worker_agent.openai import OpenAIExecutor
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 LLMOCK = shutil.which("llmock") or str(Path(sys.executable).with_name("llmock"))
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _post(url: str, doc: object) -> Any:
@@ -50,7 +44,7 @@ def _post(url: str, doc: object) -> Any:
 
 @pytest.fixture(scope="module")
 def llmock() -> Iterator[str]:
-    port = _port()
+    port = free_port()
     proc = subprocess.Popen(
         [LLMOCK, "serve", "--port", str(port), "--log-level", "warning"],
         stdout=subprocess.DEVNULL,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 from loadgen.mockserver import MockServer, MockSettings
 from protocol.inference import RequestResult, TurnRequest, decode_result, encode_request
 from protocol.messages import BranchMode, Completion, Credit, Dispatch, Status
+from tests.ports import free_port
 from tests.worker_agent.conftest import FakeRouter, StartAgent, until
 from worker_agent.core import SessionTable
 from worker_agent.executor import ExecResult
@@ -216,9 +216,7 @@ async def test_failures_end_the_credit_failed_with_a_reason(
 
 
 async def test_timeouts_refusals_and_bad_payloads_fail_cleanly(mock) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"  # bound, not listening
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nobody listens
     for endpoint, timeout, request, reason in [
         (dead, 5.0, say("x"), "connection_error"),
         (url(mock), 0.3, TurnRequest(input_tokens=1, extra={"mock_fault": "stall"}), "timeout"),

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
 import zmq
 import zmq.asyncio
 
+from tests.ports import free_port
 from tests.worker_agent.conftest import until
 from worker_agent import transport as transport_module
 from worker_agent.errors import TransportClosedError, TransportError
@@ -33,14 +33,6 @@ async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
     context = zmq.asyncio.Context()
     yield context
     context.term()
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (a stdlib probe: it is released synchronously)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def router_socket(
